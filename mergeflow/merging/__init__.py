@@ -1,0 +1,1 @@
+"""Pure streaming fold engine: torch functions, state in, state out. No IO services here."""

@@ -1,0 +1,285 @@
+"""The streaming fold engine.
+
+Every pass walks the base's tensor names once and holds one tensor of each input
+at a time, so memory depends on the largest tensor, not on the model size or the
+number of folded checkpoints. IO happens only through the reader/writer protocols
+of :mod:`mergeflow.merging.io`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mergeflow.errors import CheckpointError, ConfigError, StateError
+from mergeflow.merging.io import SAFETENSORS_DTYPES, TensorReader, TensorWriter
+from mergeflow.merging.methods import get_method, is_continual, parse_params
+from mergeflow.merging.methods.base import BatchMethod, ContinualMethod, FoldStats, TensorStep
+from mergeflow.merging.projection import ProjectionRule
+from mergeflow.merging.state import BaseRef, FoldedCheckpoint, FoldOptions, StateInfo
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None``/``auto``: cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA device is available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"unknown device {device!r}: use cpu or cuda")
+    return torch.device(device)
+
+
+def merged_keys(base: TensorReader) -> list[str]:
+    """Names of the base tensors that are merged: every floating-point tensor."""
+    keys = [k for k in base.keys() if base.meta(k).is_float]
+    if not keys:
+        raise CheckpointError(base.source, "the base has no floating-point tensors to merge")
+    return keys
+
+
+def check_compatible(base: TensorReader, checkpoint: TensorReader, options: FoldOptions) -> list[str]:
+    """Check names, shapes and dtypes from headers alone; return the checkpoint's extra (head) tensors."""
+    ck = set(checkpoint.keys())
+    missing = []
+    for k in merged_keys(base):
+        if k not in ck:
+            missing.append(k)
+            continue
+        bm, cm = base.meta(k), checkpoint.meta(k)
+        if bm.shape != cm.shape:
+            raise CheckpointError(checkpoint.source, f"tensor {k!r} has shape {list(cm.shape)} but the base has {list(bm.shape)}")
+        if not cm.is_float:
+            raise CheckpointError(checkpoint.source, f"tensor {k!r} has dtype {cm.dtype} but the base has floating-point {bm.dtype}")
+    if missing and options.missing == "error":
+        few = ", ".join(repr(k) for k in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(
+            checkpoint.source,
+            f"{len(missing)} tensor(s) of the base are missing from the checkpoint ({few}{more}); "
+            "use --allow-missing (option missing=zero) to treat them as zero task vectors",
+        )
+    if len(missing) == len(merged_keys(base)):
+        raise CheckpointError(checkpoint.source, "the checkpoint shares no tensor with the base")
+    base_keys = set(base.keys())
+    return [k for k in checkpoint.keys() if k not in base_keys]
+
+
+def _finite(t: torch.Tensor, source: str, key: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise CheckpointError(source, f"tensor {key!r} contains NaN or Inf values")
+
+
+def _task_vector(base: TensorReader, checkpoint: TensorReader, key: str, b: torch.Tensor, dev: torch.device, cdt: torch.dtype) -> torch.Tensor:
+    if key not in checkpoint.keys():
+        return torch.zeros_like(b)
+    c = checkpoint.get(key).to(dev, cdt)
+    _finite(c, checkpoint.source, key)
+    return c - b
+
+
+def new_state(
+    method: str,
+    params: Mapping[str, Any],
+    base: BaseRef,
+    projection: ProjectionRule,
+    options: FoldOptions | None = None,
+) -> StateInfo:
+    """An empty (step 0) state for a continual method; parameters are validated here."""
+    m = get_method(method)
+    if not is_continual(m):
+        raise ConfigError(f"method {method!r} is a batch method; a state needs a continual method")
+    p = parse_params(m, params)
+    return StateInfo(method=method, params=p.model_dump(), base=base, projection=projection, options=options or FoldOptions())
+
+
+def fold(
+    info: StateInfo,
+    state: TensorReader | None,
+    base: TensorReader,
+    checkpoint: TensorReader,
+    *,
+    checkpoint_id: str,
+    digest: str,
+    out: TensorWriter,
+    heads_out: TensorWriter | None = None,
+    device: str | None = "cpu",
+    progress: bool = False,
+) -> StateInfo:
+    """Fold one checkpoint into a state, streaming; returns the new state's JSON half.
+
+    Writes the new state tensors to ``out`` and the checkpoint's tensors that the base
+    lacks (task heads) to ``heads_out``; commits both only when the whole pass
+    succeeded and aborts both otherwise. The input state is never modified.
+    """
+    method = get_method(info.method)
+    if not is_continual(method):
+        raise StateError(f"state method {info.method!r} is not a continual method")
+    assert isinstance(method, object)
+    cm: ContinualMethod = method  # type: ignore[assignment]
+    params = parse_params(cm, info.params)
+    if (info.step > 0) != (state is not None):
+        raise StateError("a state at step > 0 needs its tensors, and a step-0 state has none")
+    done = info.folded(checkpoint_id, digest)
+    if done is not None:
+        raise StateError(f"checkpoint {checkpoint_id} (digest {digest}) is already folded as step {done.step} ({done.id})")
+    dev = resolve_device(device)
+    cdt = DTYPES[info.options.compute_dtype]
+    heads = check_compatible(base, checkpoint, info.options)
+    keys = merged_keys(base)
+    step = info.step + 1
+
+    def taus() -> Iterator[tuple[str, torch.Tensor]]:
+        for k in keys:
+            b = base.get(k).to(dev, cdt)
+            yield k, _task_vector(base, checkpoint, k, b, dev, cdt)
+
+    writers = [w for w in (out, heads_out) if w is not None]
+    try:
+        prepared = cm.prepare(params, taus) or {}
+        sq_state = 0.0
+        sq_tau = 0.0
+        for k in tqdm(keys, desc=f"fold {checkpoint_id}", unit="tensor", disable=not progress, file=sys.stderr, leave=False):
+            b = base.get(k).to(dev, cdt)
+            _finite(b, base.source, k)
+            tau = _task_vector(base, checkpoint, k, b, dev, cdt)
+            prev = state.get(k).to(dev, cdt) if state is not None else None
+            new = cm.fold_tensor(params, TensorStep(k, step, prev, tau, info.projection.is_projected(k), prepared)).to(cdt)
+            sq_state += float(torch.linalg.vector_norm(new, dtype=torch.float64)) ** 2
+            sq_tau += float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
+            out.add(k, new.cpu())
+        if heads_out is not None:
+            for k in heads:
+                heads_out.add(k, checkpoint.get(k))
+        scalars, coef = cm.finish(params, dict(info.scalars), FoldStats(step, sq_state, sq_tau))
+        if not math.isfinite(coef):
+            raise CheckpointError(checkpoint.source, "the fold produced a non-finite scale; the checkpoint's values are too large")
+        new_info = info.model_copy(
+            update={
+                "step": step,
+                "coefficient": coef,
+                "scalars": scalars,
+                "checkpoints": (*info.checkpoints, FoldedCheckpoint(id=checkpoint_id, digest=digest, step=step)),
+                "heads": {**info.heads, checkpoint_id: tuple(heads)} if heads else dict(info.heads),
+            }
+        )
+        meta = {"mergeflow.state": "tensors", "mergeflow.step": str(step)}
+        out.commit(meta)
+        if heads_out is not None:
+            heads_out.commit({"mergeflow.checkpoint": checkpoint_id})
+        return new_info
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+
+
+def output_metadata(info: StateInfo) -> dict[str, str]:
+    """safetensors metadata recorded in every exported model."""
+    return {
+        "mergeflow.method": info.method,
+        "mergeflow.params": json.dumps(info.params, sort_keys=True),
+        "mergeflow.step": str(info.step),
+        "mergeflow.coefficient": repr(info.coefficient),
+        "mergeflow.checkpoints": json.dumps([c.id for c in info.checkpoints]),
+        "mergeflow.projection": json.dumps(
+            {"kind": info.projection.kind, "description": info.projection.description, "count": len(info.projection.projected)}
+        ),
+    }
+
+
+def _out_dtype(b: torch.Tensor, dtype: str | None) -> torch.dtype:
+    if dtype is None:
+        return b.dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown output dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def export(
+    info: StateInfo,
+    state: TensorReader | None,
+    base: TensorReader,
+    out: TensorWriter,
+    *,
+    dtype: str | None = None,
+    device: str | None = "cpu",
+    progress: bool = False,
+) -> None:
+    """Write the merged model ``θ₀ + c·D`` with the base's names (and dtype unless ``dtype``)."""
+    dev = resolve_device(device)
+    cdt = DTYPES[info.options.compute_dtype]
+    merged = set(merged_keys(base)) if info.step > 0 else set()
+    try:
+        for k in tqdm(base.keys(), desc="export", unit="tensor", disable=not progress, file=sys.stderr, leave=False):
+            b = base.get(k)
+            if k in merged:
+                assert state is not None
+                t = b.to(dev, cdt) + info.coefficient * state.get(k).to(dev, cdt)
+                out.add(k, t.to(_out_dtype(b, dtype)).cpu())
+            else:
+                out.add(k, b.to(_out_dtype(b, dtype)) if b.is_floating_point() else b)
+        out.commit(output_metadata(info))
+    except BaseException:
+        out.abort()
+        raise
+
+
+def batch_merge(
+    method: str,
+    params: Mapping[str, Any],
+    base: TensorReader,
+    checkpoints: Sequence[TensorReader],
+    out: TensorWriter,
+    *,
+    options: FoldOptions | None = None,
+    dtype: str | None = None,
+    device: str | None = "cpu",
+    progress: bool = False,
+) -> dict[str, str]:
+    """One-shot merge of all checkpoints with a batch method, one tensor (of each input) at a time."""
+    m = get_method(method)
+    if is_continual(m):
+        raise ConfigError(f"method {method!r} is continual; use fold")
+    bm: BatchMethod = m  # type: ignore[assignment]
+    p = parse_params(bm, params)
+    opts = options or FoldOptions()
+    if not checkpoints:
+        raise ConfigError("no checkpoints to merge")
+    for c in checkpoints:
+        check_compatible(base, c, opts)
+    dev = resolve_device(device)
+    cdt = DTYPES[opts.compute_dtype]
+    merged = set(merged_keys(base))
+    try:
+        for k in tqdm(base.keys(), desc=f"merge {method}", unit="tensor", disable=not progress, file=sys.stderr, leave=False):
+            b = base.get(k)
+            if k not in merged:
+                out.add(k, b)
+                continue
+            bc = b.to(dev, cdt)
+            _finite(bc, base.source, k)
+            taus = [_task_vector(base, c, k, bc, dev, cdt) for c in checkpoints]
+            d, coef = bm.merge_tensor(p, k, taus)
+            out.add(k, (bc + coef * d).to(_out_dtype(b, dtype)).cpu())
+        meta = {
+            "mergeflow.method": method,
+            "mergeflow.params": json.dumps(p.model_dump(), sort_keys=True),
+            "mergeflow.checkpoints": json.dumps([c.source for c in checkpoints]),
+        }
+        out.commit(meta)
+        return meta
+    except BaseException:
+        out.abort()
+        raise
+
+
+__all__ = ["DTYPES", "SAFETENSORS_DTYPES", "batch_merge", "check_compatible", "export", "fold", "merged_keys", "new_state", "resolve_device"]

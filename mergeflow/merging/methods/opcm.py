@@ -1,0 +1,90 @@
+"""OPCM: orthogonal-projection continual merging (Tang et al. 2025, arXiv:2501.09522).
+
+For a new checkpoint t ≥ 2 and each projected matrix, with the previous merged task
+vector ``M = W̄_{t−1} − W₀`` (thin SVD ``M = U Σ Vᵀ``, k = min(m, n)) and ``X = τ_t``:
+
+    r  = argmax_i [ cumsum(σ)_i / Σσ > α ]                    (0-based split rank)
+    X̃  = X − U_r (U_rᵀ X V_r) V_rᵀ − Σ_{i=r}^{k−1} (u_iᵀ X v_i) u_i v_iᵀ
+
+which equals ``U P Vᵀ`` with ``P = Uᵀ X V``, its diagonal and its block ``P[:r,:r]``
+zeroed (the full-SVD form of the paper). The update is ``S_t = λ_{t−1}·M + X̃``
+(``+ τ_t`` unprojected for every other tensor), then a global rescale
+``θ̄_t = θ₀ + S_t·μ_t/‖S_t‖`` with ``μ_t`` the mean of ``‖τ_i‖``, ``λ_t = ‖S_t‖/μ_t``.
+
+Since ``λ_{t−1}·M = S_{t−1}``, the state keeps the unscaled ``S`` and the rescale is
+the scalar coefficient ``μ_t/‖S_t‖``: one pass per fold. Edge cases: ``M = 0``
+(frozen layer) skips the projection; all-zero task vectors give coefficient 1;
+``α`` must lie in [0, 1) (at α ≥ 1 nothing would be protected).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from mergeflow.merging.methods.base import FoldStats, MethodParams, TensorStep, no_prepare
+
+
+class OPCMParams(MethodParams):
+    alpha: float = Field(0.5, ge=0.0, lt=1.0, description="share of the singular-value mass of M protected from interference, in [0, 1)")
+    svd_dtype: Literal["float32", "float64"] = Field("float32", description="precision of the SVD and projection (float64 is slower, steadier)")
+
+
+def split_rank(s: torch.Tensor, alpha: float) -> int:
+    """0-based first index where the cumulative singular-value share exceeds ``alpha``."""
+    share = torch.cumsum(s, 0) / s.sum()
+    return int(torch.argmax((share > alpha).to(torch.int8)).item())
+
+
+def project(x: torch.Tensor, m: torch.Tensor, alpha: float, svd_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Thin-SVD OPCM projection of ``x`` against ``m`` (see module docstring); ``m = 0`` returns ``x``."""
+    out_dtype = x.dtype
+    m = m.to(svd_dtype)
+    if not torch.any(m):
+        return x
+    x = x.to(svd_dtype)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    v = vh.mT
+    r = split_rank(s, alpha)
+    xv = x @ v  # m × k
+    d = (u * xv).sum(0)  # u_iᵀ X v_i
+    res = x
+    if r > 0:
+        res = res - u[:, :r] @ (u[:, :r].mT @ xv[:, :r]) @ v[:, :r].mT
+    res = res - (u[:, r:] * d[r:]) @ v[:, r:].mT
+    return res.to(out_dtype)
+
+
+class OPCM:
+    name: ClassVar[str] = "opcm"
+    summary: ClassVar[str] = "orthogonal-projection continual merging with global norm rescale"
+    Params = OPCMParams
+    prepare = staticmethod(no_prepare)
+
+    def fold_tensor(self, params: OPCMParams, s: TensorStep) -> torch.Tensor:
+        if s.prev is None:
+            return s.tau.clone()
+        if not s.projected:
+            return s.prev + s.tau
+        dt = torch.float64 if params.svd_dtype == "float64" else torch.float32
+        return s.prev + project(s.tau, s.prev, params.alpha, dt).to(s.prev.dtype)
+
+    def finish(self, params: OPCMParams, scalars: dict[str, float], stats: FoldStats) -> tuple[dict[str, float], float]:
+        tv_norm_sum = scalars.get("tv_norm_sum", 0.0) + math.sqrt(stats.tau_sq_norm)
+        mean_tv_norm = tv_norm_sum / stats.step
+        merged_norm = math.sqrt(stats.state_sq_norm)
+        coef = mean_tv_norm / merged_norm if merged_norm > 0 and mean_tv_norm > 0 else 1.0
+        lam = merged_norm / mean_tv_norm if mean_tv_norm > 0 else 1.0
+        return (
+            {
+                "tv_norm_sum": tv_norm_sum,
+                "mean_tv_norm": mean_tv_norm,
+                "last_tv_norm": math.sqrt(stats.tau_sq_norm),
+                "unscaled_norm": merged_norm,
+                "lambda": lam,
+            },
+            coef,
+        )

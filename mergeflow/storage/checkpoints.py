@@ -1,0 +1,322 @@
+"""Open checkpoints by URI: HF folders, shards, bare files, PEFT LoRA adapters, opt-in pickle.
+
+Every reader is lazy: opening parses headers only; ``get`` reads one tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+from mergeflow.errors import CheckpointError, ConfigError
+from mergeflow.merging.io import TORCH_TO_SAFETENSORS, DictReader, TensorMeta, TensorReader
+from mergeflow.storage.safetensors_io import LocalFile, SafetensorsReader
+from mergeflow.storage.store import LocalStore, ObjectStore, open_store
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX = "model.safetensors.index.json"
+SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "preprocessor_config.json")
+
+
+class ShardedReader:
+    """A reader over ``model.safetensors.index.json`` and its shards; one shard open at a time."""
+
+    def __init__(self, store: ObjectStore, prefix: str, label: str) -> None:
+        self.source = label
+        self._store = store
+        self._prefix = prefix
+        index_path = f"{prefix}{INDEX}"
+        try:
+            index = json.loads(store.read_bytes(index_path))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(label, f"{INDEX} is not valid JSON ({e})") from None
+        wm = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
+            raise CheckpointError(label, f"{INDEX} has no usable weight_map")
+        self._map: dict[str, str] = wm
+        self._metas: dict[str, TensorMeta] = {}
+        self._open: tuple[str, SafetensorsReader] | None = None
+        for shard in dict.fromkeys(wm.values()):
+            if "/" in shard or shard.startswith("."):
+                raise CheckpointError(label, f"{INDEX} names shard {shard!r} outside the checkpoint folder")
+            if not store.exists(prefix + shard):
+                raise CheckpointError(label, f"shard {shard} listed in {INDEX} is missing")
+            r = self._reader(shard)
+            for k in r.keys():
+                if wm.get(k) == shard:
+                    self._metas[k] = r.meta(k)
+        absent = [k for k, s in wm.items() if k not in self._metas]
+        if absent:
+            raise CheckpointError(label, f"tensor {absent[0]!r} is listed in {INDEX} but not in shard {wm[absent[0]]}")
+
+    def _reader(self, shard: str) -> SafetensorsReader:
+        if self._open is None or self._open[0] != shard:
+            if self._open is not None:
+                self._open[1].close()
+            self._open = (shard, SafetensorsReader(self._store.byte_source(self._prefix + shard), f"{self.source}/{shard}"))
+        return self._open[1]
+
+    def keys(self) -> list[str]:
+        return list(self._metas)
+
+    def meta(self, key: str) -> TensorMeta:
+        return self._metas[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._reader(self._map[key]).get(key)
+
+
+class LoraReader:
+    """Presents base + PEFT LoRA adapter as full weights, one tensor at a time.
+
+    For each targeted weight ``W`` the task vector is ``scale·B·A`` (``scale =
+    lora_alpha/r``, or ``lora_alpha/√r`` with rsLoRA; transposed for
+    ``fan_in_fan_out``), mapped onto the base's names; only that tensor is densified.
+    Non-LoRA adapter tensors that match a base name replace it (``modules_to_save``);
+    the rest are task-specific extras.
+    """
+
+    PREFIX = "base_model.model."
+
+    def __init__(self, base: TensorReader, adapter: TensorReader, config: Mapping[str, Any], label: str) -> None:
+        self.source = label
+        self._base = base
+        self._adapter = adapter
+        if config.get("peft_type", "LORA") != "LORA":
+            raise CheckpointError(label, f"adapter type {config.get('peft_type')!r} is not supported (only LORA)")
+        try:
+            self._alpha = float(config["lora_alpha"])
+            self._r = int(config["r"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(label, "adapter_config.json needs numeric 'r' and 'lora_alpha'") from None
+        self._rs = bool(config.get("use_rslora", False))
+        self._fan = bool(config.get("fan_in_fan_out", False))
+        self._alpha_pattern: dict[str, float] = config.get("alpha_pattern") or {}
+        base_keys = set(base.keys())
+        self._pairs: dict[str, tuple[str, str, bool]] = {}
+        self._replace: dict[str, str] = {}
+        self._extra: dict[str, str] = {}
+        names = adapter.keys()
+        for k in names:
+            stripped = k[len(self.PREFIX) :] if k.startswith(self.PREFIX) else k
+            for a_tag, b_tag, emb in ((".lora_A.weight", ".lora_B.weight", False), (".lora_embedding_A", ".lora_embedding_B", True)):
+                if stripped.endswith(a_tag):
+                    module = stripped[: -len(a_tag)]
+                    target = self._match(f"{module}.weight", base_keys)
+                    bkey = k[: -len(a_tag)] + b_tag
+                    if bkey not in names:
+                        raise CheckpointError(label, f"adapter tensor {k!r} has no matching {b_tag.strip('.')}")
+                    if target is None:
+                        raise CheckpointError(label, f"adapter targets {module}.weight, which the base does not have")
+                    self._pairs[target] = (k, bkey, emb)
+                    break
+            else:
+                if ".lora_" in stripped:
+                    continue
+                plain = stripped.replace(".modules_to_save.default", "").replace(".modules_to_save", "")
+                target = self._match(plain, base_keys)
+                if target is not None:
+                    self._replace[target] = k
+                else:
+                    self._extra[plain] = k
+
+    @staticmethod
+    def _match(name: str, base_keys: set[str]) -> str | None:
+        if name in base_keys:
+            return name
+        hits = [b for b in base_keys if b.endswith("." + name) or name.endswith("." + b)]
+        return hits[0] if len(hits) == 1 else None
+
+    def keys(self) -> list[str]:
+        return [*self._base.keys(), *self._extra]
+
+    def meta(self, key: str) -> TensorMeta:
+        if key in self._extra:
+            return self._adapter.meta(self._extra[key])
+        m = self._base.meta(key)
+        return TensorMeta("F32", m.shape) if key in self._pairs else m
+
+    def _scale(self, key: str, r: int) -> float:
+        alpha = self._alpha
+        for pat, a in self._alpha_pattern.items():
+            if pat in key:
+                alpha = float(a)
+        return alpha / (r**0.5) if self._rs else alpha / r
+
+    def delta(self, key: str) -> torch.Tensor:
+        ak, bk, emb = self._pairs[key]
+        a = self._adapter.get(ak).float()
+        b = self._adapter.get(bk).float()
+        d = (b @ a).T if emb else b @ a
+        if self._fan and not emb:
+            d = d.T
+        expected = self._base.meta(key).shape
+        if tuple(d.shape) != expected:
+            raise CheckpointError(self.source, f"adapter update for {key!r} has shape {list(d.shape)} but the base has {list(expected)}")
+        return d * self._scale(key, a.shape[0])
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self._extra:
+            return self._adapter.get(self._extra[key])
+        if key in self._replace:
+            return self._adapter.get(self._replace[key])
+        b = self._base.get(key)
+        if key in self._pairs:
+            return b.float() + self.delta(key)
+        return b
+
+
+def _pickle_reader(store: ObjectStore, relpath: str, label: str) -> TensorReader:
+    if not isinstance(store, LocalStore):
+        raise CheckpointError(label, "pickle weights are only read from local files")
+    path = store.root / relpath if relpath else store.root
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
+        raise CheckpointError(label, f"cannot load pickle weights with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CheckpointError(label, "pickle file does not hold a mapping of tensor names to tensors")
+    bad = [k for k, v in obj.items() if v.dtype not in TORCH_TO_SAFETENSORS]
+    if bad:
+        raise CheckpointError(label, f"tensor {bad[0]!r} has unsupported dtype {obj[bad[0]].dtype}")
+    return DictReader({k: v.contiguous() for k, v in obj.items()}, label)
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: its lazy reader, where it lives, and its config."""
+
+    uri: str
+    reader: TensorReader
+    store: ObjectStore
+    prefix: str = ""
+    config: dict[str, Any] | None = None
+    weight_files: list[str] = field(default_factory=list)
+
+    def digest(self) -> str:
+        """Content digest: sha256 of the weight files' bytes (local) or of their ETags (remote)."""
+        h = hashlib.sha256()
+        if isinstance(self.store, LocalStore):
+            for rel in sorted(self.weight_files):
+                h.update(rel.encode() + b"\0")
+                with open(self.store.root / (self.prefix + rel), "rb") as f:
+                    while chunk := f.read(8 * 2**20):
+                        h.update(chunk)
+        else:
+            infos = {i.relpath: i for i in self.store.list(self.prefix.rstrip("/"))}
+            for rel in sorted(self.weight_files):
+                i = infos.get(self.prefix + rel)
+                h.update(f"{rel}\0{i.size if i else -1}\0{i.etag if i else ''}\n".encode())
+        return "sha256:" + h.hexdigest()
+
+    def small_files(self) -> list[str]:
+        """Non-weight files worth copying next to a merged model (config, tokenizer)."""
+        return [f for f in SMALL_FILES if self.store.exists(self.prefix + f)]
+
+
+def _read_json(store: ObjectStore, rel: str, label: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(store.read_bytes(rel))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(label, f"{rel.rsplit('/', 1)[-1]} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(label, f"{rel.rsplit('/', 1)[-1]} is not a JSON object")
+    return obj
+
+
+def open_weights(store: ObjectStore, label: str, *, prefix: str = "", base: TensorReader | None = None, allow_pickle: bool = False) -> tuple[TensorReader, list[str], dict[str, Any] | None]:
+    """Open the weights in a store folder. Returns (reader, weight files, config.json or None)."""
+    config = _read_json(store, prefix + "config.json", label) if store.exists(prefix + "config.json") else None
+    if store.exists(prefix + INDEX):
+        r = ShardedReader(store, prefix, label)
+        shards = sorted(set(json.loads(store.read_bytes(prefix + INDEX))["weight_map"].values()))
+        return r, [INDEX, *shards], config
+    if store.exists(prefix + "model.safetensors"):
+        return SafetensorsReader(store.byte_source(prefix + "model.safetensors"), label), ["model.safetensors"], config
+    if store.exists(prefix + "adapter_config.json"):
+        if not store.exists(prefix + "adapter_model.safetensors"):
+            raise CheckpointError(label, "adapter folder has adapter_config.json but no adapter_model.safetensors")
+        if base is None:
+            raise CheckpointError(label, "a LoRA adapter can only be read against a base model")
+        acfg = _read_json(store, prefix + "adapter_config.json", label)
+        adapter = SafetensorsReader(store.byte_source(prefix + "adapter_model.safetensors"), label)
+        return LoraReader(base, adapter, acfg, label), ["adapter_config.json", "adapter_model.safetensors"], config
+    top = [i.relpath[len(prefix) :] for i in store.list(prefix.rstrip("/")) if "/" not in i.relpath[len(prefix) :]]
+    st = [f for f in top if f.endswith(".safetensors")]
+    if len(st) == 1:
+        return SafetensorsReader(store.byte_source(prefix + st[0]), label), st, config
+    if len(st) > 1:
+        raise CheckpointError(label, f"folder has {len(st)} .safetensors files but no {INDEX} saying how they fit together")
+    pick = [f for f in top if f.endswith(PICKLE_SUFFIXES)]
+    if pick:
+        if not allow_pickle:
+            raise CheckpointError(label, f"only pickle weights found ({', '.join(pick[:3])}); refusing to unpickle without --allow-pickle")
+        if len(pick) > 1:
+            raise CheckpointError(label, f"several pickle files ({', '.join(pick[:3])}); convert to safetensors first")
+        return _pickle_reader(store, prefix + pick[0], label), pick, config
+    raise CheckpointError(label, "folder has no weights (expected model.safetensors, model.safetensors.index.json, adapter_model.safetensors or one .safetensors file)")
+
+
+def open_checkpoint(uri: str, *, base: TensorReader | None = None, allow_pickle: bool = False) -> Checkpoint:
+    """Open a checkpoint (or base) by URI: local path, ``s3://``, ``hf://org/repo@rev`` or ``mlflow://models/NAME/VERSION``."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "hf":
+        from mergeflow.storage.hub import open_hub_store
+
+        store: ObjectStore = open_hub_store(uri)
+        reader, files, config = open_weights(store, uri, base=base)
+        return Checkpoint(uri, reader, store, "", config, files)
+    if parsed.scheme == "mlflow":
+        from mergeflow.storage.registry import resolve_model_uri
+
+        inner = resolve_model_uri(uri)
+        ck = open_checkpoint(inner, base=base, allow_pickle=allow_pickle)
+        ck.uri = uri
+        return ck
+    if parsed.scheme == "s3":
+        if parsed.path.endswith(".safetensors"):
+            parent, _, name = uri.rpartition("/")
+            store = open_store(parent)
+            if not store.exists(name):
+                raise CheckpointError(uri, "object does not exist")
+            return Checkpoint(uri, SafetensorsReader(store.byte_source(name), uri), store, "", None, [name])
+        store = open_store(uri)
+        if not store.list():
+            raise CheckpointError(uri, "no objects under this prefix")
+        reader, files, config = open_weights(store, uri, base=base, allow_pickle=False)
+        return Checkpoint(uri, reader, store, "", config, files)
+    if parsed.scheme not in ("", "file"):
+        raise CheckpointError(uri, f"unsupported URI scheme {parsed.scheme!r} (use a path, s3://, hf:// or mlflow://)")
+    path = Path(parsed.path if parsed.scheme == "file" else uri).expanduser()
+    if not path.exists():
+        raise CheckpointError(uri, "path does not exist")
+    if path.is_file():
+        store = LocalStore(path.parent)
+        if path.name.endswith(PICKLE_SUFFIXES):
+            if not allow_pickle:
+                raise CheckpointError(uri, "pickle weights are refused; pass --allow-pickle to load them with torch.load(weights_only=True)")
+            return Checkpoint(uri, _pickle_reader(store, path.name, uri), store, "", None, [path.name])
+        if not path.name.endswith(".safetensors"):
+            raise CheckpointError(uri, "not a .safetensors file (or a folder holding a checkpoint)")
+        return Checkpoint(uri, SafetensorsReader(LocalFile(path), uri), store, "", None, [path.name])
+    store = LocalStore(path)
+    reader, files, config = open_weights(store, uri, base=base, allow_pickle=allow_pickle)
+    return Checkpoint(uri, reader, store, "", config, files)
+
+
+def load_config(ck: Checkpoint) -> dict[str, Any] | None:
+    """The checkpoint's HF ``config.json``, if it has one."""
+    return ck.config
+
+
+def missing_store_error(uri: str) -> ConfigError:
+    return ConfigError(f"{uri}: not found")

@@ -1,0 +1,274 @@
+"""Streaming safetensors IO over any byte source (local file, S3 object).
+
+Readers parse and validate the header once, then read one tensor's byte range per
+``get``; they never mmap, so resident memory stays at one tensor. Writers append raw
+bytes to a spool file per shard and assemble header + data when the shard closes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from mergeflow.errors import CheckpointError
+from mergeflow.merging.io import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, TensorMeta
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+"""Headers larger than this are refused (safetensors' own limit is the same)."""
+
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+class ByteSource(Protocol):
+    """Random access to the bytes of one file-like object."""
+
+    name: str
+
+    def size(self) -> int: ...
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+
+class LocalFile:
+    """A :class:`ByteSource` over a local file, kept open between reads."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.name = str(path)
+        self._fh = None
+
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self._fh is None:
+            self._fh = open(self.path, "rb")  # noqa: SIM115 - kept open across reads
+        self._fh.seek(offset)
+        data = self._fh.read(length)
+        if len(data) != length:
+            raise CheckpointError(self.name, f"truncated: wanted {length} bytes at offset {offset}, got {len(data)}")
+        return data
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class HeaderPrefix(Protocol):
+    """Optional fast path: a source that can return a speculative prefix in one request."""
+
+    def read_prefix(self, length: int) -> bytes: ...
+
+
+def parse_header(prefix: bytes, file_size: int, source: str) -> tuple[int, dict[str, TensorMeta], dict[str, tuple[int, int]], dict[str, str]]:
+    """Validate a safetensors header.
+
+    ``prefix`` holds at least the first ``8 + header_len`` bytes. Returns
+    ``(data_start, metas, byte ranges relative to data_start, metadata)``.
+    Every structural problem raises :class:`CheckpointError` naming ``source``.
+    """
+    if file_size < 8:
+        raise CheckpointError(source, f"file is empty or truncated ({file_size} bytes); not a safetensors file")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(source, f"safetensors header claims {n} bytes, more than the {MAX_HEADER_BYTES // 2**20} MiB limit")
+    if 8 + n > file_size:
+        raise CheckpointError(source, f"truncated: header claims {n} bytes but the file has only {file_size}")
+    if len(prefix) < 8 + n:
+        raise ValueError("prefix shorter than the header")
+    raw = prefix[8 : 8 + n]
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(source, f"safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(source, "safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(source, "safetensors __metadata__ must map strings to strings")
+    data_len = file_size - 8 - n
+    metas: dict[str, TensorMeta] = {}
+    ranges: dict[str, tuple[int, int]] = {}
+    for key, info in header.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise CheckpointError(source, f"tensor {key!r}: header entry needs dtype, shape and data_offsets")
+        dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in DTYPE_SIZES:
+            raise CheckpointError(source, f"tensor {key!r}: unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise CheckpointError(source, f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers")
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+            or not 0 <= offs[0] <= offs[1]
+        ):
+            raise CheckpointError(source, f"tensor {key!r}: bad data_offsets {offs!r}")
+        meta = TensorMeta(dtype, tuple(shape))
+        if offs[1] - offs[0] != meta.numel * DTYPE_SIZES[dtype]:
+            raise CheckpointError(
+                source, f"tensor {key!r}: data_offsets span {offs[1] - offs[0]} bytes but {dtype}{list(shape)} needs {meta.numel * DTYPE_SIZES[dtype]}"
+            )
+        if offs[1] > data_len:
+            raise CheckpointError(source, f"truncated: tensor {key!r} ends at byte {offs[1]} of the data but the file holds {data_len}")
+        metas[key] = meta
+        ranges[key] = (offs[0], offs[1])
+    spans = sorted(ranges.values())
+    for (_, e0), (b1, _) in zip(spans, spans[1:], strict=False):
+        if b1 < e0:
+            raise CheckpointError(source, "tensor byte ranges overlap in the safetensors header")
+    return 8 + n, metas, ranges, metadata
+
+
+def tensor_from_bytes(data: bytes | bytearray, meta: TensorMeta) -> torch.Tensor:
+    """Build a CPU tensor owning ``data`` (little-endian safetensors layout)."""
+    dtype = SAFETENSORS_DTYPES[meta.dtype]
+    if meta.numel == 0:
+        return torch.empty(meta.shape, dtype=dtype)
+    buf = data if isinstance(data, bytearray) else bytearray(data)
+    return torch.frombuffer(buf, dtype=dtype).reshape(meta.shape)
+
+
+class SafetensorsReader:
+    """A :class:`~mergeflow.merging.io.TensorReader` over one safetensors byte source."""
+
+    SPECULATIVE_PREFIX = 1 << 20
+
+    def __init__(self, source: ByteSource, label: str | None = None) -> None:
+        self._src = source
+        self.source = label or source.name
+        size = source.size()
+        if size < 8:
+            raise CheckpointError(self.source, f"file is empty or truncated ({size} bytes); not a safetensors file")
+        reader = getattr(source, "read_prefix", None)
+        prefix = reader(min(size, self.SPECULATIVE_PREFIX)) if reader else source.read(0, min(size, 8))
+        (n,) = struct.unpack("<Q", prefix[:8])
+        if len(prefix) < 8 + n and 8 + n <= size and n <= MAX_HEADER_BYTES:
+            prefix = prefix[:8] + source.read(8, n)
+        self._start, self._metas, self._ranges, self.metadata = parse_header(prefix, size, self.source)
+
+    def keys(self) -> list[str]:
+        return list(self._metas)
+
+    def meta(self, key: str) -> TensorMeta:
+        return self._metas[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        b, e = self._ranges[key]
+        data = self._src.read(self._start + b, e - b) if e > b else b""
+        return tensor_from_bytes(data, self._metas[key])
+
+    def close(self) -> None:
+        close = getattr(self._src, "close", None)
+        if close:
+            close()
+
+
+class ShardSink(Protocol):
+    """Receives finished shard files from :class:`ShardedWriter`."""
+
+    def put(self, local_path: Path, name: str) -> None: ...
+
+
+class ShardedWriter:
+    """Streams tensors into size-bounded safetensors shards plus an HF index.
+
+    Memory holds one tensor: bytes go to a spool file, and the shard file is
+    assembled (header, then a streamed copy of the data) when it closes. Finished
+    shards go to ``sink``; the index (when there is more than one shard) last.
+    """
+
+    def __init__(self, sink: ShardSink, max_shard_size: int = 5 * 2**30, prefix: str = "model", spool_dir: str | None = None) -> None:
+        if max_shard_size <= 0:
+            raise ValueError("max_shard_size must be positive")
+        self._sink = sink
+        self._max = max_shard_size
+        self._prefix = prefix
+        self._spool = Path(tempfile.mkdtemp(prefix="mergeflow-spool-", dir=spool_dir))
+        self._shards: list[tuple[Path, dict[str, dict]]] = []
+        self._cur_header: dict[str, dict] = {}
+        self._cur_fh = None
+        self._cur_size = 0
+        self._keys: set[str] = set()
+        self.total_size = 0
+
+    def _open_shard(self) -> None:
+        path = self._spool / f"shard-{len(self._shards):05d}.data"
+        self._cur_fh = open(path, "wb")  # noqa: SIM115
+        self._cur_header = {}
+        self._cur_size = 0
+        self._shards.append((path, self._cur_header))
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        if key in self._keys:
+            raise ValueError(f"tensor {key!r} written twice")
+        self._keys.add(key)
+        t = tensor.detach().to("cpu").contiguous()
+        code = TORCH_TO_SAFETENSORS[t.dtype]
+        nbytes = t.numel() * t.element_size()
+        if self._cur_fh is None or (self._cur_size > 0 and self._cur_size + nbytes > self._max):
+            self._close_data()
+            self._open_shard()
+        assert self._cur_fh is not None
+        if nbytes:
+            self._cur_fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self._cur_header[key] = {"dtype": code, "shape": list(t.shape), "data_offsets": [self._cur_size, self._cur_size + nbytes]}
+        self._cur_size += nbytes
+        self.total_size += nbytes
+
+    def _close_data(self) -> None:
+        if self._cur_fh is not None:
+            self._cur_fh.close()
+            self._cur_fh = None
+
+    def commit(self, metadata: Mapping[str, str] | None = None) -> list[str]:
+        """Assemble every shard, hand them to the sink, and write the index. Returns shard names."""
+        self._close_data()
+        if not self._shards:
+            self._open_shard()
+            self._close_data()
+        n = len(self._shards)
+        names = [f"{self._prefix}.safetensors"] if n == 1 else [f"{self._prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map: dict[str, str] = {}
+        meta = {"format": "pt", **dict(metadata or {})}
+        try:
+            for (data_path, header), name in zip(self._shards, names, strict=True):
+                full = {"__metadata__": meta, **header}
+                hbytes = json.dumps(full, separators=(",", ":")).encode()
+                hbytes += b" " * (-len(hbytes) % 8)
+                out = data_path.with_suffix(".safetensors")
+                with open(out, "wb") as fo, open(data_path, "rb") as fi:
+                    fo.write(struct.pack("<Q", len(hbytes)))
+                    fo.write(hbytes)
+                    shutil.copyfileobj(fi, fo, 16 * 2**20)
+                data_path.unlink()
+                self._sink.put(out, name)
+                out.unlink(missing_ok=True)
+                weight_map.update(dict.fromkeys(header, name))
+            if n > 1:
+                idx = self._spool / f"{self._prefix}.safetensors.index.json"
+                idx.write_text(json.dumps({"metadata": {"total_size": self.total_size, **dict(metadata or {})}, "weight_map": weight_map}, indent=2))
+                self._sink.put(idx, idx.name)
+        finally:
+            shutil.rmtree(self._spool, ignore_errors=True)
+        return names
+
+    def abort(self) -> None:
+        self._close_data()
+        shutil.rmtree(self._spool, ignore_errors=True)
+
+
+def torch_dtype_code(dtype: torch.dtype) -> str:
+    return TORCH_TO_SAFETENSORS[dtype]
+
+
+SinkFn = Callable[[Path, str], None]

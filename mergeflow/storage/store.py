@@ -1,0 +1,138 @@
+"""Object stores: one interface over local folders and S3 prefixes.
+
+Everything mergeflow persists (states, merged models, heads) goes through an
+:class:`ObjectStore`, so the same code writes to ``/tmp/x`` and ``s3://bucket/x``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+from urllib.parse import urlparse
+
+from mergeflow.errors import ConfigError
+from mergeflow.storage.safetensors_io import ByteSource, LocalFile
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object: path relative to the store, size, a change tag and mtime (epoch s)."""
+
+    relpath: str
+    size: int
+    etag: str
+    mtime: float
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """A flat key space of byte objects under a root URI.
+
+    Contract: ``relpath`` uses ``/`` separators and never starts with ``/``;
+    ``write_bytes`` and ``put_file`` are atomic per object (readers see the whole
+    object or nothing); ``list`` returns objects under a relative prefix sorted by path.
+    """
+
+    uri: str
+
+    def child(self, relpath: str) -> ObjectStore: ...
+
+    def byte_source(self, relpath: str) -> ByteSource: ...
+
+    def read_bytes(self, relpath: str) -> bytes: ...
+
+    def write_bytes(self, relpath: str, data: bytes) -> None: ...
+
+    def put_file(self, local_path: Path, relpath: str) -> None: ...
+
+    def exists(self, relpath: str) -> bool: ...
+
+    def list(self, relprefix: str = "") -> list[ObjectInfo]: ...
+
+    def delete_prefix(self, relprefix: str = "") -> None: ...
+
+
+class LocalStore:
+    """An :class:`ObjectStore` rooted at a local folder."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.uri = str(self.root)
+
+    def _path(self, relpath: str) -> Path:
+        p = (self.root / relpath).resolve() if relpath else self.root
+        if p != self.root and self.root.resolve() not in p.parents:
+            raise ConfigError(f"path {relpath!r} escapes the store root {self.root}")
+        return p
+
+    def child(self, relpath: str) -> LocalStore:
+        return LocalStore(self._path(relpath))
+
+    def byte_source(self, relpath: str) -> ByteSource:
+        return LocalFile(self._path(relpath))
+
+    def read_bytes(self, relpath: str) -> bytes:
+        return self._path(relpath).read_bytes()
+
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        p = self._path(relpath)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, p)
+
+    def put_file(self, local_path: Path, relpath: str) -> None:
+        p = self._path(relpath)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+        shutil.copyfile(local_path, tmp)
+        os.replace(tmp, p)
+
+    def exists(self, relpath: str) -> bool:
+        return self._path(relpath).exists()
+
+    def list(self, relprefix: str = "") -> list[ObjectInfo]:
+        base = self._path(relprefix)
+        if not base.exists():
+            return []
+        files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+        out = []
+        for p in files:
+            if p.name.startswith(".") and ".tmp-" in p.name:
+                continue
+            st = p.stat()
+            out.append(ObjectInfo(p.relative_to(self.root).as_posix(), st.st_size, f"{st.st_size}-{st.st_mtime_ns}", st.st_mtime))
+        return out
+
+    def delete_prefix(self, relprefix: str = "") -> None:
+        p = self._path(relprefix)
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def open_store(uri: str) -> ObjectStore:
+    """Open a store by URI: a local path, ``file://``, or ``s3://bucket/prefix``."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        from mergeflow.storage.s3 import S3Store  # boto3 is a pipeline extra
+
+        return S3Store.from_uri(uri)
+    if parsed.scheme in ("", "file"):
+        return LocalStore(parsed.path if parsed.scheme == "file" else uri)
+    raise ConfigError(f"unsupported store URI {uri!r}: use a local path or s3://bucket/prefix")
+
+
+class StoreSink:
+    """A :class:`~mergeflow.storage.safetensors_io.ShardSink` that puts shards into a store prefix."""
+
+    def __init__(self, store: ObjectStore, prefix: str = "") -> None:
+        self.store = store
+        self.prefix = prefix.strip("/")
+
+    def put(self, local_path: Path, name: str) -> None:
+        self.store.put_file(local_path, f"{self.prefix}/{name}" if self.prefix else name)
