@@ -16,14 +16,25 @@ from pathlib import Path
 
 from mergeflow.errors import ConfigError, MergeflowError
 
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
 
 
 def parse_size(text: str) -> int:
     """``5GB`` (10^9), ``500MiB`` (2^20) or plain bytes."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).upper() not in SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 5GB, 500MB, 2GiB or a number of bytes")
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}: use e.g. 5GB, 500MB, 2GiB or a number of bytes"
+        )
     n = int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
     if n <= 0:
         raise argparse.ArgumentTypeError("size must be positive")
@@ -41,26 +52,70 @@ def parse_params(items: Sequence[str] | None) -> dict[str, str]:
 
 
 def _common_fold_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="where each tensor's math runs: cpu, cuda or auto (default: auto = cuda when available, else cpu); IO always streams through the CPU")
-    p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt/.pth weights, loaded only with torch.load(weights_only=True) (default: refused)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar (shown on stderr by default)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where each tensor's math runs: cpu, cuda or auto (default: auto = cuda when available, else cpu); IO always streams through the CPU",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept .bin/.pt/.pth weights, loaded only with torch.load(weights_only=True) (default: refused)",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide the progress bar (shown on stderr by default)",
+    )
 
 
 def _state_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter, repeatable (see `mergeflow methods` for names and defaults)")
-    p.add_argument("--project-regex", metavar="REGEX", help="OPCM: project exactly the 2-D float tensors whose name matches REGEX (default: nn.Linear weights found from the base's config.json, else name rules that exclude embeddings)")
-    p.add_argument("--compute-dtype", choices=["float32", "float64"], default="float32", help="dtype of the arithmetic and the state tensors (default: float32)")
-    p.add_argument("--allow-missing", action="store_true", help="treat a tensor the base has but a checkpoint lacks as a zero task vector (default: refuse the checkpoint)")
+    p.add_argument(
+        "--param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="method parameter, repeatable (see `mergeflow methods` for names and defaults)",
+    )
+    p.add_argument(
+        "--project-regex",
+        metavar="REGEX",
+        help="OPCM: project exactly the 2-D float tensors whose name matches REGEX (default: nn.Linear weights found from the base's config.json, else name rules that exclude embeddings)",
+    )
+    p.add_argument(
+        "--compute-dtype",
+        choices=["float32", "float64"],
+        default="float32",
+        help="dtype of the arithmetic and the state tensors (default: float32)",
+    )
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="treat a tensor the base has but a checkpoint lacks as a zero task vector (default: refuse the checkpoint)",
+    )
 
 
 def _output_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), help="largest output shard, e.g. 5GB, 500MB, 2GiB (default: 5GB); larger models get shards plus model.safetensors.index.json")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], help="output dtype of floating-point tensors (default: the base's dtype per tensor)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)")
+    p.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        default=parse_size("5GB"),
+        help="largest output shard, e.g. 5GB, 500MB, 2GiB (default: 5GB); larger models get shards plus model.safetensors.index.json",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16", "float64"],
+        help="output dtype of floating-point tensors (default: the base's dtype per tensor)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mergeflow", description="Keep one merged model current as fine-tuned checkpoints arrive.")
+    parser = argparse.ArgumentParser(
+        prog="mergeflow",
+        description="Keep one merged model current as fine-tuned checkpoints arrive.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
@@ -73,36 +128,73 @@ def build_parser() -> argparse.ArgumentParser:
             "s3://, hf:// and mlflow:// URIs work with the pipeline extra. Exit 0 on success; bad input exits 2 with one message and writes nothing."
         ),
     )
-    p.add_argument("--base", required=True, help="the base model all checkpoints were fine-tuned from")
-    p.add_argument("--method", required=True, help="merging method (see `mergeflow methods`): opcm, task_arithmetic, weight_average, magmax, ties, batch_*")
-    p.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder; written to a temporary folder and renamed at the end")
+    p.add_argument(
+        "--base", required=True, help="the base model all checkpoints were fine-tuned from"
+    )
+    p.add_argument(
+        "--method",
+        required=True,
+        help="merging method (see `mergeflow methods`): opcm, task_arithmetic, weight_average, magmax, ties, batch_*",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="OUT_DIR",
+        help="output folder; written to a temporary folder and renamed at the end",
+    )
     _state_options(p)
     _output_options(p)
     _common_fold_options(p)
-    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="fine-tuned checkpoints, folded in this order")
+    p.add_argument(
+        "checkpoints",
+        nargs="+",
+        metavar="CHECKPOINT",
+        help="fine-tuned checkpoints, folded in this order",
+    )
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("methods", help="list every merging method with its parameters and defaults")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_methods)
 
-    st = sub.add_parser("state", help="resumable merging: init a state, fold checkpoints into it, export it").add_subparsers(dest="state_command", metavar="ACTION", required=True)
-    p = st.add_parser("init", help="create an empty (step 0) state for a continual method", description="Create an empty merge state in a folder or s3:// prefix.")
-    p.add_argument("--state", required=True, help="state folder or s3:// prefix (must not hold a state yet)")
+    st = sub.add_parser(
+        "state", help="resumable merging: init a state, fold checkpoints into it, export it"
+    ).add_subparsers(dest="state_command", metavar="ACTION", required=True)
+    p = st.add_parser(
+        "init",
+        help="create an empty (step 0) state for a continual method",
+        description="Create an empty merge state in a folder or s3:// prefix.",
+    )
+    p.add_argument(
+        "--state", required=True, help="state folder or s3:// prefix (must not hold a state yet)"
+    )
     p.add_argument("--base", required=True, help="the base model")
     p.add_argument("--method", required=True, help="continual method (see `mergeflow methods`)")
     _state_options(p)
     p.set_defaults(func=cmd_state_init)
 
-    p = st.add_parser("fold", help="fold checkpoints into a saved state, one after another", description="Fold CHECKPOINTs into the state in order. Each fold writes the new state tensors first and state.json last, so an interrupted fold leaves the previous state intact. A checkpoint already folded (same id or digest) is refused.")
+    p = st.add_parser(
+        "fold",
+        help="fold checkpoints into a saved state, one after another",
+        description="Fold CHECKPOINTs into the state in order. Each fold writes the new state tensors first and state.json last, so an interrupted fold leaves the previous state intact. A checkpoint already folded (same id or digest) is refused.",
+    )
     p.add_argument("--state", required=True, help="state folder or s3:// prefix")
     p.add_argument("--base", help="the base model (default: the URI recorded in the state)")
-    p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), help="largest state shard (default: 5GB)")
+    p.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        default=parse_size("5GB"),
+        help="largest state shard (default: 5GB)",
+    )
     _common_fold_options(p)
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
     p.set_defaults(func=cmd_state_fold)
 
-    p = st.add_parser("export", help="write the merged model of a state", description="Write base + coefficient * state to OUT_DIR.")
+    p = st.add_parser(
+        "export",
+        help="write the merged model of a state",
+        description="Write base + coefficient * state to OUT_DIR.",
+    )
     p.add_argument("--state", required=True, help="state folder or s3:// prefix")
     p.add_argument("--base", help="the base model (default: the URI recorded in the state)")
     p.add_argument("--out", required=True, metavar="OUT_DIR")
@@ -110,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common_fold_options(p)
     p.set_defaults(func=cmd_state_export)
 
-    p = st.add_parser("show", help="print a state's method, step, scalars and folded checkpoints as JSON")
+    p = st.add_parser(
+        "show", help="print a state's method, step, scalars and folded checkpoints as JSON"
+    )
     p.add_argument("--state", required=True)
     p.set_defaults(func=cmd_state_show)
 
@@ -151,8 +245,16 @@ def _new_info(args: argparse.Namespace, base):
     from mergeflow.storage.architecture import resolve_projection
 
     projection = resolve_projection(base.reader, base.config, args.project_regex)
-    options = FoldOptions(compute_dtype=args.compute_dtype, missing="zero" if args.allow_missing else "error")
-    return engine.new_state(args.method, parse_params(args.param), BaseRef(uri=base.uri, digest=base.digest()), projection, options)
+    options = FoldOptions(
+        compute_dtype=args.compute_dtype, missing="zero" if args.allow_missing else "error"
+    )
+    return engine.new_state(
+        args.method,
+        parse_params(args.param),
+        BaseRef(uri=base.uri, digest=base.digest()),
+        projection,
+        options,
+    )
 
 
 class _Output:
@@ -206,8 +308,25 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if not is_continual(method):
             from mergeflow.merging.state import FoldOptions
 
-            options = FoldOptions(compute_dtype=args.compute_dtype, missing="zero" if args.allow_missing else "error")
-            _write_model(out.tmp, base, lambda w: engine.batch_merge(args.method, parse_params(args.param), base.reader, [c.reader for c in cks], w, options=options, dtype=args.dtype, device=device, progress=_progress(args)), args.max_shard_size)
+            options = FoldOptions(
+                compute_dtype=args.compute_dtype, missing="zero" if args.allow_missing else "error"
+            )
+            _write_model(
+                out.tmp,
+                base,
+                lambda w: engine.batch_merge(
+                    args.method,
+                    parse_params(args.param),
+                    base.reader,
+                    [c.reader for c in cks],
+                    w,
+                    options=options,
+                    dtype=args.dtype,
+                    device=device,
+                    progress=_progress(args),
+                ),
+                args.max_shard_size,
+            )
             return 0
         info = _new_info(args, base)
         for c in cks:  # validate every checkpoint's headers before any work
@@ -217,14 +336,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
             store = LocalStore(work)
             state_store.init_state(store, info)
             for c in cks:
-                state_store.fold_checkpoint(store, store, base.reader, c, device=device, progress=_progress(args))
+                state_store.fold_checkpoint(
+                    store, store, base.reader, c, device=device, progress=_progress(args)
+                )
 
             def write(w):
-                return state_store.export_state(store, base.reader, w, dtype=args.dtype, device=device, progress=_progress(args))
+                return state_store.export_state(
+                    store, base.reader, w, dtype=args.dtype, device=device, progress=_progress(args)
+                )
 
             _write_model(out.tmp, base, write, args.max_shard_size)
             manifest = state_store.read_manifest(store)
-            (out.tmp / "mergeflow.json").write_text(json.dumps(state_store.summary(manifest) | {"tensors": None, "heads": {}}, indent=2))
+            (out.tmp / "mergeflow.json").write_text(
+                json.dumps(state_store.summary(manifest) | {"tensors": None, "heads": {}}, indent=2)
+            )
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -240,7 +365,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['name']}  ({r['kind']})\n    {r['summary']}")
         for p in r["params"]:
-            print(f"    --param {p['name']}=<{p['type']}>  default {p['default']!r}: {p['description']}")
+            print(
+                f"    --param {p['name']}=<{p['type']}>  default {p['default']!r}: {p['description']}"
+            )
         if not r["params"]:
             print("    (no parameters)")
         print()
@@ -275,12 +402,22 @@ def cmd_state_fold(args: argparse.Namespace) -> int:
     device = _device(args)
     base = _open_base(args.base or manifest.info.base.uri)
     if base.digest() != manifest.info.base.digest:
-        raise StateError(f"base {base.uri} has digest {base.digest()} but the state was built on {manifest.info.base.uri} ({manifest.info.base.digest})")
+        raise StateError(
+            f"base {base.uri} has digest {base.digest()} but the state was built on {manifest.info.base.uri} ({manifest.info.base.digest})"
+        )
     cks = _open_checkpoints(args.checkpoints, base, args.allow_pickle)
     for c in cks:
         engine.check_compatible(base.reader, c.reader, manifest.info.options)
     for c in cks:
-        m = state_store.fold_checkpoint(store, store, base.reader, c, device=device, max_shard_size=args.max_shard_size, progress=_progress(args))
+        m = state_store.fold_checkpoint(
+            store,
+            store,
+            base.reader,
+            c,
+            device=device,
+            max_shard_size=args.max_shard_size,
+            progress=_progress(args),
+        )
         print(f"folded {c.uri} as step {m.info.step}", file=sys.stderr)
     return 0
 
@@ -293,7 +430,14 @@ def cmd_state_export(args: argparse.Namespace) -> int:
     device = _device(args)
     base = _open_base(args.base or manifest.info.base.uri)
     with _Output(args.out, args.overwrite) as out:
-        _write_model(out.tmp, base, lambda w: state_store.export_state(store, base.reader, w, dtype=args.dtype, device=device, progress=_progress(args)), args.max_shard_size)
+        _write_model(
+            out.tmp,
+            base,
+            lambda w: state_store.export_state(
+                store, base.reader, w, dtype=args.dtype, device=device, progress=_progress(args)
+            ),
+            args.max_shard_size,
+        )
         (out.tmp / "mergeflow.json").write_text(json.dumps(state_store.summary(manifest), indent=2))
     return 0
 
@@ -301,7 +445,11 @@ def cmd_state_export(args: argparse.Namespace) -> int:
 def cmd_state_show(args: argparse.Namespace) -> int:
     from mergeflow.storage import state_store
 
-    print(json.dumps(state_store.summary(state_store.read_manifest(_state_store(args.state))), indent=2))
+    print(
+        json.dumps(
+            state_store.summary(state_store.read_manifest(_state_store(args.state))), indent=2
+        )
+    )
     return 0
 
 
@@ -314,7 +462,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mergeflow: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"mergeflow: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        print(
+            f"mergeflow: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr
+        )
         return 2
     except KeyboardInterrupt:
         print("mergeflow: interrupted; nothing was written", file=sys.stderr)

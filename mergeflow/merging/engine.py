@@ -24,7 +24,12 @@ from mergeflow.merging.methods.base import BatchMethod, ContinualMethod, FoldSta
 from mergeflow.merging.projection import ProjectionRule
 from mergeflow.merging.state import BaseRef, FoldedCheckpoint, FoldOptions, StateInfo
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -46,7 +51,9 @@ def merged_keys(base: TensorReader) -> list[str]:
     return keys
 
 
-def check_compatible(base: TensorReader, checkpoint: TensorReader, options: FoldOptions) -> list[str]:
+def check_compatible(
+    base: TensorReader, checkpoint: TensorReader, options: FoldOptions
+) -> list[str]:
     """Check names, shapes and dtypes from headers alone; return the checkpoint's extra (head) tensors."""
     ck = set(checkpoint.keys())
     missing = []
@@ -56,9 +63,15 @@ def check_compatible(base: TensorReader, checkpoint: TensorReader, options: Fold
             continue
         bm, cm = base.meta(k), checkpoint.meta(k)
         if bm.shape != cm.shape:
-            raise CheckpointError(checkpoint.source, f"tensor {k!r} has shape {list(cm.shape)} but the base has {list(bm.shape)}")
+            raise CheckpointError(
+                checkpoint.source,
+                f"tensor {k!r} has shape {list(cm.shape)} but the base has {list(bm.shape)}",
+            )
         if not cm.is_float:
-            raise CheckpointError(checkpoint.source, f"tensor {k!r} has dtype {cm.dtype} but the base has floating-point {bm.dtype}")
+            raise CheckpointError(
+                checkpoint.source,
+                f"tensor {k!r} has dtype {cm.dtype} but the base has floating-point {bm.dtype}",
+            )
     if missing and options.missing == "error":
         few = ", ".join(repr(k) for k in missing[:3])
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -78,7 +91,14 @@ def _finite(t: torch.Tensor, source: str, key: str) -> None:
         raise CheckpointError(source, f"tensor {key!r} contains NaN or Inf values")
 
 
-def _task_vector(base: TensorReader, checkpoint: TensorReader, key: str, b: torch.Tensor, dev: torch.device, cdt: torch.dtype) -> torch.Tensor:
+def _task_vector(
+    base: TensorReader,
+    checkpoint: TensorReader,
+    key: str,
+    b: torch.Tensor,
+    dev: torch.device,
+    cdt: torch.dtype,
+) -> torch.Tensor:
     if key not in checkpoint.keys():
         return torch.zeros_like(b)
     c = checkpoint.get(key).to(dev, cdt)
@@ -98,7 +118,13 @@ def new_state(
     if not is_continual(m):
         raise ConfigError(f"method {method!r} is a batch method; a state needs a continual method")
     p = parse_params(m, params)
-    return StateInfo(method=method, params=p.model_dump(), base=base, projection=projection, options=options or FoldOptions())
+    return StateInfo(
+        method=method,
+        params=p.model_dump(),
+        base=base,
+        projection=projection,
+        options=options or FoldOptions(),
+    )
 
 
 def fold(
@@ -130,7 +156,9 @@ def fold(
         raise StateError("a state at step > 0 needs its tensors, and a step-0 state has none")
     done = info.folded(checkpoint_id, digest)
     if done is not None:
-        raise StateError(f"checkpoint {checkpoint_id} (digest {digest}) is already folded as step {done.step} ({done.id})")
+        raise StateError(
+            f"checkpoint {checkpoint_id} (digest {digest}) is already folded as step {done.step} ({done.id})"
+        )
     dev = resolve_device(device)
     cdt = DTYPES[info.options.compute_dtype]
     heads = check_compatible(base, checkpoint, info.options)
@@ -147,12 +175,21 @@ def fold(
         prepared = cm.prepare(params, taus) or {}
         sq_state = 0.0
         sq_tau = 0.0
-        for k in tqdm(keys, desc=f"fold {checkpoint_id}", unit="tensor", disable=not progress, file=sys.stderr, leave=False):
+        for k in tqdm(
+            keys,
+            desc=f"fold {checkpoint_id}",
+            unit="tensor",
+            disable=not progress,
+            file=sys.stderr,
+            leave=False,
+        ):
             b = base.get(k).to(dev, cdt)
             _finite(b, base.source, k)
             tau = _task_vector(base, checkpoint, k, b, dev, cdt)
             prev = state.get(k).to(dev, cdt) if state is not None else None
-            new = cm.fold_tensor(params, TensorStep(k, step, prev, tau, info.projection.is_projected(k), prepared)).to(cdt)
+            new = cm.fold_tensor(
+                params, TensorStep(k, step, prev, tau, info.projection.is_projected(k), prepared)
+            ).to(cdt)
             sq_state += float(torch.linalg.vector_norm(new, dtype=torch.float64)) ** 2
             sq_tau += float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
             out.add(k, new.cpu())
@@ -161,13 +198,19 @@ def fold(
                 heads_out.add(k, checkpoint.get(k))
         scalars, coef = cm.finish(params, dict(info.scalars), FoldStats(step, sq_state, sq_tau))
         if not math.isfinite(coef):
-            raise CheckpointError(checkpoint.source, "the fold produced a non-finite scale; the checkpoint's values are too large")
+            raise CheckpointError(
+                checkpoint.source,
+                "the fold produced a non-finite scale; the checkpoint's values are too large",
+            )
         new_info = info.model_copy(
             update={
                 "step": step,
                 "coefficient": coef,
                 "scalars": scalars,
-                "checkpoints": (*info.checkpoints, FoldedCheckpoint(id=checkpoint_id, digest=digest, step=step)),
+                "checkpoints": (
+                    *info.checkpoints,
+                    FoldedCheckpoint(id=checkpoint_id, digest=digest, step=step),
+                ),
                 "heads": {**info.heads, checkpoint_id: tuple(heads)} if heads else dict(info.heads),
             }
         )
@@ -191,7 +234,11 @@ def output_metadata(info: StateInfo) -> dict[str, str]:
         "mergeflow.coefficient": repr(info.coefficient),
         "mergeflow.checkpoints": json.dumps([c.id for c in info.checkpoints]),
         "mergeflow.projection": json.dumps(
-            {"kind": info.projection.kind, "description": info.projection.description, "count": len(info.projection.projected)}
+            {
+                "kind": info.projection.kind,
+                "description": info.projection.description,
+                "count": len(info.projection.projected),
+            }
         ),
     }
 
@@ -219,7 +266,14 @@ def export(
     cdt = DTYPES[info.options.compute_dtype]
     merged = set(merged_keys(base)) if info.step > 0 else set()
     try:
-        for k in tqdm(base.keys(), desc="export", unit="tensor", disable=not progress, file=sys.stderr, leave=False):
+        for k in tqdm(
+            base.keys(),
+            desc="export",
+            unit="tensor",
+            disable=not progress,
+            file=sys.stderr,
+            leave=False,
+        ):
             b = base.get(k)
             if k in merged:
                 assert state is not None
@@ -260,7 +314,14 @@ def batch_merge(
     cdt = DTYPES[opts.compute_dtype]
     merged = set(merged_keys(base))
     try:
-        for k in tqdm(base.keys(), desc=f"merge {method}", unit="tensor", disable=not progress, file=sys.stderr, leave=False):
+        for k in tqdm(
+            base.keys(),
+            desc=f"merge {method}",
+            unit="tensor",
+            disable=not progress,
+            file=sys.stderr,
+            leave=False,
+        ):
             b = base.get(k)
             if k not in merged:
                 out.add(k, b)
@@ -282,4 +343,14 @@ def batch_merge(
         raise
 
 
-__all__ = ["DTYPES", "SAFETENSORS_DTYPES", "batch_merge", "check_compatible", "export", "fold", "merged_keys", "new_state", "resolve_device"]
+__all__ = [
+    "DTYPES",
+    "SAFETENSORS_DTYPES",
+    "batch_merge",
+    "check_compatible",
+    "export",
+    "fold",
+    "merged_keys",
+    "new_state",
+    "resolve_device",
+]

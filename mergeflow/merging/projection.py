@@ -8,8 +8,8 @@ every later fold and every export states exactly what was projected.
 from __future__ import annotations
 
 import re
-from functools import cached_property
 from collections.abc import Iterable, Mapping
+from functools import cached_property
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -50,7 +50,11 @@ def by_name_rules(metas: Mapping[str, TensorMeta]) -> ProjectionRule:
     keys = []
     for k, m in metas.items():
         parts = re.split(r"[._]", k)
-        if _is_matrix(m) and k.endswith("weight") and not any(EMBEDDING_TOKENS.search(p) for p in parts):
+        if (
+            _is_matrix(m)
+            and k.endswith("weight")
+            and not any(EMBEDDING_TOKENS.search(p) for p in parts)
+        ):
             keys.append(k)
     return ProjectionRule(kind="name-rules", description=NAME_RULE, projected=tuple(keys))
 
@@ -62,10 +66,16 @@ def by_regex(metas: Mapping[str, TensorMeta], pattern: str) -> ProjectionRule:
     except re.error as e:
         raise ConfigError(f"projection regex {pattern!r} is invalid: {e}") from None
     keys = tuple(k for k, m in metas.items() if _is_matrix(m) and rx.search(k))
-    return ProjectionRule(kind="regex", description=f"regex override: 2-D float tensors matching {pattern!r}", projected=keys)
+    return ProjectionRule(
+        kind="regex",
+        description=f"regex override: 2-D float tensors matching {pattern!r}",
+        projected=keys,
+    )
 
 
-def by_module_types(metas: Mapping[str, TensorMeta], linear_weights: Iterable[str], model_class: str) -> ProjectionRule:
+def by_module_types(
+    metas: Mapping[str, TensorMeta], linear_weights: Iterable[str], model_class: str
+) -> ProjectionRule:
     """Project the weights that belong to linear modules found by instantiating the model."""
     wanted = set(linear_weights)
     keys = tuple(k for k, m in metas.items() if k in wanted and _is_matrix(m))

@@ -21,7 +21,9 @@ def tensor_threshold(tau: torch.Tensor, density: float) -> float:
 
 def trim(tau: torch.Tensor, threshold: float) -> torch.Tensor:
     """Zero the entries of ``tau`` whose magnitude is below ``threshold`` (ties at it are kept)."""
-    return torch.where(tau.abs() >= threshold, tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
+    return torch.where(
+        tau.abs() >= threshold, tau, torch.zeros((), dtype=tau.dtype, device=tau.device)
+    )
 
 
 def global_threshold(taus: TauPass, density: float) -> float:

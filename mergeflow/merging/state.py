@@ -25,7 +25,8 @@ class FoldOptions(BaseModel):
         "float32", description="dtype of the state tensors and of all per-tensor arithmetic"
     )
     missing: Literal["error", "zero"] = Field(
-        "error", description="a tensor the base has but a checkpoint lacks: refuse, or treat as a zero task vector"
+        "error",
+        description="a tensor the base has but a checkpoint lacks: refuse, or treat as a zero task vector",
     )
 
 
@@ -64,10 +65,13 @@ class StateInfo(BaseModel):
     base: BaseRef
     options: FoldOptions = FoldOptions()
     heads: dict[str, tuple[str, ...]] = Field(
-        default_factory=dict, description="checkpoint id -> names of its tensors the base lacks (task heads)"
+        default_factory=dict,
+        description="checkpoint id -> names of its tensors the base lacks (task heads)",
     )
 
-    def folded(self, checkpoint_id: str | None = None, digest: str | None = None) -> FoldedCheckpoint | None:
+    def folded(
+        self, checkpoint_id: str | None = None, digest: str | None = None
+    ) -> FoldedCheckpoint | None:
         """The folded checkpoint with this id or this digest, if any."""
         for c in self.checkpoints:
             if c.id == checkpoint_id or (digest is not None and c.digest == digest):

@@ -14,14 +14,20 @@ def linear_weight_names(config: dict[str, Any]) -> tuple[list[str], str]:
     """Instantiate the config's architecture on the meta device; return nn.Linear weight names and class."""
     import transformers
 
-    cfg = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "transformers_version"})
+    cfg = transformers.AutoConfig.for_model(
+        **{k: v for k, v in config.items() if k != "transformers_version"}
+    )
     archs = config.get("architectures") or []
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         cls = transformers.AutoModel._model_mapping[type(cfg)]
     with torch.device("meta"):
         model = cls._from_config(cfg)
-    names = [f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    names = [
+        f"{n}.weight" if n else "weight"
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
     return names, cls.__name__
 
 
@@ -39,7 +45,9 @@ def _align(names: list[str], keys: list[str]) -> list[str]:
     return out
 
 
-def resolve_projection(base: TensorReader, config: dict[str, Any] | None, regex: str | None = None) -> ProjectionRule:
+def resolve_projection(
+    base: TensorReader, config: dict[str, Any] | None, regex: str | None = None
+) -> ProjectionRule:
     """Regex override > module types from an HF config > name rules (the rule is recorded)."""
     metas = {k: base.meta(k) for k in base.keys()}
     if regex:
@@ -49,6 +57,10 @@ def resolve_projection(base: TensorReader, config: dict[str, Any] | None, regex:
             names, cls = linear_weight_names(config)
         except Exception as e:  # noqa: BLE001 - any failure falls back to name rules, and says so
             rule = by_name_rules(metas)
-            return rule.model_copy(update={"description": f"{rule.description} (config.json could not be instantiated: {type(e).__name__})"})
+            return rule.model_copy(
+                update={
+                    "description": f"{rule.description} (config.json could not be instantiated: {type(e).__name__})"
+                }
+            )
         return by_module_types(metas, _align(names, list(metas)), cls)
     return by_name_rules(metas)

@@ -15,14 +15,25 @@ from urllib.parse import urlparse
 
 import torch
 
-from mergeflow.errors import CheckpointError, ConfigError
+from mergeflow.errors import CheckpointError
 from mergeflow.merging.io import TORCH_TO_SAFETENSORS, DictReader, TensorMeta, TensorReader
 from mergeflow.storage.safetensors_io import LocalFile, SafetensorsReader
 from mergeflow.storage.store import LocalStore, ObjectStore, open_store
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX = "model.safetensors.index.json"
-SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "preprocessor_config.json")
+SMALL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "preprocessor_config.json",
+)
 
 
 class ShardedReader:
@@ -45,7 +56,9 @@ class ShardedReader:
         self._open: tuple[str, SafetensorsReader] | None = None
         for shard in dict.fromkeys(wm.values()):
             if "/" in shard or shard.startswith("."):
-                raise CheckpointError(label, f"{INDEX} names shard {shard!r} outside the checkpoint folder")
+                raise CheckpointError(
+                    label, f"{INDEX} names shard {shard!r} outside the checkpoint folder"
+                )
             if not store.exists(prefix + shard):
                 raise CheckpointError(label, f"shard {shard} listed in {INDEX} is missing")
             r = self._reader(shard)
@@ -54,13 +67,20 @@ class ShardedReader:
                     self._metas[k] = r.meta(k)
         absent = [k for k, s in wm.items() if k not in self._metas]
         if absent:
-            raise CheckpointError(label, f"tensor {absent[0]!r} is listed in {INDEX} but not in shard {wm[absent[0]]}")
+            raise CheckpointError(
+                label, f"tensor {absent[0]!r} is listed in {INDEX} but not in shard {wm[absent[0]]}"
+            )
 
     def _reader(self, shard: str) -> SafetensorsReader:
         if self._open is None or self._open[0] != shard:
             if self._open is not None:
                 self._open[1].close()
-            self._open = (shard, SafetensorsReader(self._store.byte_source(self._prefix + shard), f"{self.source}/{shard}"))
+            self._open = (
+                shard,
+                SafetensorsReader(
+                    self._store.byte_source(self._prefix + shard), f"{self.source}/{shard}"
+                ),
+            )
         return self._open[1]
 
     def keys(self) -> list[str]:
@@ -85,17 +105,23 @@ class LoraReader:
 
     PREFIX = "base_model.model."
 
-    def __init__(self, base: TensorReader, adapter: TensorReader, config: Mapping[str, Any], label: str) -> None:
+    def __init__(
+        self, base: TensorReader, adapter: TensorReader, config: Mapping[str, Any], label: str
+    ) -> None:
         self.source = label
         self._base = base
         self._adapter = adapter
         if config.get("peft_type", "LORA") != "LORA":
-            raise CheckpointError(label, f"adapter type {config.get('peft_type')!r} is not supported (only LORA)")
+            raise CheckpointError(
+                label, f"adapter type {config.get('peft_type')!r} is not supported (only LORA)"
+            )
         try:
             self._alpha = float(config["lora_alpha"])
             self._r = int(config["r"])
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(label, "adapter_config.json needs numeric 'r' and 'lora_alpha'") from None
+            raise CheckpointError(
+                label, "adapter_config.json needs numeric 'r' and 'lora_alpha'"
+            ) from None
         self._rs = bool(config.get("use_rslora", False))
         self._fan = bool(config.get("fan_in_fan_out", False))
         self._alpha_pattern: dict[str, float] = config.get("alpha_pattern") or {}
@@ -106,21 +132,30 @@ class LoraReader:
         names = adapter.keys()
         for k in names:
             stripped = k[len(self.PREFIX) :] if k.startswith(self.PREFIX) else k
-            for a_tag, b_tag, emb in ((".lora_A.weight", ".lora_B.weight", False), (".lora_embedding_A", ".lora_embedding_B", True)):
+            for a_tag, b_tag, emb in (
+                (".lora_A.weight", ".lora_B.weight", False),
+                (".lora_embedding_A", ".lora_embedding_B", True),
+            ):
                 if stripped.endswith(a_tag):
                     module = stripped[: -len(a_tag)]
                     target = self._match(f"{module}.weight", base_keys)
                     bkey = k[: -len(a_tag)] + b_tag
                     if bkey not in names:
-                        raise CheckpointError(label, f"adapter tensor {k!r} has no matching {b_tag.strip('.')}")
+                        raise CheckpointError(
+                            label, f"adapter tensor {k!r} has no matching {b_tag.strip('.')}"
+                        )
                     if target is None:
-                        raise CheckpointError(label, f"adapter targets {module}.weight, which the base does not have")
+                        raise CheckpointError(
+                            label, f"adapter targets {module}.weight, which the base does not have"
+                        )
                     self._pairs[target] = (k, bkey, emb)
                     break
             else:
                 if ".lora_" in stripped:
                     continue
-                plain = stripped.replace(".modules_to_save.default", "").replace(".modules_to_save", "")
+                plain = stripped.replace(".modules_to_save.default", "").replace(
+                    ".modules_to_save", ""
+                )
                 target = self._match(plain, base_keys)
                 if target is not None:
                     self._replace[target] = k
@@ -159,7 +194,10 @@ class LoraReader:
             d = d.T
         expected = self._base.meta(key).shape
         if tuple(d.shape) != expected:
-            raise CheckpointError(self.source, f"adapter update for {key!r} has shape {list(d.shape)} but the base has {list(expected)}")
+            raise CheckpointError(
+                self.source,
+                f"adapter update for {key!r} has shape {list(d.shape)} but the base has {list(expected)}",
+            )
         return d * self._scale(key, a.shape[0])
 
     def get(self, key: str) -> torch.Tensor:
@@ -180,11 +218,20 @@ def _pickle_reader(store: ObjectStore, relpath: str, label: str) -> TensorReader
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
-        raise CheckpointError(label, f"cannot load pickle weights with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(
+            label,
+            f"cannot load pickle weights with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+        ) from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise CheckpointError(label, "pickle file does not hold a mapping of tensor names to tensors")
+    if (
+        not isinstance(obj, Mapping)
+        or not obj
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    ):
+        raise CheckpointError(
+            label, "pickle file does not hold a mapping of tensor names to tensors"
+        )
     bad = [k for k, v in obj.items() if v.dtype not in TORCH_TO_SAFETENSORS]
     if bad:
         raise CheckpointError(label, f"tensor {bad[0]!r} has unsupported dtype {obj[bad[0]].dtype}")
@@ -207,7 +254,8 @@ class Checkpoint:
         h = hashlib.sha256()
         if isinstance(self.store, LocalStore):
             for rel in sorted(self.weight_files):
-                h.update(rel.encode() + b"\0")
+                if len(self.weight_files) > 1:  # a lone file's name is not content
+                    h.update(rel.encode() + b"\0")
                 with open(self.store.root / (self.prefix + rel), "rb") as f:
                     while chunk := f.read(8 * 2**20):
                         h.update(chunk)
@@ -215,7 +263,8 @@ class Checkpoint:
             infos = {i.relpath: i for i in self.store.list(self.prefix.rstrip("/"))}
             for rel in sorted(self.weight_files):
                 i = infos.get(self.prefix + rel)
-                h.update(f"{rel}\0{i.size if i else -1}\0{i.etag if i else ''}\n".encode())
+                name = rel if len(self.weight_files) > 1 else ""
+                h.update(f"{name}\0{i.size if i else -1}\0{i.etag if i else ''}\n".encode())
         return "sha256:" + h.hexdigest()
 
     def small_files(self) -> list[str]:
@@ -233,40 +282,78 @@ def _read_json(store: ObjectStore, rel: str, label: str) -> dict[str, Any]:
     return obj
 
 
-def open_weights(store: ObjectStore, label: str, *, prefix: str = "", base: TensorReader | None = None, allow_pickle: bool = False) -> tuple[TensorReader, list[str], dict[str, Any] | None]:
+def open_weights(
+    store: ObjectStore,
+    label: str,
+    *,
+    prefix: str = "",
+    base: TensorReader | None = None,
+    allow_pickle: bool = False,
+) -> tuple[TensorReader, list[str], dict[str, Any] | None]:
     """Open the weights in a store folder. Returns (reader, weight files, config.json or None)."""
-    config = _read_json(store, prefix + "config.json", label) if store.exists(prefix + "config.json") else None
+    config = (
+        _read_json(store, prefix + "config.json", label)
+        if store.exists(prefix + "config.json")
+        else None
+    )
     if store.exists(prefix + INDEX):
         r = ShardedReader(store, prefix, label)
         shards = sorted(set(json.loads(store.read_bytes(prefix + INDEX))["weight_map"].values()))
         return r, [INDEX, *shards], config
     if store.exists(prefix + "model.safetensors"):
-        return SafetensorsReader(store.byte_source(prefix + "model.safetensors"), label), ["model.safetensors"], config
+        return (
+            SafetensorsReader(store.byte_source(prefix + "model.safetensors"), label),
+            ["model.safetensors"],
+            config,
+        )
     if store.exists(prefix + "adapter_config.json"):
         if not store.exists(prefix + "adapter_model.safetensors"):
-            raise CheckpointError(label, "adapter folder has adapter_config.json but no adapter_model.safetensors")
+            raise CheckpointError(
+                label, "adapter folder has adapter_config.json but no adapter_model.safetensors"
+            )
         if base is None:
             raise CheckpointError(label, "a LoRA adapter can only be read against a base model")
         acfg = _read_json(store, prefix + "adapter_config.json", label)
         adapter = SafetensorsReader(store.byte_source(prefix + "adapter_model.safetensors"), label)
-        return LoraReader(base, adapter, acfg, label), ["adapter_config.json", "adapter_model.safetensors"], config
-    top = [i.relpath[len(prefix) :] for i in store.list(prefix.rstrip("/")) if "/" not in i.relpath[len(prefix) :]]
+        return (
+            LoraReader(base, adapter, acfg, label),
+            ["adapter_config.json", "adapter_model.safetensors"],
+            config,
+        )
+    top = [
+        i.relpath[len(prefix) :]
+        for i in store.list(prefix.rstrip("/"))
+        if "/" not in i.relpath[len(prefix) :]
+    ]
     st = [f for f in top if f.endswith(".safetensors")]
     if len(st) == 1:
         return SafetensorsReader(store.byte_source(prefix + st[0]), label), st, config
     if len(st) > 1:
-        raise CheckpointError(label, f"folder has {len(st)} .safetensors files but no {INDEX} saying how they fit together")
+        raise CheckpointError(
+            label,
+            f"folder has {len(st)} .safetensors files but no {INDEX} saying how they fit together",
+        )
     pick = [f for f in top if f.endswith(PICKLE_SUFFIXES)]
     if pick:
         if not allow_pickle:
-            raise CheckpointError(label, f"only pickle weights found ({', '.join(pick[:3])}); refusing to unpickle without --allow-pickle")
+            raise CheckpointError(
+                label,
+                f"only pickle weights found ({', '.join(pick[:3])}); refusing to unpickle without --allow-pickle",
+            )
         if len(pick) > 1:
-            raise CheckpointError(label, f"several pickle files ({', '.join(pick[:3])}); convert to safetensors first")
+            raise CheckpointError(
+                label, f"several pickle files ({', '.join(pick[:3])}); convert to safetensors first"
+            )
         return _pickle_reader(store, prefix + pick[0], label), pick, config
-    raise CheckpointError(label, "folder has no weights (expected model.safetensors, model.safetensors.index.json, adapter_model.safetensors or one .safetensors file)")
+    raise CheckpointError(
+        label,
+        "folder has no weights (expected model.safetensors, model.safetensors.index.json, adapter_model.safetensors or one .safetensors file)",
+    )
 
 
-def open_checkpoint(uri: str, *, base: TensorReader | None = None, allow_pickle: bool = False) -> Checkpoint:
+def open_checkpoint(
+    uri: str, *, base: TensorReader | None = None, allow_pickle: bool = False
+) -> Checkpoint:
     """Open a checkpoint (or base) by URI: local path, ``s3://``, ``hf://org/repo@rev`` or ``mlflow://models/NAME/VERSION``."""
     parsed = urlparse(uri)
     if parsed.scheme == "hf":
@@ -288,14 +375,18 @@ def open_checkpoint(uri: str, *, base: TensorReader | None = None, allow_pickle:
             store = open_store(parent)
             if not store.exists(name):
                 raise CheckpointError(uri, "object does not exist")
-            return Checkpoint(uri, SafetensorsReader(store.byte_source(name), uri), store, "", None, [name])
+            return Checkpoint(
+                uri, SafetensorsReader(store.byte_source(name), uri), store, "", None, [name]
+            )
         store = open_store(uri)
         if not store.list():
             raise CheckpointError(uri, "no objects under this prefix")
         reader, files, config = open_weights(store, uri, base=base, allow_pickle=False)
         return Checkpoint(uri, reader, store, "", config, files)
     if parsed.scheme not in ("", "file"):
-        raise CheckpointError(uri, f"unsupported URI scheme {parsed.scheme!r} (use a path, s3://, hf:// or mlflow://)")
+        raise CheckpointError(
+            uri, f"unsupported URI scheme {parsed.scheme!r} (use a path, s3://, hf:// or mlflow://)"
+        )
     path = Path(parsed.path if parsed.scheme == "file" else uri).expanduser()
     if not path.exists():
         raise CheckpointError(uri, "path does not exist")
@@ -303,20 +394,18 @@ def open_checkpoint(uri: str, *, base: TensorReader | None = None, allow_pickle:
         store = LocalStore(path.parent)
         if path.name.endswith(PICKLE_SUFFIXES):
             if not allow_pickle:
-                raise CheckpointError(uri, "pickle weights are refused; pass --allow-pickle to load them with torch.load(weights_only=True)")
-            return Checkpoint(uri, _pickle_reader(store, path.name, uri), store, "", None, [path.name])
+                raise CheckpointError(
+                    uri,
+                    "pickle weights are refused; pass --allow-pickle to load them with torch.load(weights_only=True)",
+                )
+            return Checkpoint(
+                uri, _pickle_reader(store, path.name, uri), store, "", None, [path.name]
+            )
         if not path.name.endswith(".safetensors"):
             raise CheckpointError(uri, "not a .safetensors file (or a folder holding a checkpoint)")
-        return Checkpoint(uri, SafetensorsReader(LocalFile(path), uri), store, "", None, [path.name])
+        return Checkpoint(
+            uri, SafetensorsReader(LocalFile(path), uri), store, "", None, [path.name]
+        )
     store = LocalStore(path)
     reader, files, config = open_weights(store, uri, base=base, allow_pickle=allow_pickle)
     return Checkpoint(uri, reader, store, "", config, files)
-
-
-def load_config(ck: Checkpoint) -> dict[str, Any] | None:
-    """The checkpoint's HF ``config.json``, if it has one."""
-    return ck.config
-
-
-def missing_store_error(uri: str) -> ConfigError:
-    return ConfigError(f"{uri}: not found")

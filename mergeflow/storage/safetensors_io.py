@@ -24,7 +24,18 @@ from mergeflow.merging.io import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, Tenso
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 """Headers larger than this are refused (safetensors' own limit is the same)."""
 
-DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+DTYPE_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 class ByteSource(Protocol):
@@ -54,7 +65,9 @@ class LocalFile:
         self._fh.seek(offset)
         data = self._fh.read(length)
         if len(data) != length:
-            raise CheckpointError(self.name, f"truncated: wanted {length} bytes at offset {offset}, got {len(data)}")
+            raise CheckpointError(
+                self.name, f"truncated: wanted {length} bytes at offset {offset}, got {len(data)}"
+            )
         return data
 
     def close(self) -> None:
@@ -69,7 +82,9 @@ class HeaderPrefix(Protocol):
     def read_prefix(self, length: int) -> bytes: ...
 
 
-def parse_header(prefix: bytes, file_size: int, source: str) -> tuple[int, dict[str, TensorMeta], dict[str, tuple[int, int]], dict[str, str]]:
+def parse_header(
+    prefix: bytes, file_size: int, source: str
+) -> tuple[int, dict[str, TensorMeta], dict[str, tuple[int, int]], dict[str, str]]:
     """Validate a safetensors header.
 
     ``prefix`` holds at least the first ``8 + header_len`` bytes. Returns
@@ -77,12 +92,19 @@ def parse_header(prefix: bytes, file_size: int, source: str) -> tuple[int, dict[
     Every structural problem raises :class:`CheckpointError` naming ``source``.
     """
     if file_size < 8:
-        raise CheckpointError(source, f"file is empty or truncated ({file_size} bytes); not a safetensors file")
+        raise CheckpointError(
+            source, f"file is empty or truncated ({file_size} bytes); not a safetensors file"
+        )
     (n,) = struct.unpack("<Q", prefix[:8])
     if n > MAX_HEADER_BYTES:
-        raise CheckpointError(source, f"safetensors header claims {n} bytes, more than the {MAX_HEADER_BYTES // 2**20} MiB limit")
+        raise CheckpointError(
+            source,
+            f"safetensors header claims {n} bytes, more than the {MAX_HEADER_BYTES // 2**20} MiB limit",
+        )
     if 8 + n > file_size:
-        raise CheckpointError(source, f"truncated: header claims {n} bytes but the file has only {file_size}")
+        raise CheckpointError(
+            source, f"truncated: header claims {n} bytes but the file has only {file_size}"
+        )
     if len(prefix) < 8 + n:
         raise ValueError("prefix shorter than the header")
     raw = prefix[8 : 8 + n]
@@ -100,12 +122,18 @@ def parse_header(prefix: bytes, file_size: int, source: str) -> tuple[int, dict[
     ranges: dict[str, tuple[int, int]] = {}
     for key, info in header.items():
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise CheckpointError(source, f"tensor {key!r}: header entry needs dtype, shape and data_offsets")
+            raise CheckpointError(
+                source, f"tensor {key!r}: header entry needs dtype, shape and data_offsets"
+            )
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
         if dtype not in DTYPE_SIZES:
             raise CheckpointError(source, f"tensor {key!r}: unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise CheckpointError(source, f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise CheckpointError(
+                source, f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers"
+            )
         if (
             not isinstance(offs, list)
             or len(offs) != 2
@@ -116,10 +144,14 @@ def parse_header(prefix: bytes, file_size: int, source: str) -> tuple[int, dict[
         meta = TensorMeta(dtype, tuple(shape))
         if offs[1] - offs[0] != meta.numel * DTYPE_SIZES[dtype]:
             raise CheckpointError(
-                source, f"tensor {key!r}: data_offsets span {offs[1] - offs[0]} bytes but {dtype}{list(shape)} needs {meta.numel * DTYPE_SIZES[dtype]}"
+                source,
+                f"tensor {key!r}: data_offsets span {offs[1] - offs[0]} bytes but {dtype}{list(shape)} needs {meta.numel * DTYPE_SIZES[dtype]}",
             )
         if offs[1] > data_len:
-            raise CheckpointError(source, f"truncated: tensor {key!r} ends at byte {offs[1]} of the data but the file holds {data_len}")
+            raise CheckpointError(
+                source,
+                f"truncated: tensor {key!r} ends at byte {offs[1]} of the data but the file holds {data_len}",
+            )
         metas[key] = meta
         ranges[key] = (offs[0], offs[1])
     spans = sorted(ranges.values())
@@ -148,13 +180,19 @@ class SafetensorsReader:
         self.source = label or source.name
         size = source.size()
         if size < 8:
-            raise CheckpointError(self.source, f"file is empty or truncated ({size} bytes); not a safetensors file")
+            raise CheckpointError(
+                self.source, f"file is empty or truncated ({size} bytes); not a safetensors file"
+            )
         reader = getattr(source, "read_prefix", None)
-        prefix = reader(min(size, self.SPECULATIVE_PREFIX)) if reader else source.read(0, min(size, 8))
+        prefix = (
+            reader(min(size, self.SPECULATIVE_PREFIX)) if reader else source.read(0, min(size, 8))
+        )
         (n,) = struct.unpack("<Q", prefix[:8])
         if len(prefix) < 8 + n and 8 + n <= size and n <= MAX_HEADER_BYTES:
             prefix = prefix[:8] + source.read(8, n)
-        self._start, self._metas, self._ranges, self.metadata = parse_header(prefix, size, self.source)
+        self._start, self._metas, self._ranges, self.metadata = parse_header(
+            prefix, size, self.source
+        )
 
     def keys(self) -> list[str]:
         return list(self._metas)
@@ -187,7 +225,13 @@ class ShardedWriter:
     shards go to ``sink``; the index (when there is more than one shard) last.
     """
 
-    def __init__(self, sink: ShardSink, max_shard_size: int = 5 * 2**30, prefix: str = "model", spool_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        sink: ShardSink,
+        max_shard_size: int = 5 * 2**30,
+        prefix: str = "model",
+        spool_dir: str | None = None,
+    ) -> None:
         if max_shard_size <= 0:
             raise ValueError("max_shard_size must be positive")
         self._sink = sink
@@ -221,7 +265,11 @@ class ShardedWriter:
         assert self._cur_fh is not None
         if nbytes:
             self._cur_fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
-        self._cur_header[key] = {"dtype": code, "shape": list(t.shape), "data_offsets": [self._cur_size, self._cur_size + nbytes]}
+        self._cur_header[key] = {
+            "dtype": code,
+            "shape": list(t.shape),
+            "data_offsets": [self._cur_size, self._cur_size + nbytes],
+        }
         self._cur_size += nbytes
         self.total_size += nbytes
 
@@ -237,7 +285,11 @@ class ShardedWriter:
             self._open_shard()
             self._close_data()
         n = len(self._shards)
-        names = [f"{self._prefix}.safetensors"] if n == 1 else [f"{self._prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        names = (
+            [f"{self._prefix}.safetensors"]
+            if n == 1
+            else [f"{self._prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         weight_map: dict[str, str] = {}
         meta = {"format": "pt", **dict(metadata or {})}
         try:
@@ -256,7 +308,15 @@ class ShardedWriter:
                 weight_map.update(dict.fromkeys(header, name))
             if n > 1:
                 idx = self._spool / f"{self._prefix}.safetensors.index.json"
-                idx.write_text(json.dumps({"metadata": {"total_size": self.total_size, **dict(metadata or {})}, "weight_map": weight_map}, indent=2))
+                idx.write_text(
+                    json.dumps(
+                        {
+                            "metadata": {"total_size": self.total_size, **dict(metadata or {})},
+                            "weight_map": weight_map,
+                        },
+                        indent=2,
+                    )
+                )
                 self._sink.put(idx, idx.name)
         finally:
             shutil.rmtree(self._spool, ignore_errors=True)

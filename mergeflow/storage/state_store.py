@@ -57,11 +57,15 @@ def has_state(store: ObjectStore) -> bool:
 
 def read_manifest(store: ObjectStore) -> StateManifest:
     if not store.exists(MANIFEST):
-        raise StateError(f"no merge state at {store.uri} (missing {MANIFEST}); create one with `mergeflow state init`")
+        raise StateError(
+            f"no merge state at {store.uri} (missing {MANIFEST}); create one with `mergeflow state init`"
+        )
     try:
         return StateManifest.model_validate(json.loads(store.read_bytes(MANIFEST)))
     except (json.JSONDecodeError, UnicodeDecodeError, ValidationError) as e:
-        raise StateError(f"{_uri(store, MANIFEST)} is not a valid mergeflow state ({str(e).splitlines()[0]})") from None
+        raise StateError(
+            f"{_uri(store, MANIFEST)} is not a valid mergeflow state ({str(e).splitlines()[0]})"
+        ) from None
 
 
 def write_manifest(store: ObjectStore, manifest: StateManifest) -> None:
@@ -87,7 +91,9 @@ def load_state(store: ObjectStore) -> tuple[StateManifest, TensorReader | None]:
     return m, reader
 
 
-def heads_reader(store: ObjectStore, manifest: StateManifest, checkpoint_id: str) -> TensorReader | None:
+def heads_reader(
+    store: ObjectStore, manifest: StateManifest, checkpoint_id: str
+) -> TensorReader | None:
     """The task-specific tensors kept for one folded checkpoint, if it had any."""
     uri = manifest.heads.get(checkpoint_id)
     if uri is None:
@@ -124,9 +130,16 @@ def fold_checkpoint(
     cid = checkpoint_id or checkpoint.uri
     try:
         new_info = engine.fold(
-            info, state, base, checkpoint.reader,
-            checkpoint_id=cid, digest=digest or checkpoint.digest(),
-            out=out, heads_out=heads_out, device=device, progress=progress,
+            info,
+            state,
+            base,
+            checkpoint.reader,
+            checkpoint_id=cid,
+            digest=digest or checkpoint.digest(),
+            out=out,
+            heads_out=heads_out,
+            device=device,
+            progress=progress,
         )
     except BaseException:
         dst.delete_prefix(rel_t)
@@ -171,7 +184,11 @@ def summary(manifest: StateManifest) -> dict[str, Any]:
         "coefficient": i.coefficient,
         "scalars": i.scalars,
         "base": i.base.model_dump(),
-        "projection": {"kind": i.projection.kind, "description": i.projection.description, "count": len(i.projection.projected)},
+        "projection": {
+            "kind": i.projection.kind,
+            "description": i.projection.description,
+            "count": len(i.projection.projected),
+        },
         "checkpoints": [c.model_dump() for c in i.checkpoints],
         "tensors": manifest.tensors,
         "heads": manifest.heads,

@@ -104,7 +104,14 @@ class LocalStore:
             if p.name.startswith(".") and ".tmp-" in p.name:
                 continue
             st = p.stat()
-            out.append(ObjectInfo(p.relative_to(self.root).as_posix(), st.st_size, f"{st.st_size}-{st.st_mtime_ns}", st.st_mtime))
+            out.append(
+                ObjectInfo(
+                    p.relative_to(self.root).as_posix(),
+                    st.st_size,
+                    f"{st.st_size}-{st.st_mtime_ns}",
+                    st.st_mtime,
+                )
+            )
         return out
 
     def delete_prefix(self, relprefix: str = "") -> None:

@@ -16,7 +16,13 @@ from mergeflow.merging.methods.task_arithmetic import TaskArithmetic
 from mergeflow.merging.methods.ties import Ties
 from mergeflow.merging.methods.weight_average import WeightAverage
 
-CONTINUAL: tuple[ContinualMethod, ...] = (OPCM(), TaskArithmetic(), WeightAverage(), MagMax(), Ties())
+CONTINUAL: tuple[ContinualMethod, ...] = (
+    OPCM(),
+    TaskArithmetic(),
+    WeightAverage(),
+    MagMax(),
+    Ties(),
+)
 BATCH: tuple[BatchMethod, ...] = (BatchTaskArithmetic(), BatchTies(), Dare(), Average())
 
 
@@ -41,7 +47,9 @@ def parse_params(method: ContinualMethod | BatchMethod, raw: Mapping[str, Any]) 
     try:
         return method.Params.model_validate(dict(raw))
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'params'}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'params'}: {err['msg']}" for err in e.errors()
+        )
         raise ConfigError(f"invalid parameters for method {method.name!r}: {problems}") from None
 
 
@@ -56,6 +64,13 @@ def describe() -> list[dict[str, Any]]:
                     ann = "|".join(map(str, get_args(f.annotation)))
                 else:
                     ann = getattr(f.annotation, "__name__", None) or str(f.annotation)
-                params.append({"name": pname, "type": ann, "default": f.default, "description": f.description or ""})
+                params.append(
+                    {
+                        "name": pname,
+                        "type": ann,
+                        "default": f.default,
+                        "description": f.description or "",
+                    }
+                )
             rows.append({"name": m.name, "kind": kind, "summary": m.summary, "params": params})
     return rows

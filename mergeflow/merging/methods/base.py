@@ -58,7 +58,9 @@ class ContinualMethod(Protocol):
 
     def fold_tensor(self, params: Any, s: TensorStep) -> torch.Tensor: ...
 
-    def finish(self, params: Any, scalars: dict[str, float], stats: FoldStats) -> tuple[dict[str, float], float]:
+    def finish(
+        self, params: Any, scalars: dict[str, float], stats: FoldStats
+    ) -> tuple[dict[str, float], float]:
         """Return the new scalars and the coefficient ``c`` of ``θ₀ + c·D``."""
         ...
 
@@ -74,7 +76,9 @@ class BatchMethod(Protocol):
     summary: ClassVar[str]
     Params: ClassVar[type[MethodParams]]
 
-    def merge_tensor(self, params: Any, key: str, taus: Sequence[torch.Tensor]) -> tuple[torch.Tensor, float]:
+    def merge_tensor(
+        self, params: Any, key: str, taus: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, float]:
         """Return ``(D, c)``: the merged model tensor is ``θ₀ + c·D``."""
         ...
 

@@ -27,14 +27,23 @@ class BatchTaskArithmetic:
     summary: ClassVar[str] = "one-shot task arithmetic: θ₀ + s·Σ τ_i"
     Params = BatchTaskArithmeticParams
 
-    def merge_tensor(self, params: BatchTaskArithmeticParams, key: str, taus: Sequence[torch.Tensor]) -> tuple[torch.Tensor, float]:
+    def merge_tensor(
+        self, params: BatchTaskArithmeticParams, key: str, taus: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, float]:
         return torch.stack(list(taus)).sum(0), params.scaling_factor
 
 
 class BatchTiesParams(MethodParams):
     scaling_factor: float = Field(1.0, description="λ in θ₀ + λ·merged")
-    density: float = Field(0.2, gt=0.0, le=1.0, description="share of largest-magnitude entries of each task vector kept (per tensor)")
-    merge_func: Literal["sum", "mean", "max"] = Field("mean", description="how agreeing entries are combined")
+    density: float = Field(
+        0.2,
+        gt=0.0,
+        le=1.0,
+        description="share of largest-magnitude entries of each task vector kept (per tensor)",
+    )
+    merge_func: Literal["sum", "mean", "max"] = Field(
+        "mean", description="how agreeing entries are combined"
+    )
 
 
 class BatchTies:
@@ -42,23 +51,33 @@ class BatchTies:
     summary: ClassVar[str] = "one-shot TIES: trim, elect sign, disjoint merge"
     Params = BatchTiesParams
 
-    def merge_tensor(self, params: BatchTiesParams, key: str, taus: Sequence[torch.Tensor]) -> tuple[torch.Tensor, float]:
+    def merge_tensor(
+        self, params: BatchTiesParams, key: str, taus: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, float]:
         trimmed = [trim(t, tensor_threshold(t, params.density)) for t in taus]
         return disjoint_merge(trimmed, params.merge_func), params.scaling_factor
 
 
 class DareParams(MethodParams):
-    drop_rate: float = Field(0.9, ge=0.0, lt=1.0, description="p: share of task-vector entries dropped at random")
+    drop_rate: float = Field(
+        0.9, ge=0.0, lt=1.0, description="p: share of task-vector entries dropped at random"
+    )
     scaling_factor: float = Field(0.3, description="s in θ₀ + s·Σ rescaled τ_i")
-    seed: int = Field(0, description="random seed; masks depend only on (seed, tensor name, checkpoint index)")
+    seed: int = Field(
+        0, description="random seed; masks depend only on (seed, tensor name, checkpoint index)"
+    )
 
 
 class Dare:
     name: ClassVar[str] = "batch_dare"
-    summary: ClassVar[str] = "one-shot DARE: drop entries with prob p, rescale by 1/(1−p), then task arithmetic"
+    summary: ClassVar[str] = (
+        "one-shot DARE: drop entries with prob p, rescale by 1/(1−p), then task arithmetic"
+    )
     Params = DareParams
 
-    def merge_tensor(self, params: DareParams, key: str, taus: Sequence[torch.Tensor]) -> tuple[torch.Tensor, float]:
+    def merge_tensor(
+        self, params: DareParams, key: str, taus: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, float]:
         out = torch.zeros_like(taus[0])
         for i, t in enumerate(taus):
             g = torch.Generator().manual_seed(zlib.crc32(f"{params.seed}:{key}:{i}".encode()))
@@ -76,5 +95,7 @@ class Average:
     summary: ClassVar[str] = "one-shot weight averaging: mean of the checkpoints"
     Params = AverageParams
 
-    def merge_tensor(self, params: AverageParams, key: str, taus: Sequence[torch.Tensor]) -> tuple[torch.Tensor, float]:
+    def merge_tensor(
+        self, params: AverageParams, key: str, taus: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, float]:
         return torch.stack(list(taus)).mean(0), 1.0

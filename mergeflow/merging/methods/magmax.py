@@ -19,7 +19,9 @@ class MagMaxParams(MethodParams):
 
 class MagMax:
     name: ClassVar[str] = "magmax"
-    summary: ClassVar[str] = "MagMax: keep the largest-magnitude task vector per element, θ̄ = θ₀ + s·τ_max"
+    summary: ClassVar[str] = (
+        "MagMax: keep the largest-magnitude task vector per element, θ̄ = θ₀ + s·τ_max"
+    )
     Params = MagMaxParams
     prepare = staticmethod(no_prepare)
 
@@ -28,5 +30,7 @@ class MagMax:
             return s.tau.clone()
         return torch.where(s.tau.abs() >= s.prev.abs(), s.tau, s.prev)
 
-    def finish(self, params: MagMaxParams, scalars: dict[str, float], stats: FoldStats) -> tuple[dict[str, float], float]:
+    def finish(
+        self, params: MagMaxParams, scalars: dict[str, float], stats: FoldStats
+    ) -> tuple[dict[str, float], float]:
         return {}, params.scaling_factor

@@ -29,8 +29,15 @@ from mergeflow.merging.methods.base import FoldStats, MethodParams, TensorStep, 
 
 
 class OPCMParams(MethodParams):
-    alpha: float = Field(0.5, ge=0.0, lt=1.0, description="share of the singular-value mass of M protected from interference, in [0, 1)")
-    svd_dtype: Literal["float32", "float64"] = Field("float32", description="precision of the SVD and projection (float64 is slower, steadier)")
+    alpha: float = Field(
+        0.5,
+        ge=0.0,
+        lt=1.0,
+        description="share of the singular-value mass of M protected from interference, in [0, 1)",
+    )
+    svd_dtype: Literal["float32", "float64"] = Field(
+        "float32", description="precision of the SVD and projection (float64 is slower, steadier)"
+    )
 
 
 def split_rank(s: torch.Tensor, alpha: float) -> int:
@@ -39,7 +46,9 @@ def split_rank(s: torch.Tensor, alpha: float) -> int:
     return int(torch.argmax((share > alpha).to(torch.int8)).item())
 
 
-def project(x: torch.Tensor, m: torch.Tensor, alpha: float, svd_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def project(
+    x: torch.Tensor, m: torch.Tensor, alpha: float, svd_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Thin-SVD OPCM projection of ``x`` against ``m`` (see module docstring); ``m = 0`` returns ``x``."""
     out_dtype = x.dtype
     m = m.to(svd_dtype)
@@ -72,7 +81,9 @@ class OPCM:
         dt = torch.float64 if params.svd_dtype == "float64" else torch.float32
         return s.prev + project(s.tau, s.prev, params.alpha, dt).to(s.prev.dtype)
 
-    def finish(self, params: OPCMParams, scalars: dict[str, float], stats: FoldStats) -> tuple[dict[str, float], float]:
+    def finish(
+        self, params: OPCMParams, scalars: dict[str, float], stats: FoldStats
+    ) -> tuple[dict[str, float], float]:
         tv_norm_sum = scalars.get("tv_norm_sum", 0.0) + math.sqrt(stats.tau_sq_norm)
         mean_tv_norm = tv_norm_sum / stats.step
         merged_norm = math.sqrt(stats.state_sq_norm)

@@ -23,5 +23,7 @@ class TaskArithmetic:
     def fold_tensor(self, params: TaskArithmeticParams, s: TensorStep) -> torch.Tensor:
         return s.tau.clone() if s.prev is None else s.prev + s.tau
 
-    def finish(self, params: TaskArithmeticParams, scalars: dict[str, float], stats: FoldStats) -> tuple[dict[str, float], float]:
+    def finish(
+        self, params: TaskArithmeticParams, scalars: dict[str, float], stats: FoldStats
+    ) -> tuple[dict[str, float], float]:
         return {}, params.scaling_factor

@@ -22,9 +22,19 @@ from mergeflow.merging.sparsify import global_threshold, tensor_threshold, trim
 
 class TiesParams(MethodParams):
     scaling_factor: float = Field(0.5, description="s: weight of the merged task vector")
-    density: float = Field(0.2, gt=0.0, le=1.0, description="share of largest-magnitude entries of each task vector kept")
-    trim: Literal["per_tensor", "global"] = Field("per_tensor", description="top-k per tensor (streaming) or exact over the whole checkpoint (two extra passes)")
-    merge_func: Literal["sum", "mean", "max"] = Field("sum", description="how agreeing entries are combined")
+    density: float = Field(
+        0.2,
+        gt=0.0,
+        le=1.0,
+        description="share of largest-magnitude entries of each task vector kept",
+    )
+    trim: Literal["per_tensor", "global"] = Field(
+        "per_tensor",
+        description="top-k per tensor (streaming) or exact over the whole checkpoint (two extra passes)",
+    )
+    merge_func: Literal["sum", "mean", "max"] = Field(
+        "sum", description="how agreeing entries are combined"
+    )
 
 
 def disjoint_merge(vectors: list[torch.Tensor], merge_func: str) -> torch.Tensor:
@@ -43,7 +53,9 @@ def disjoint_merge(vectors: list[torch.Tensor], merge_func: str) -> torch.Tensor
 
 class Ties:
     name: ClassVar[str] = "ties"
-    summary: ClassVar[str] = "continual TIES: trim, elect sign with the running merge, disjoint merge"
+    summary: ClassVar[str] = (
+        "continual TIES: trim, elect sign with the running merge, disjoint merge"
+    )
     Params = TiesParams
 
     def prepare(self, params: TiesParams, taus: TauPass) -> dict[str, Any] | None:
@@ -52,11 +64,17 @@ class Ties:
         return None
 
     def fold_tensor(self, params: TiesParams, s: TensorStep) -> torch.Tensor:
-        thr = s.prepared["threshold"] if "threshold" in s.prepared else tensor_threshold(s.tau, params.density)
+        thr = (
+            s.prepared["threshold"]
+            if "threshold" in s.prepared
+            else tensor_threshold(s.tau, params.density)
+        )
         trimmed = trim(s.tau, thr)
         if s.prev is None:
             return trimmed
         return disjoint_merge([s.prev, trimmed], params.merge_func)
 
-    def finish(self, params: TiesParams, scalars: dict[str, float], stats: FoldStats) -> tuple[dict[str, float], float]:
+    def finish(
+        self, params: TiesParams, scalars: dict[str, float], stats: FoldStats
+    ) -> tuple[dict[str, float], float]:
         return {}, params.scaling_factor

@@ -24,5 +24,7 @@ class WeightAverage:
             return s.tau.clone()
         return ((s.step - 1) * s.prev + s.tau) / s.step
 
-    def finish(self, params: WeightAverageParams, scalars: dict[str, float], stats: FoldStats) -> tuple[dict[str, float], float]:
+    def finish(
+        self, params: WeightAverageParams, scalars: dict[str, float], stats: FoldStats
+    ) -> tuple[dict[str, float], float]:
         return {}, 1.0

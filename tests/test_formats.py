@@ -1,0 +1,179 @@
+"""Checkpoint formats: HF folders (single and sharded), AutoModel round trip, module-type projection, LoRA adapters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+def tiny_bert() -> torch.nn.Module:
+    cfg = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    return transformers.BertModel(cfg)
+
+
+def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    m = tiny_bert()
+    m.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return m
+
+
+@pytest.fixture
+def bert_dirs(tmp_path: Path) -> tuple[Path, list[Path]]:
+    base = tiny_bert()
+    bdir = tmp_path / "base"
+    base.save_pretrained(bdir)
+    cks = []
+    for i in range(2):
+        d = tmp_path / f"ft{i}"
+        perturbed(base, i).save_pretrained(d, max_shard_size="8KB" if i == 1 else "5GB")
+        cks.append(d)
+    assert (cks[1] / "model.safetensors.index.json").exists()
+    return bdir, cks
+
+
+def test_merged_hf_model_loads_with_automodel_and_projects_linear_modules(cli, bert_dirs, tmp_path):
+    bdir, cks = bert_dirs
+    out = tmp_path / "merged"
+    r = cli(
+        "merge", "--base", bdir, "--method", "opcm", "--max-shard-size", "10KB", "--out", out, *cks
+    )
+    assert r.returncode == 0, r.stderr
+    assert (out / "config.json").exists() and (out / "model.safetensors.index.json").exists()
+    model = transformers.AutoModel.from_pretrained(out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    stored = {}
+    for shard in set(index["weight_map"].values()):
+        stored.update(load_file(str(out / shard)))
+    sd = model.state_dict()
+    for k, v in stored.items():
+        assert torch.equal(sd[k], v), k
+    info = json.loads((out / "mergeflow.json").read_text())
+    assert (
+        info["projection"]["kind"] == "module-types"
+        and "BertModel" in info["projection"]["description"]
+    )
+    linear = {
+        f"{n}.weight" for n, m in tiny_bert().named_modules() if isinstance(m, torch.nn.Linear)
+    }
+    state = tmp_path / "state"
+    cli("state", "init", "--state", state, "--base", bdir, "--method", "opcm")
+    projected = set(
+        json.loads((state / "state.json").read_text())["info"]["projection"]["projected"]
+    )
+    assert projected == linear and not any("embeddings" in k for k in projected)
+
+
+def test_regex_override_is_recorded(cli, bert_dirs, tmp_path):
+    bdir, cks = bert_dirs
+    out = tmp_path / "merged"
+    assert (
+        cli(
+            "merge",
+            "--base",
+            bdir,
+            "--method",
+            "opcm",
+            "--project-regex",
+            r"attention\.self\.query",
+            "--out",
+            out,
+            *cks,
+        ).returncode
+        == 0
+    )
+    info = json.loads((out / "mergeflow.json").read_text())
+    assert info["projection"]["kind"] == "regex" and info["projection"]["count"] == 2
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_adapter_folds_like_its_densified_model(cli, bert_dirs, tmp_path, rslora):
+    bdir, cks = bert_dirs
+    base = transformers.AutoModel.from_pretrained(bdir)
+    lcfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value", "dense"], use_rslora=rslora
+    )
+    pm = peft.get_peft_model(base, lcfg)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    adir = tmp_path / "adapter"
+    pm.save_pretrained(adir)
+    assert (adir / "adapter_config.json").exists() and (adir / "adapter_model.safetensors").exists()
+    dense = pm.merge_and_unload()
+    ddir = tmp_path / "dense"
+    dense.save_pretrained(ddir)
+    a, d = tmp_path / "out_a", tmp_path / "out_d"
+    r = cli("merge", "--base", bdir, "--method", "opcm", "--out", a, cks[0], adir)
+    assert r.returncode == 0, r.stderr
+    assert (
+        cli("merge", "--base", bdir, "--method", "opcm", "--out", d, cks[0], ddir).returncode == 0
+    )
+    ta, td = load_file(str(a / "model.safetensors")), load_file(str(d / "model.safetensors"))
+    for k in td:
+        err = float((ta[k] - td[k]).norm() / max(float(td[k].norm()), 1e-12))
+        assert err < 1e-5, (k, err)
+
+
+def test_lora_adapter_targeting_unknown_module_is_refused(cli, bert_dirs, tmp_path):
+    from safetensors.torch import save_file
+
+    bdir, _ = bert_dirs
+    adir = tmp_path / "adapter"
+    adir.mkdir()
+    (adir / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4})
+    )
+    save_file(
+        {
+            "base_model.model.nowhere.lora_A.weight": torch.zeros(2, 16),
+            "base_model.model.nowhere.lora_B.weight": torch.zeros(16, 2),
+        },
+        str(adir / "adapter_model.safetensors"),
+    )
+    r = cli("merge", "--base", bdir, "--method", "opcm", "--out", tmp_path / "o", adir)
+    assert (
+        r.returncode == 2
+        and f"checkpoint {adir}: adapter targets nowhere.weight, which the base does not have"
+        in r.stderr
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_sharded_writer_round_trip_bf16(tmp_path):
+    from mergeflow.storage.checkpoints import open_checkpoint
+    from mergeflow.storage.safetensors_io import ShardedWriter
+    from mergeflow.storage.store import LocalStore, StoreSink
+
+    tensors = {f"t{i}": torch.randn(64, 8).to(torch.bfloat16) for i in range(5)} | {
+        "ids": torch.arange(7)
+    }
+    w = ShardedWriter(StoreSink(LocalStore(tmp_path / "m")), max_shard_size=2048)
+    for k, v in tensors.items():
+        w.add(k, v)
+    names = w.commit({"note": "x"})
+    assert len(names) == 3
+    ck = open_checkpoint(str(tmp_path / "m"))
+    assert ck.reader.keys() == list(tensors)
+    for k, v in tensors.items():
+        assert torch.equal(ck.reader.get(k), v)

@@ -1,0 +1,236 @@
+"""Tier 1: every method on a tiny model against its formula, written independently here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import finetune, tiny_state
+
+from mergeflow.errors import ConfigError, StateError
+from mergeflow.merging import engine
+from mergeflow.merging.io import DictReader, DictWriter
+from mergeflow.merging.methods import describe, get_method, method_names
+from mergeflow.merging.projection import by_name_rules
+from mergeflow.merging.sparsify import global_threshold
+from mergeflow.merging.state import BaseRef
+
+BASE = tiny_state(0)
+CKPTS = [finetune(BASE, i) for i in range(4)]
+FLOAT = [k for k, v in BASE.items() if v.is_floating_point()]
+TAUS = [{k: c[k] - BASE[k] for k in FLOAT} for c in CKPTS]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / max(float(b.double().norm()), 1e-30))
+
+
+def fold_all(method, params=None, ckpts=CKPTS):
+    br = DictReader(BASE, "base")
+    info = engine.new_state(
+        method,
+        params or {},
+        BaseRef(uri="b", digest="d"),
+        by_name_rules({k: br.meta(k) for k in br.keys()}),
+    )
+    state = None
+    for i, c in enumerate(ckpts):
+        w = DictWriter()
+        info = engine.fold(
+            info, state, br, DictReader(c, f"c{i}"), checkpoint_id=f"c{i}", digest=f"d{i}", out=w
+        )
+        state = w.reader()
+    out = DictWriter()
+    engine.export(info, state, br, out)
+    return out.tensors
+
+
+def batch(method, params=None):
+    out = DictWriter()
+    engine.batch_merge(method, params or {}, DictReader(BASE), [DictReader(c) for c in CKPTS], out)
+    return out.tensors
+
+
+def assert_formula(ours, expected):
+    for k in FLOAT:
+        assert rel(ours[k], expected[k]) <= 1e-4, k
+    assert torch.equal(ours["position_ids"], BASE["position_ids"])
+
+
+def test_continual_task_arithmetic():
+    assert_formula(
+        fold_all("task_arithmetic"), {k: BASE[k] + 0.3 * sum(t[k] for t in TAUS) for k in FLOAT}
+    )
+    assert_formula(
+        fold_all("task_arithmetic", {"scaling_factor": "0.7"}),
+        {k: BASE[k] + 0.7 * sum(t[k] for t in TAUS) for k in FLOAT},
+    )
+
+
+def test_continual_weight_average():
+    assert_formula(
+        fold_all("weight_average"), {k: sum(c[k] for c in CKPTS) / len(CKPTS) for k in FLOAT}
+    )
+
+
+def test_magmax_keeps_largest_magnitude_and_later_wins_ties():
+    expected = {}
+    for k in FLOAT:
+        best = TAUS[0][k].clone()
+        for t in TAUS[1:]:
+            best = torch.where(t[k].abs() >= best.abs(), t[k], best)
+        expected[k] = BASE[k] + 0.5 * best
+    assert_formula(fold_all("magmax"), expected)
+    tie = [dict(BASE), dict(BASE)]
+    tie[0]["layers.0.fc.bias"] = BASE["layers.0.fc.bias"] + 1.0
+    tie[1]["layers.0.fc.bias"] = BASE["layers.0.fc.bias"] - 1.0
+    out = fold_all("magmax", ckpts=tie)
+    assert torch.allclose(out["layers.0.fc.bias"], BASE["layers.0.fc.bias"] - 0.5)
+
+
+def _trim_ref(t: torch.Tensor, density: float) -> torch.Tensor:
+    k = math.ceil(density * t.numel())
+    thr = t.abs().reshape(-1).sort(descending=True).values[k - 1]
+    return t * (t.abs() >= thr)
+
+
+def test_continual_ties_without_double_counting():
+    expected = {}
+    for k in FLOAT:
+        run = _trim_ref(TAUS[0][k], 0.2)
+        for t in TAUS[1:]:
+            new = _trim_ref(t[k], 0.2)
+            sign = torch.sign(run + new)
+            run = run * ((torch.sign(run) == sign) & (run != 0)) + new * (
+                (torch.sign(new) == sign) & (new != 0)
+            )
+        expected[k] = BASE[k] + 0.5 * run
+    assert_formula(fold_all("ties"), expected)
+
+
+def test_ties_global_trim_uses_exact_global_top_k():
+    out = fold_all("ties", {"trim": "global", "density": 0.3}, ckpts=CKPTS[:1])
+    allv = torch.cat([TAUS[0][k].reshape(-1) for k in FLOAT])
+    kth = allv.abs().sort(descending=True).values[math.ceil(0.3 * allv.numel()) - 1]
+    for k in FLOAT:
+        assert torch.allclose(
+            out[k], BASE[k] + 0.5 * TAUS[0][k] * (TAUS[0][k].abs() >= kth), atol=1e-6
+        )
+
+
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 1.0])
+def test_global_threshold_is_exact(density):
+    g = torch.Generator().manual_seed(1)
+    ts = [torch.randn(50, 7, generator=g) * 10 ** (i - 1) for i in range(3)] + [
+        torch.full((30,), 0.5)
+    ]  # ties too
+    thr = global_threshold(lambda: iter([(str(i), t) for i, t in enumerate(ts)]), density)
+    allv = torch.cat([t.reshape(-1) for t in ts]).abs()
+    assert thr == float(allv.sort(descending=True).values[math.ceil(density * allv.numel()) - 1])
+
+
+def test_batch_task_arithmetic_and_average():
+    assert_formula(
+        batch("batch_task_arithmetic"), {k: BASE[k] + 0.3 * sum(t[k] for t in TAUS) for k in FLOAT}
+    )
+    assert_formula(
+        batch("batch_average"), {k: sum(c[k] for c in CKPTS) / len(CKPTS) for k in FLOAT}
+    )
+
+
+def test_batch_ties_disjoint_mean():
+    expected = {}
+    for k in FLOAT:
+        tr = torch.stack([_trim_ref(t[k], 0.2) for t in TAUS])
+        sign = torch.sign(tr.sum(0))
+        agree = (torch.sign(tr) == sign) & (tr != 0)
+        expected[k] = BASE[k] + (tr * agree).sum(0) / agree.sum(0).clamp(min=1)
+    assert_formula(batch("batch_ties"), expected)
+
+
+def test_dare_is_seeded_drops_and_rescales():
+    one = DictWriter()
+    engine.batch_merge(
+        "batch_dare",
+        {"drop_rate": 0.5, "scaling_factor": 1.0, "seed": 7},
+        DictReader(BASE),
+        [DictReader(CKPTS[0])],
+        one,
+    )
+    again = DictWriter()
+    engine.batch_merge(
+        "batch_dare",
+        {"drop_rate": 0.5, "scaling_factor": 1.0, "seed": 7},
+        DictReader(BASE),
+        [DictReader(CKPTS[0])],
+        again,
+    )
+    other = DictWriter()
+    engine.batch_merge(
+        "batch_dare",
+        {"drop_rate": 0.5, "scaling_factor": 1.0, "seed": 8},
+        DictReader(BASE),
+        [DictReader(CKPTS[0])],
+        other,
+    )
+    k = "embed.weight"
+    d = one.tensors[k] - BASE[k]
+    kept = d != 0
+    assert torch.equal(one.tensors[k], again.tensors[k]) and not torch.equal(
+        one.tensors[k], other.tensors[k]
+    )
+    assert 0.35 < float(kept.float().mean()) < 0.65
+    assert torch.allclose(d[kept], 2 * TAUS[0][k][kept], atol=1e-6)
+
+
+def test_every_method_listed_with_defaults():
+    rows = {r["name"]: r for r in describe()}
+    assert (
+        set(rows)
+        == set(method_names())
+        == {
+            "opcm",
+            "task_arithmetic",
+            "weight_average",
+            "magmax",
+            "ties",
+            "batch_task_arithmetic",
+            "batch_ties",
+            "batch_dare",
+            "batch_average",
+        }
+    )
+    assert {p["name"]: p["default"] for p in rows["opcm"]["params"]} == {
+        "alpha": 0.5,
+        "svd_dtype": "float32",
+    }
+    assert {p["name"]: p["default"] for p in rows["magmax"]["params"]} == {"scaling_factor": 0.5}
+
+
+def test_unknown_method_and_bad_params_are_refused():
+    with pytest.raises(ConfigError, match="unknown method 'nope'; known methods: opcm"):
+        get_method("nope")
+    br = DictReader(BASE)
+    rule = by_name_rules({k: br.meta(k) for k in br.keys()})
+    with pytest.raises(ConfigError, match="invalid parameters for method 'task_arithmetic': bogus"):
+        engine.new_state("task_arithmetic", {"bogus": 1}, BaseRef(uri="b", digest="d"), rule)
+    with pytest.raises(ConfigError, match="scaling_factor"):
+        engine.new_state("magmax", {"scaling_factor": "abc"}, BaseRef(uri="b", digest="d"), rule)
+    with pytest.raises(ConfigError, match="batch method"):
+        engine.new_state("batch_ties", {}, BaseRef(uri="b", digest="d"), rule)
+
+
+def test_folding_the_same_checkpoint_twice_is_refused_and_writes_nothing():
+    br = DictReader(BASE)
+    info = engine.new_state(
+        "opcm", {}, BaseRef(uri="b", digest="d"), by_name_rules({k: br.meta(k) for k in br.keys()})
+    )
+    w = DictWriter()
+    info = engine.fold(info, None, br, DictReader(CKPTS[0]), checkpoint_id="a", digest="x", out=w)
+    again = DictWriter()
+    with pytest.raises(StateError, match="already folded as step 1"):
+        engine.fold(
+            info, w.reader(), br, DictReader(CKPTS[0]), checkpoint_id="b", digest="x", out=again
+        )
+    assert not again.committed and again.tensors == {}

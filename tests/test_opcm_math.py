@@ -1,0 +1,176 @@
+"""Tier 1: OPCM math on tiny tensors against a float64 full-SVD reference written here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import finetune, tiny_state
+
+from mergeflow.errors import ConfigError
+from mergeflow.merging import engine
+from mergeflow.merging.io import DictReader, DictWriter
+from mergeflow.merging.methods.opcm import project, split_rank
+from mergeflow.merging.projection import by_name_rules
+from mergeflow.merging.state import BaseRef, FoldOptions
+
+
+def ref_project_full(x: torch.Tensor, m: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The paper's form: P = Uᵀ X V with full U, V; zero diag(P) and P[:r, :r]; return U P Vᵀ."""
+    u, s, vh = torch.linalg.svd(m.double(), full_matrices=True)
+    r = int(((s.cumsum(0) / s.sum()) > alpha).to(torch.int8).argmax())
+    p = u.T @ x.double() @ vh.T
+    p.diagonal().zero_()
+    p[:r, :r] = 0
+    return u @ p @ vh
+
+
+def ref_opcm(base, ckpts, alpha, projected):
+    """Float64 OPCM as in DESIGN.md §3: first checkpoint initialises, then project, add, rescale."""
+    b = {k: v.double() for k, v in base.items() if v.is_floating_point()}
+    taus = [{k: c[k].double() - b[k] for k in b} for c in ckpts]
+    merged = {k: b[k] + taus[0][k] for k in b}
+    lam = 1.0
+    norms = [math.sqrt(sum(float((t**2).sum()) for t in taus[0].values()))]
+    for tau in taus[1:]:
+        norms.append(math.sqrt(sum(float((t**2).sum()) for t in tau.values())))
+        mu = sum(norms) / len(norms)
+        s = {}
+        for k in b:
+            m = merged[k] - b[k]
+            x = tau[k]
+            if k in projected and bool(m.any()):
+                x = ref_project_full(x, m, alpha)
+            s[k] = lam * m + x
+        n = math.sqrt(sum(float((v**2).sum()) for v in s.values()))
+        merged = {k: b[k] + s[k] * (mu / n) for k in b}
+        lam = n / mu
+    return merged
+
+
+def run_engine(base, ckpts, params=None, options=None, rule=None, dtype=None):
+    br = DictReader(base, "base")
+    rule = rule or by_name_rules({k: br.meta(k) for k in br.keys()})
+    info = engine.new_state("opcm", params or {}, BaseRef(uri="base", digest="d"), rule, options)
+    state = None
+    for i, c in enumerate(ckpts):
+        w = DictWriter()
+        info = engine.fold(
+            info, state, br, DictReader(c, f"c{i}"), checkpoint_id=f"c{i}", digest=f"d{i}", out=w
+        )
+        state = w.reader()
+    out = DictWriter()
+    engine.export(info, state, br, out, dtype=dtype)
+    return out.tensors, info
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (5, 7), (6, 6), (40, 3), (3, 40)])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 0.9])
+def test_thin_svd_projection_matches_full_svd(shape, alpha):
+    g = torch.Generator().manual_seed(hash((shape, alpha)) % 2**31)
+    m = torch.randn(shape, generator=g, dtype=torch.float64)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    ours = project(x, m, alpha, torch.float64)
+    ref = ref_project_full(x, m, alpha)
+    assert torch.allclose(ours, ref, atol=1e-10, rtol=0), (ours - ref).abs().max()
+
+
+def test_projection_of_rank_deficient_matrix_matches_full_svd():
+    g = torch.Generator().manual_seed(3)
+    m = torch.randn(9, 2, generator=g, dtype=torch.float64) @ torch.randn(
+        2, 6, generator=g, dtype=torch.float64
+    )
+    m += 1e-3 * torch.randn(
+        9, 6, generator=g, dtype=torch.float64
+    )  # separated small singular values
+    x = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    assert torch.allclose(project(x, m, 0.5, torch.float64), ref_project_full(x, m, 0.5), atol=1e-9)
+
+
+def test_split_rank_is_first_index_over_alpha():
+    s = torch.tensor([4.0, 3.0, 2.0, 1.0])  # shares .4 .7 .9 1.0
+    assert [split_rank(s, a) for a in (0.0, 0.39, 0.4, 0.5, 0.7, 0.95)] == [0, 0, 1, 1, 2, 3]
+
+
+def test_zero_previous_update_skips_projection():
+    x = torch.randn(4, 3)
+    assert torch.equal(project(x, torch.zeros(4, 3), 0.5), x)
+
+
+@pytest.mark.parametrize("compute", ["float32", "float64"])
+def test_streaming_opcm_matches_float64_reference(compute):
+    base = tiny_state(0)
+    ckpts = [finetune(base, i) for i in range(5)]
+    params = {"alpha": 0.5, "svd_dtype": compute}
+    ours, info = run_engine(base, ckpts, params, FoldOptions(compute_dtype=compute), dtype=compute)
+    br = DictReader(base)
+    projected = set(by_name_rules({k: br.meta(k) for k in br.keys()}).projected)
+    assert projected == {
+        "layers.0.fc.weight",
+        "layers.0.out.weight",
+        "layers.1.fc.weight",
+        "layers.1.out.weight",
+    }
+    ref = ref_opcm(base, ckpts, 0.5, projected)
+    tol = 1e-10 if compute == "float64" else 1e-4
+    for k, r in ref.items():
+        err = float((ours[k].double() - r).norm() / (r - base[k].double()).norm())
+        assert err < tol, (k, err)
+    assert torch.equal(ours["position_ids"], base["position_ids"])
+    assert info.step == 5 and math.isclose(
+        info.scalars["lambda"] * info.coefficient, 1.0, rel_tol=1e-12
+    )
+
+
+def test_frozen_layer_with_zero_update_is_not_projected_and_stays_finite():
+    base = tiny_state(0)
+    ckpts = [finetune(base, i) for i in range(3)]
+    ckpts[0]["layers.1.out.weight"] = base[
+        "layers.1.out.weight"
+    ].clone()  # frozen in the first fine-tune
+    ours, _ = run_engine(
+        base, ckpts, {"svd_dtype": "float64"}, FoldOptions(compute_dtype="float64"), dtype="float64"
+    )
+    assert all(bool(torch.isfinite(v).all()) for v in ours.values())
+    br = DictReader(base)
+    ref = ref_opcm(
+        base, ckpts, 0.5, set(by_name_rules({k: br.meta(k) for k in br.keys()}).projected)
+    )
+    assert torch.allclose(
+        ours["layers.1.out.weight"].double(), ref["layers.1.out.weight"], atol=1e-10
+    )
+
+
+def test_all_zero_task_vectors_give_the_base_not_nan():
+    base = tiny_state(0)
+    ours, info = run_engine(base, [dict(base), dict(base), dict(base)])
+    assert info.coefficient == 1.0
+    for k in base:
+        assert torch.equal(ours[k], base[k])
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.5, -0.1])
+def test_alpha_outside_unit_interval_is_refused(alpha):
+    br = DictReader(tiny_state(0))
+    with pytest.raises(ConfigError, match="alpha"):
+        engine.new_state(
+            "opcm",
+            {"alpha": alpha},
+            BaseRef(uri="b", digest="d"),
+            by_name_rules({k: br.meta(k) for k in br.keys()}),
+        )
+
+
+def test_bf16_inputs_are_upcast_and_output_follows_base_dtype():
+    base = tiny_state(0, torch.bfloat16)
+    ckpts = [finetune(base, i) for i in range(3)]
+    ours, _ = run_engine(base, ckpts)
+    assert ours["layers.0.fc.weight"].dtype == torch.bfloat16
+    ref32, _ = run_engine(
+        {k: (v.float() if v.is_floating_point() else v) for k, v in base.items()},
+        [{k: (v.float() if v.is_floating_point() else v) for k, v in c.items()} for c in ckpts],
+    )
+    for k in ref32:
+        if ref32[k].is_floating_point():
+            assert torch.allclose(ours[k].float(), ref32[k].bfloat16().float(), atol=0, rtol=0), k
