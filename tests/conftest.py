@@ -19,6 +19,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Real local servers (SeaweedFS S3; Prefect + MLflow + S3 stack), started once per session when used.
+pytest_plugins = ["fixtures_s3", "fixtures_stack"]
+
 
 def tiny_state(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """A small model: non-square linears with biases, an embedding, a norm and an int buffer."""

@@ -92,14 +92,15 @@ def _finite(t: torch.Tensor, source: str, key: str) -> None:
 
 
 def _task_vector(
-    base: TensorReader,
     checkpoint: TensorReader,
+    present: set[str],
     key: str,
     b: torch.Tensor,
     dev: torch.device,
     cdt: torch.dtype,
 ) -> torch.Tensor:
-    if key not in checkpoint.keys():
+    """τ = θ_t − θ₀ for one tensor; a tensor absent from the checkpoint (allowed by options) is zero."""
+    if key not in present:
         return torch.zeros_like(b)
     c = checkpoint.get(key).to(dev, cdt)
     _finite(c, checkpoint.source, key)
@@ -162,13 +163,14 @@ def fold(
     dev = resolve_device(device)
     cdt = DTYPES[info.options.compute_dtype]
     heads = check_compatible(base, checkpoint, info.options)
+    present = set(checkpoint.keys())
     keys = merged_keys(base)
     step = info.step + 1
 
     def taus() -> Iterator[tuple[str, torch.Tensor]]:
         for k in keys:
             b = base.get(k).to(dev, cdt)
-            yield k, _task_vector(base, checkpoint, k, b, dev, cdt)
+            yield k, _task_vector(checkpoint, present, k, b, dev, cdt)
 
     writers = [w for w in (out, heads_out) if w is not None]
     try:
@@ -185,7 +187,7 @@ def fold(
         ):
             b = base.get(k).to(dev, cdt)
             _finite(b, base.source, k)
-            tau = _task_vector(base, checkpoint, k, b, dev, cdt)
+            tau = _task_vector(checkpoint, present, k, b, dev, cdt)
             prev = state.get(k).to(dev, cdt) if state is not None else None
             new = cm.fold_tensor(
                 params, TensorStep(k, step, prev, tau, info.projection.is_projected(k), prepared)
@@ -313,6 +315,7 @@ def batch_merge(
     dev = resolve_device(device)
     cdt = DTYPES[opts.compute_dtype]
     merged = set(merged_keys(base))
+    presents = [set(c.keys()) for c in checkpoints]
     try:
         for k in tqdm(
             base.keys(),
@@ -328,7 +331,7 @@ def batch_merge(
                 continue
             bc = b.to(dev, cdt)
             _finite(bc, base.source, k)
-            taus = [_task_vector(base, c, k, bc, dev, cdt) for c in checkpoints]
+            taus = [_task_vector(c, p_, k, bc, dev, cdt) for c, p_ in zip(checkpoints, presents, strict=True)]
             d, coef = bm.merge_tensor(p, k, taus)
             out.add(k, (bc + coef * d).to(_out_dtype(b, dtype)).cpu())
         meta = {

@@ -1,0 +1,384 @@
+"""S3 object store and byte source (boto3), for any S3 API server.
+
+Credentials come from boto3's standard chain (``AWS_ACCESS_KEY_ID``, profiles, …);
+the endpoint from an explicit argument, ``MERGEFLOW_S3_ENDPOINT_URL``, or boto3's own
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``. Path-style addressing, botocore's
+``standard`` retry mode. Reads are ranged GETs: :class:`S3Object` reads a safetensors
+header with one GET of the first bytes and each tensor with one GET of its range,
+never the whole object. Uploads above ``multipart_threshold`` use multipart upload.
+Errors a user can fix (no such bucket, access denied, endpoint unreachable) become
+:class:`~mergeflow.errors.ConfigError`; a missing or short object read as part of a
+checkpoint becomes :class:`~mergeflow.errors.CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mergeflow.errors import CheckpointError, ConfigError
+from mergeflow.storage.store import ObjectInfo
+
+MiB = 1 << 20
+
+
+class S3Settings(BaseSettings):
+    """S3 client settings; every field reads ``MERGEFLOW_S3_<FIELD>`` from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="MERGEFLOW_S3_", frozen=True)
+
+    endpoint_url: str | None = None
+    """None: boto3 decides (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, or AWS itself)."""
+    region: str | None = None
+    """None: boto3's region (AWS_DEFAULT_REGION, AWS_REGION, profile), else us-east-1."""
+    addressing_style: str = "path"
+    max_attempts: int = 5
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    multipart_threshold: int = 8 * MiB
+    multipart_chunksize: int = 8 * MiB
+    max_concurrency: int = 4
+
+
+def s3_settings() -> S3Settings:
+    """Current settings from the environment (read on each call: cheap, and tests change env)."""
+    return S3Settings()
+
+
+_ENV_KEYS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
+_clients: dict[tuple[Any, ...], Any] = {}
+_clients_lock = threading.Lock()
+
+
+def make_s3_client(endpoint_url: str | None = None, settings: S3Settings | None = None) -> Any:
+    """A new boto3 S3 client (thread-safe; reuse it). See the module doc for where settings come from."""
+    import boto3
+
+    st = settings or s3_settings()
+    session = boto3.session.Session()
+    region = st.region or session.region_name or "us-east-1"
+    config = Config(
+        s3={"addressing_style": st.addressing_style},
+        retries={"mode": "standard", "max_attempts": st.max_attempts},
+        connect_timeout=st.connect_timeout,
+        read_timeout=st.read_timeout,
+        signature_version="s3v4",
+        max_pool_connections=max(10, st.max_concurrency * 2),
+    )
+    return session.client(
+        "s3", endpoint_url=endpoint_url or st.endpoint_url, region_name=region, config=config
+    )
+
+
+def shared_s3_client(endpoint_url: str | None = None, settings: S3Settings | None = None) -> Any:
+    """A cached client per (endpoint, settings, AWS environment)."""
+    st = settings or s3_settings()
+    key = (endpoint_url, st, tuple(os.environ.get(k) for k in _ENV_KEYS))
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = make_s3_client(endpoint_url, st)
+    return client
+
+
+def _endpoint(client: Any) -> str:
+    return str(getattr(client.meta, "endpoint_url", "") or "AWS")
+
+
+def _code(e: ClientError) -> str:
+    err = e.response.get("Error", {})
+    return str(err.get("Code") or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+
+
+_DENIED = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "403",
+    "Forbidden",
+    "ExpiredToken",
+    "InvalidToken",
+}
+_MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
+
+
+@contextmanager
+def s3_errors(client: Any, bucket: str, what: str, key: str | None = None) -> Iterator[None]:
+    """Translate boto errors into mergeflow errors with the endpoint, bucket and action named.
+
+    A missing key is re-raised as ``FileNotFoundError`` (as a local store does); callers
+    that read checkpoints turn it into :class:`CheckpointError`.
+    """
+    where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+    try:
+        yield
+    except ClientError as e:
+        code = _code(e)
+        if code == "NoSuchBucket":
+            raise ConfigError(
+                f"S3 bucket {bucket!r} does not exist at {_endpoint(client)} ({what} {where})"
+            ) from None
+        if code in _DENIED:
+            raise ConfigError(
+                f"S3 access denied at {_endpoint(client)} ({what} {where}: {code}); "
+                "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket policy"
+            ) from None
+        if code in _MISSING_KEY:
+            raise FileNotFoundError(f"{where} does not exist") from None
+        raise ConfigError(
+            f"S3 error at {_endpoint(client)} ({what} {where}): {code}: {e}"
+        ) from None
+    except (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError) as e:
+        raise ConfigError(
+            f"cannot reach the S3 endpoint {_endpoint(client)} ({what} {where}): {e}; "
+            "check AWS_ENDPOINT_URL_S3 / MERGEFLOW_S3_ENDPOINT_URL and that the server runs"
+        ) from None
+    except (NoCredentialsError, PartialCredentialsError) as e:
+        raise ConfigError(
+            f"no S3 credentials for {where}: {e}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        ) from None
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix")``."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ConfigError(f"not an S3 URI: {uri!r} (expected s3://bucket/prefix)")
+    return parsed.netloc, parsed.path.strip("/")
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+class S3Object:
+    """A :class:`~mergeflow.storage.safetensors_io.ByteSource` over one S3 object, read by ranges.
+
+    ``size()`` costs one HEAD (cached), each ``read``/``read_prefix`` one ranged GET.
+    After the HEAD, reads pin the object's ETag (``IfMatch``) so a concurrent overwrite
+    fails loudly instead of mixing two versions.
+    """
+
+    def __init__(
+        self, client: Any, bucket: str, key: str, size: int | None = None, etag: str | None = None
+    ) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.key = key
+        self.name = f"s3://{bucket}/{key}"
+        self._size = size
+        self._etag = etag
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            with s3_errors(self.client, self.bucket, what, self.key):
+                yield
+        except FileNotFoundError:
+            raise CheckpointError(self.name, "object does not exist") from None
+        except ConfigError as e:
+            if "PreconditionFailed" in str(e):
+                raise CheckpointError(self.name, "object changed while it was being read") from None
+            raise
+
+    def size(self) -> int:
+        if self._size is None:
+            with self._errors("HEAD"):
+                head = self.client.head_object(Bucket=self.bucket, Key=self.key)
+            self._size = int(head["ContentLength"])
+            self._etag = head.get("ETag")
+        return self._size
+
+    def _get(self, first: int, last: int) -> bytes:
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self.key,
+            "Range": f"bytes={first}-{last}",
+        }
+        if self._etag:
+            kwargs["IfMatch"] = self._etag
+        with self._errors("GET"):
+            resp = self.client.get_object(**kwargs)
+            return resp["Body"].read()
+
+    def read(self, offset: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must be non-negative")
+        data = self._get(offset, offset + length - 1)
+        if len(data) != length:
+            raise CheckpointError(
+                self.name, f"truncated: wanted {length} bytes at offset {offset}, got {len(data)}"
+            )
+        return data
+
+    def read_prefix(self, length: int) -> bytes:
+        """Up to ``length`` first bytes in one GET (fewer if the object is shorter)."""
+        if length <= 0:
+            return b""
+        return self._get(0, length - 1)
+
+    def close(self) -> None:
+        """Nothing to release (the client is shared)."""
+
+
+class S3Store:
+    """An :class:`~mergeflow.storage.store.ObjectStore` rooted at ``s3://bucket/prefix``."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        client: Any | None = None,
+        endpoint_url: str | None = None,
+        settings: S3Settings | None = None,
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.settings = settings or s3_settings()
+        self.client = (
+            client if client is not None else shared_s3_client(endpoint_url, self.settings)
+        )
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+
+    @classmethod
+    def from_uri(
+        cls, uri: str, *, client: Any | None = None, endpoint_url: str | None = None
+    ) -> S3Store:
+        bucket, prefix = parse_s3_uri(uri)
+        return cls(bucket, prefix, client=client, endpoint_url=endpoint_url)
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.uri!r}, endpoint={_endpoint(self.client)!r})"
+
+    def _key(self, relpath: str) -> str:
+        if relpath.startswith("/") or any(part in ("..", ".") for part in relpath.split("/")):
+            raise ConfigError(f"path {relpath!r} is not a clean relative path under {self.uri}")
+        return _join(self.prefix, relpath)
+
+    def _errors(self, what: str, relpath: str = "") -> Any:
+        return s3_errors(self.client, self.bucket, what, self._key(relpath) or None)
+
+    def child(self, relpath: str) -> S3Store:
+        return S3Store(self.bucket, self._key(relpath), client=self.client, settings=self.settings)
+
+    def byte_source(self, relpath: str) -> S3Object:
+        return S3Object(self.client, self.bucket, self._key(relpath))
+
+    def read_bytes(self, relpath: str) -> bytes:
+        with self._errors("GET", relpath):
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(relpath))["Body"].read()
+
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        with self._errors("PUT", relpath):
+            self.client.put_object(Bucket=self.bucket, Key=self._key(relpath), Body=data)
+
+    def transfer_config(self) -> TransferConfig:
+        st = self.settings
+        return TransferConfig(
+            multipart_threshold=st.multipart_threshold,
+            multipart_chunksize=st.multipart_chunksize,
+            max_concurrency=st.max_concurrency,
+        )
+
+    def put_file(self, local_path: Path, relpath: str) -> None:
+        """Upload a file; multipart above ``multipart_threshold`` (S3 makes it visible atomically)."""
+        if not Path(local_path).is_file():
+            raise FileNotFoundError(local_path)
+        with self._errors("upload", relpath):
+            try:
+                self.client.upload_file(
+                    str(local_path), self.bucket, self._key(relpath), Config=self.transfer_config()
+                )
+            except Exception as e:  # S3UploadFailedError wraps the ClientError as text
+                cause = e.__cause__ or e.__context__
+                if isinstance(cause, ClientError | EndpointConnectionError | NoCredentialsError):
+                    raise cause from None
+                if "NoSuchBucket" in str(e):
+                    raise ConfigError(
+                        f"S3 bucket {self.bucket!r} does not exist at {_endpoint(self.client)} (upload {self.uri}/{relpath})"
+                    ) from None
+                raise
+
+    def exists(self, relpath: str) -> bool:
+        try:
+            with self._errors("HEAD", relpath):
+                self.client.head_object(Bucket=self.bucket, Key=self._key(relpath))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _list_prefix(self, relprefix: str) -> str:
+        key = self._key(relprefix.strip("/")) if relprefix.strip("/") else self.prefix
+        return key
+
+    def list(self, relprefix: str = "") -> list[ObjectInfo]:
+        """Objects under ``relprefix`` (a folder, or one object), sorted by relative path."""
+        base = self._list_prefix(relprefix)
+        out: list[ObjectInfo] = []
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        with self._errors("LIST", relprefix):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=base):
+                for obj in page.get("Contents", []):
+                    key: str = obj["Key"]
+                    # Prefix "a" must not match "ab/..": keep the object itself or keys below "a/".
+                    if base and key != base and not key.startswith(base + "/"):
+                        continue
+                    if key.endswith("/"):  # folder markers some tools create
+                        continue
+                    out.append(
+                        ObjectInfo(
+                            key[strip:],
+                            int(obj["Size"]),
+                            str(obj.get("ETag", "")).strip('"'),
+                            obj["LastModified"].timestamp(),
+                        )
+                    )
+        out.sort(key=lambda o: o.relpath)
+        return out
+
+    def delete_prefix(self, relprefix: str = "") -> None:
+        keys = [_join(self.prefix, o.relpath) for o in self.list(relprefix)]
+        with self._errors("DELETE", relprefix):
+            for i in range(0, len(keys), 1000):
+                batch = keys[i : i + 1000]
+                resp = self.client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                )
+                errors = resp.get("Errors") or []
+                if errors:
+                    raise ConfigError(
+                        f"S3 delete under {self.uri}/{relprefix} failed for {len(errors)} objects, e.g. {errors[0]}"
+                    )

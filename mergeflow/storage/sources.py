@@ -1,0 +1,233 @@
+"""Checkpoint sources: where a lineage watches for newly published checkpoints.
+
+A :class:`Source` lists the COMPLETE checkpoints it holds, in publication order, each
+with a stable id and a content digest. The watch flow compares that list with what
+the lineage has folded or rejected.
+
+:class:`StoreSource` watches a folder of an :class:`~mergeflow.storage.store.ObjectStore`
+(a local folder or an ``s3://`` prefix). Each immediate sub-folder is one checkpoint
+(id = folder name), and so is each top-level ``*.safetensors`` file (id = file name).
+A checkpoint counts only when it is complete:
+
+- ``model.safetensors.index.json`` whose every listed shard exists and is whole, or
+- ``model.safetensors`` that is whole, or
+- a PEFT adapter: ``adapter_config.json`` + a whole ``adapter_model.safetensors``, or
+- a top-level ``*.safetensors`` file that is whole.
+
+"Whole" means the safetensors header parses and the object size equals
+``8 + header_len + largest data end offset``. Anything else (index without all its
+shards, a short shard, a header still being written) is skipped silently and shows
+up once complete. Publication order is the latest mtime among the weight files and
+index (the object that completed it), ties broken by id. The digest is
+``sha256:`` + sha256 over sorted ``relpath size etag`` lines of the weight, index
+and config files: on S3 the etag is content-derived, on a local folder it is
+size + mtime, so a local digest changes when a file is rewritten.
+
+:func:`source_from_uri` is the one explicit dispatch point for URIs; ``hf://``
+(storage.hub) and ``mlflow://`` (storage.registry) are imported on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+from datetime import datetime, timezone
+from typing import Protocol, runtime_checkable
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict
+
+from mergeflow.errors import CheckpointError, ConfigError
+from mergeflow.storage.safetensors_io import MAX_HEADER_BYTES, parse_header
+from mergeflow.storage.store import LocalStore, ObjectInfo, ObjectStore
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILES = ("config.json", "generation_config.json", ADAPTER_CONFIG)
+HEADER_PROBE_BYTES = 256 * 1024
+"""First GET when checking a header; a second GET fetches the rest of a larger header."""
+
+
+class PublishedCheckpoint(BaseModel):
+    """One complete checkpoint as a source sees it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    """Stable within the source (folder or file name); used in event resource ids."""
+    uri: str
+    """What :func:`mergeflow.storage.checkpoints.open_checkpoint` opens."""
+    digest: str
+    """``sha256:<hex>`` over the checkpoint's files; changes when any of them changes."""
+    published_at: datetime
+    """When it became complete (UTC)."""
+
+
+@runtime_checkable
+class Source(Protocol):
+    """Lists complete checkpoints, oldest publication first."""
+
+    uri: str
+
+    def list(self) -> list[PublishedCheckpoint]: ...
+
+
+def safetensors_whole(store: ObjectStore, info: ObjectInfo) -> bool:
+    """True when the object's header parses and its size is exactly header + data.
+
+    Costs one ranged GET (two for headers over 256 KiB). Never raises for a partial
+    or corrupt file: that is an incomplete checkpoint, not an error.
+    """
+    size = info.size
+    if size < 8:
+        return False
+    src = store.byte_source(info.relpath)
+    try:
+        prefix = src.read(0, min(size, HEADER_PROBE_BYTES))
+        (n,) = struct.unpack("<Q", prefix[:8])
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            return False
+        if len(prefix) < 8 + n:
+            prefix = prefix[:8] + src.read(8, n)
+        start, _, ranges, _ = parse_header(prefix, size, info.relpath)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        log.debug("not a whole safetensors file (yet): %s: %s", info.relpath, e)
+        return False
+    finally:
+        close = getattr(src, "close", None)
+        if close:
+            close()
+    end = max((e for _, e in ranges.values()), default=0)
+    return size == start + end
+
+
+def _digest(files: list[ObjectInfo], folder: str) -> str:
+    cut = len(folder) + 1 if folder else 0
+    lines = sorted(f"{f.relpath[cut:]}\t{f.size}\t{f.etag}" for f in files)
+    return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+class StoreSource:
+    """Watches a folder of an object store (local or S3); see the module doc for the rules.
+
+    Header checks are cached per (path, size, etag), so repeated ``list()`` calls on
+    an unchanged source cost one LIST and no GETs.
+    """
+
+    def __init__(self, store: ObjectStore, uri_prefix: str | None = None) -> None:
+        self.store = store
+        self.uri = (uri_prefix or store.uri).rstrip("/")
+        self._whole: dict[tuple[str, int, str], bool] = {}
+        self._index: dict[tuple[str, int, str], list[str] | None] = {}
+
+    def __repr__(self) -> str:
+        return f"StoreSource({self.uri!r})"
+
+    def _is_whole(self, info: ObjectInfo) -> bool:
+        key = (info.relpath, info.size, info.etag)
+        if key not in self._whole:
+            self._whole[key] = safetensors_whole(self.store, info)
+        return self._whole[key]
+
+    def _shards(self, info: ObjectInfo) -> list[str] | None:
+        """Shard file names listed by an index, or None if it is not a valid index (yet)."""
+        key = (info.relpath, info.size, info.etag)
+        if key not in self._index:
+            try:
+                doc = json.loads(self.store.read_bytes(info.relpath))
+                wm = doc["weight_map"]
+                ok = isinstance(wm, dict) and wm and all(isinstance(v, str) for v in wm.values())
+                shards = sorted(set(wm.values())) if ok else None
+            except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+                log.debug("index not readable (yet): %s: %s", info.relpath, e)
+                shards = None
+            self._index[key] = shards
+        return self._index[key]
+
+    def _folder_checkpoint(
+        self, folder: str, files: dict[str, ObjectInfo]
+    ) -> PublishedCheckpoint | None:
+        """``files`` maps names directly inside ``folder`` to their info."""
+        weights: list[ObjectInfo]
+        if INDEX_FILE in files:
+            shards = self._shards(files[INDEX_FILE])
+            if shards is None or any(s not in files for s in shards):
+                return None
+            weights = [files[s] for s in shards]
+            completing = [*weights, files[INDEX_FILE]]
+        elif SINGLE_FILE in files:
+            weights = [files[SINGLE_FILE]]
+            completing = weights
+        elif ADAPTER_CONFIG in files and ADAPTER_FILE in files:
+            weights = [files[ADAPTER_FILE]]
+            completing = [*weights, files[ADAPTER_CONFIG]]
+        else:
+            return None
+        if not all(self._is_whole(w) for w in weights):
+            return None
+        configs = [files[c] for c in CONFIG_FILES if c in files]
+        members = {f.relpath: f for f in [*completing, *configs]}
+        return PublishedCheckpoint(
+            id=folder,
+            uri=f"{self.uri}/{folder}",
+            digest=_digest(list(members.values()), folder),
+            published_at=datetime.fromtimestamp(max(f.mtime for f in completing), tz=timezone.utc),
+        )
+
+    def _file_checkpoint(self, info: ObjectInfo) -> PublishedCheckpoint | None:
+        if not self._is_whole(info):
+            return None
+        return PublishedCheckpoint(
+            id=info.relpath,
+            uri=f"{self.uri}/{info.relpath}",
+            digest=_digest([info], ""),
+            published_at=datetime.fromtimestamp(info.mtime, tz=timezone.utc),
+        )
+
+    def list(self) -> list[PublishedCheckpoint]:
+        """Complete checkpoints in publication order (completion mtime, then id)."""
+        folders: dict[str, dict[str, ObjectInfo]] = {}
+        out: list[PublishedCheckpoint] = []
+        for info in self.store.list(""):
+            parts = info.relpath.split("/")
+            if any(p.startswith(".") for p in parts):  # hidden files, temp uploads
+                continue
+            if len(parts) == 1:
+                if parts[0].endswith(".safetensors"):
+                    ckpt = self._file_checkpoint(info)
+                    if ckpt is not None:
+                        out.append(ckpt)
+            elif len(parts) == 2:
+                folders.setdefault(parts[0], {})[parts[1]] = info
+        for folder, files in folders.items():
+            ckpt = self._folder_checkpoint(folder, files)
+            if ckpt is not None:
+                out.append(ckpt)
+        out.sort(key=lambda c: (c.published_at, c.id))
+        return out
+
+
+def source_from_uri(uri: str) -> Source:
+    """Open a checkpoint source: a local folder, ``file://``, ``s3://bucket/prefix``, ``hf://…`` or ``mlflow://models/NAME``."""
+    scheme = urlparse(uri).scheme
+    if scheme in ("", "file"):
+        return StoreSource(LocalStore(urlparse(uri).path if scheme == "file" else uri))
+    if scheme == "s3":
+        from mergeflow.storage.s3 import S3Store  # boto3 is a pipeline extra
+
+        return StoreSource(S3Store.from_uri(uri))
+    if scheme == "hf":
+        from mergeflow.storage.hub import HubSource
+
+        return HubSource.from_uri(uri)
+    if scheme == "mlflow":
+        from mergeflow.storage.registry import MlflowSource
+
+        return MlflowSource.from_uri(uri)
+    raise ConfigError(f"unsupported checkpoint source {uri!r}: use a local path, file://, s3://, hf:// or mlflow://")

@@ -1,0 +1,275 @@
+"""`mergeflow up` / `status` / `down` on real servers in a temp home.
+
+One test walks the whole life cycle (each `up` costs ~20 s on 2 cores): data written
+before `down` (an S3 object, an MLflow run with an S3 artifact, a Prefect flow) is there
+after the next `up`, an extra managed process (and its child) dies with `down`, and
+`down` twice is fine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from mergeflow.cli import main
+from mergeflow.services import objectstore
+from mergeflow.services.process import http_ok, pid_alive, read_records
+from mergeflow.services.stack import Stack, StackError
+from mergeflow.settings import Settings
+
+if TYPE_CHECKING:
+    from fixtures_stack import RunningStack
+
+pytest_plugins = ["fixtures_stack"]
+
+
+@pytest.fixture
+def stack_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, free_stack_ports: dict[str, int]
+) -> Settings:
+    """A temp home on free ports, given to the CLI through MERGEFLOW_* variables."""
+    for key in list(os.environ):
+        if key.startswith("MERGEFLOW_"):
+            monkeypatch.delenv(key)
+    ports = free_stack_ports
+    values = {
+        "HOME": str(tmp_path / "home"),
+        "S3_PORT": str(ports["s3_port"]),
+        "PREFECT_PORT": str(ports["prefect_port"]),
+        "MLFLOW_PORT": str(ports["mlflow_port"]),
+        "HEALTH_TIMEOUT_S": "240",
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(f"MERGEFLOW_{key}", value)
+    return Settings()
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def _get_json(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310
+        return json.loads(response.read())
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_up_status_down_keeps_data(
+    stack_home: Settings, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    settings = stack_home
+    stack = Stack(settings)
+    try:
+        code, out = _cli(capsys, "up")
+        assert code == 0, out
+        assert f"Prefect UI:  {settings.prefect_ui_url}" in out
+        assert f"MLflow UI:   {settings.mlflow_url}" in out
+
+        code, out = _cli(capsys, "status")
+        assert code == 0, out
+        assert out.count("healthy") == 3, out
+        code, out = _cli(capsys, "status", "--json")
+        assert {s["name"]: s["healthy"] for s in json.loads(out)} == {
+            "s3": True,
+            "prefect": True,
+            "mlflow": True,
+        }
+        assert _get_json(f"{settings.prefect_api_url}/health") is True
+        code, out = _cli(capsys, "status", "--env")
+        assert f"export PREFECT_API_URL={settings.prefect_api_url}" in out
+        assert f"export MLFLOW_TRACKING_URI={settings.mlflow_url}" in out
+
+        env = stack.env()
+        s3 = _s3(env)
+        s3.put_object(Bucket=settings.bucket, Key="persist/hello.txt", Body=b"still here")
+        run_id = _log_mlflow_run(env["MLFLOW_TRACKING_URI"], tmp_path)
+        # The MLflow artifact went through the server's proxy onto the object store.
+        keys = [
+            o["Key"]
+            for o in s3.list_objects_v2(Bucket=settings.bucket, Prefix="mlartifacts/").get(
+                "Contents", []
+            )
+        ]
+        assert any(k.endswith(f"{run_id}/artifacts/notes/lineage.txt") for k in keys), keys
+        flow_id = _prefect_create_flow(settings.prefect_api_url)
+
+        # An extra managed process (the hook for served deployments) with a child of its own.
+        child_pid_file = tmp_path / "child.pid"
+        code_text = (
+            "import subprocess, sys, time;"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']);"
+            f"open({str(child_pid_file)!r}, 'w').write(str(p.pid));"
+            "time.sleep(600)"
+        )
+        extra = stack.start_process(stack.command("deployments", [sys.executable, "-c", code_text]))
+        assert extra.running and extra.pid is not None
+        deadline = time.monotonic() + 30
+        while not child_pid_file.exists() or not child_pid_file.read_text():
+            assert time.monotonic() < deadline, "the extra process never started its child"
+            time.sleep(0.1)
+        child_pid = int(child_pid_file.read_text())
+        assert "deployments" in [s.name for s in stack.status()]
+
+        pids = [r.pid for r in read_records(stack.run_dir)]
+        code, out = _cli(capsys, "down")
+        assert code == 0, out
+        assert "deployments" in out and "prefect" in out
+        assert not any(pid_alive(p) for p in [*pids, child_pid])
+        assert read_records(stack.run_dir) == []
+        # (Ports are shared with other programs on this machine, so ask the servers.)
+        assert not http_ok(f"{settings.prefect_api_url}/health")
+        assert not http_ok(f"{settings.mlflow_url}/health")
+        assert not objectstore.is_healthy(settings.local_s3_url, timeout=1.0)
+        code, out = _cli(capsys, "status")
+        assert code == 1 and out.count("stopped") == 3, out
+        code, out = _cli(capsys, "down")
+        assert code == 0 and "nothing was running" in out
+
+        # Up again on the same home: everything written before is still there.
+        code, out = _cli(capsys, "up")
+        assert code == 0, out
+        body = _s3(env).get_object(Bucket=settings.bucket, Key="persist/hello.txt")["Body"]
+        assert body.read() == b"still here"
+        _check_mlflow_run(env["MLFLOW_TRACKING_URI"], run_id, tmp_path)
+        from prefect.client.orchestration import SyncPrefectClient
+
+        with SyncPrefectClient(settings.prefect_api_url) as client:
+            assert client.read_flow_by_name("mergeflow-stack-test").id == flow_id
+    finally:
+        stack.down(timeout=10)
+    assert read_records(stack.run_dir) == []
+
+
+@pytest.mark.parametrize("busy", ["s3_port", "mlflow_port"])
+def test_up_refuses_a_busy_port_and_leaves_nothing_running(stack_home: Settings, busy: str) -> None:
+    import socket
+
+    settings = stack_home
+    port = getattr(settings, busy)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((settings.host, port))
+        sock.listen()
+        with pytest.raises(StackError, match=rf"port\(s\) \[{port}\].*in use"):
+            Stack(settings).up(timeout=30)
+    assert read_records(settings.run_dir) == []
+
+
+def test_production_profile_needs_database_urls(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, profile="production", prefect_database_url=None)
+    with pytest.raises(StackError, match="MERGEFLOW_PREFECT_DATABASE_URL"):
+        Stack(settings).up(timeout=5)
+    assert not settings.starts_s3
+    assert read_records(settings.run_dir) == []
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_stack_fixture_points_in_process_clients_at_its_servers(
+    stack: RunningStack, tmp_path: Path
+) -> None:
+    import mlflow
+    from prefect import flow, get_client
+
+    assert os.environ["PREFECT_API_URL"] == stack.prefect_api_url
+    assert os.environ["AWS_ENDPOINT_URL_S3"] == stack.s3_endpoint_url
+
+    @flow(name="mergeflow-fixture-hello", persist_result=False)
+    def hello() -> str:
+        return "hi"
+
+    state = hello(return_state=True)
+    assert state.is_completed()
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+        assert run.state is not None and run.state.is_completed()
+
+    mlflow.set_experiment("mergeflow-fixture")
+    with mlflow.start_run() as run:
+        note = tmp_path / "n.txt"
+        note.write_text("x")
+        mlflow.log_artifact(str(note))
+    assert mlflow.get_tracking_uri() == stack.mlflow_url
+    listing = stack.s3_client().list_objects_v2(Bucket=stack.bucket, Prefix="mlartifacts/")
+    keys = [o["Key"] for o in listing.get("Contents", [])]
+    assert any(k.endswith(f"{run.info.run_id}/artifacts/n.txt") for k in keys), keys
+
+
+# ----------------------------------------------------------------------------- helpers
+def _s3(env: dict[str, str]):  # noqa: ANN202
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+        config=Config(s3={"addressing_style": "path"}),
+    )
+
+
+def _log_mlflow_run(tracking_uri: str, tmp_path: Path) -> str:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment_id = client.create_experiment("mergeflow-stack-test")
+    run = client.create_run(experiment_id, run_name="persist")
+    client.log_param(run.info.run_id, "method", "opcm")
+    client.log_metric(run.info.run_id, "accuracy", 0.75, step=1)
+    note = tmp_path / "lineage.txt"
+    note.write_text("v1 <- base")
+    client.log_artifact(run.info.run_id, str(note), artifact_path="notes")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def _check_mlflow_run(tracking_uri: str, run_id: str, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = client.get_run(run_id)
+    assert run.data.params == {"method": "opcm"}
+    assert run.data.metrics == {"accuracy": 0.75}
+    out = client.download_artifacts(run_id, "notes/lineage.txt", str(tmp_path / "dl"))
+    assert Path(out).read_text() == "v1 <- base"
+
+
+def _prefect_create_flow(api_url: str):  # noqa: ANN202
+    from prefect.client.orchestration import SyncPrefectClient
+
+    with SyncPrefectClient(api_url) as client:
+        return client.create_flow_from_name("mergeflow-stack-test")
+
+
+def test_settings_come_from_mergeflow_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("MERGEFLOW_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert Settings().home == Path("/home/someone/.mergeflow")
+    assert Settings().starts_s3 and Settings().artifacts_destination == "s3://mergeflow/mlartifacts"
+    monkeypatch.setenv("MERGEFLOW_PROFILE", "production")
+    monkeypatch.setenv("MERGEFLOW_PREFECT_PORT", "4300")
+    monkeypatch.setenv("MERGEFLOW_BUCKET", "models")
+    monkeypatch.setenv("MERGEFLOW_EMBEDDED_S3", "true")
+    s = Settings()
+    assert (s.profile, s.prefect_api_url, s.starts_s3) == (
+        "production",
+        "http://127.0.0.1:4300/api",
+        True,
+    )
+    assert s.artifacts_destination == "s3://models/mlartifacts"
+    monkeypatch.setenv("MERGEFLOW_PROFILE", "staging")
+    with pytest.raises(ValueError, match="profile"):
+        Settings()
