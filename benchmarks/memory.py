@@ -56,7 +56,9 @@ def timed(cmd: list[str]) -> tuple[float, float]:
 def load_linear_stack(path: str) -> torch.nn.Module:
     """FusionBench side: the model as an nn.Module (96 bias-free Linear layers)."""
     m = torch.nn.Module()
-    m.layers = torch.nn.ModuleList(torch.nn.Linear(SHAPE[1], SHAPE[0], bias=False) for _ in range(N_TENSORS))
+    m.layers = torch.nn.ModuleList(
+        torch.nn.Linear(SHAPE[1], SHAPE[0], bias=False) for _ in range(N_TENSORS)
+    )
     m.load_state_dict(load_file(path), strict=True)
     return m.eval()
 
@@ -69,8 +71,17 @@ def fusionbench_driver(n: int) -> None:
 
     target = "memory.load_linear_stack"
     models = {"_pretrained_": {"_target_": target, "path": str(WORK / "base.safetensors")}}
-    models |= {f"ckpt_{i}": {"_target_": target, "path": str(WORK / f"ckpt_{i}.safetensors")} for i in range(n)}
-    algo = OPCM(alpha=0.5, shuffle_order=False, seed=None, save_on_every_step=False, evaluate_on_every_step=False)
+    models |= {
+        f"ckpt_{i}": {"_target_": target, "path": str(WORK / f"ckpt_{i}.safetensors")}
+        for i in range(n)
+    }
+    algo = OPCM(
+        alpha=0.5,
+        shuffle_order=False,
+        seed=None,
+        save_on_every_step=False,
+        evaluate_on_every_step=False,
+    )
     algo.fabric = L.Fabric(accelerator="cpu", devices=1)
     algo.run(BaseModelPool(models))
 
@@ -85,12 +96,32 @@ def main() -> None:
         return
     base, cks = build(WORK)
     size = sum(p.stat().st_size for p in [base]) / 2**20
-    print(f"model: {N_TENSORS} tensors of {SHAPE[0]}x{SHAPE[1]} float32 = {size:.0f} MiB per file, {len(cks)} checkpoints")
+    print(
+        f"model: {N_TENSORS} tensors of {SHAPE[0]}x{SHAPE[1]} float32 = {size:.0f} MiB per file, {len(cks)} checkpoints"
+    )
     floor, _ = timed([sys.executable, "-c", "import torch, safetensors, mergeflow.merging.engine"])
     rows = [("python + torch import (floor)", "-", floor, 0.0)]
     for n in (2, 5):
         out = WORK / f"out_{n}"
-        rss, wall = timed([sys.executable, "-m", "mergeflow", "merge", "--base", str(base), "--method", "opcm", "--device", "cpu", "--no-progress", "--overwrite", "--out", str(out), *map(str, cks[:n])])
+        rss, wall = timed(
+            [
+                sys.executable,
+                "-m",
+                "mergeflow",
+                "merge",
+                "--base",
+                str(base),
+                "--method",
+                "opcm",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--overwrite",
+                "--out",
+                str(out),
+                *map(str, cks[:n]),
+            ]
+        )
         rows.append(("mergeflow merge --method opcm", str(n), rss, wall))
     if not args.skip_fusionbench:
         sys.path.insert(0, str(HERE))
@@ -98,17 +129,27 @@ def main() -> None:
 
         ensure_venv()
         for n in (2, 5):
-            rss, wall = timed([str(venv_python()), "-c", f"import sys; sys.path.insert(0, {str(HERE)!r}); import memory; memory.fusionbench_driver({n})"])
+            rss, wall = timed(
+                [
+                    str(venv_python()),
+                    "-c",
+                    f"import sys; sys.path.insert(0, {str(HERE)!r}); import memory; memory.fusionbench_driver({n})",
+                ]
+            )
             rows.append(("FusionBench OPCM (opcm_general)", str(n), rss, wall))
-    print(f"\n| run | checkpoints | peak RSS (MiB) | wall (s) |\n|---|---|---|---|")
+    print("\n| run | checkpoints | peak RSS (MiB) | wall (s) |\n|---|---|---|---|")
     for name, n, rss, wall in rows:
         print(f"| {name} | {n} | {rss:.0f} | {wall:.1f} |")
     ours = {r[1]: r for r in rows if r[0].startswith("mergeflow")}
-    print(f"\nmergeflow peak RSS 5 vs 2 checkpoints: {ours['5'][2] / ours['2'][2]:.3f}x (flat means ~1.0)")
+    print(
+        f"\nmergeflow peak RSS 5 vs 2 checkpoints: {ours['5'][2] / ours['2'][2]:.3f}x (flat means ~1.0)"
+    )
     fb = {r[1]: r for r in rows if r[0].startswith("FusionBench")}
     if fb:
         for n in ("2", "5"):
-            print(f"{n} checkpoints: FusionBench/mergeflow peak RSS {fb[n][2] / ours[n][2]:.2f}x, wall {fb[n][3] / ours[n][3]:.2f}x")
+            print(
+                f"{n} checkpoints: FusionBench/mergeflow peak RSS {fb[n][2] / ours[n][2]:.2f}x, wall {fb[n][3] / ours[n][3]:.2f}x"
+            )
 
 
 if __name__ == "__main__":
