@@ -114,3 +114,23 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
         return Result(rc, out.out, out.err)
 
     return call
+
+
+def fold_in_memory(method, base, ckpts, params=None, options=None, dtype=None):
+    """Fold ``ckpts`` into ``base`` with the engine over in-memory readers; returns (merged, info)."""
+    from mergeflow.merging import engine
+    from mergeflow.merging.io import DictReader, DictWriter
+    from mergeflow.merging.projection import by_name_rules
+    from mergeflow.merging.state import BaseRef
+
+    br = DictReader(base, "base")
+    rule = by_name_rules({k: br.meta(k) for k in br.keys()})
+    info = engine.new_state(method, params or {}, BaseRef(uri="base", digest="d"), rule, options)
+    state = None
+    for i, c in enumerate(ckpts):
+        w = DictWriter()
+        info = engine.fold(info, state, br, DictReader(c, f"c{i}"), checkpoint_id=f"c{i}", digest=f"d{i}", out=w)
+        state = w.reader()
+    out = DictWriter()
+    engine.export(info, state, br, out, dtype=dtype)
+    return out.tensors, info

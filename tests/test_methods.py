@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import finetune, tiny_state
+from conftest import finetune, fold_in_memory, tiny_state
 
 from mergeflow.errors import ConfigError, StateError
 from mergeflow.merging import engine
@@ -27,23 +27,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def fold_all(method, params=None, ckpts=CKPTS):
-    br = DictReader(BASE, "base")
-    info = engine.new_state(
-        method,
-        params or {},
-        BaseRef(uri="b", digest="d"),
-        by_name_rules({k: br.meta(k) for k in br.keys()}),
-    )
-    state = None
-    for i, c in enumerate(ckpts):
-        w = DictWriter()
-        info = engine.fold(
-            info, state, br, DictReader(c, f"c{i}"), checkpoint_id=f"c{i}", digest=f"d{i}", out=w
-        )
-        state = w.reader()
-    out = DictWriter()
-    engine.export(info, state, br, out)
-    return out.tensors
+    return fold_in_memory(method, BASE, ckpts, params)[0]
 
 
 def batch(method, params=None):

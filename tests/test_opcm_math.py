@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from conftest import finetune, tiny_state
+from conftest import finetune, fold_in_memory, tiny_state
 
 from mergeflow.errors import ConfigError
 from mergeflow.merging import engine
-from mergeflow.merging.io import DictReader, DictWriter
+from mergeflow.merging.io import DictReader
 from mergeflow.merging.methods.opcm import project, split_rank
 from mergeflow.merging.projection import by_name_rules
 from mergeflow.merging.state import BaseRef, FoldOptions
@@ -49,20 +49,8 @@ def ref_opcm(base, ckpts, alpha, projected):
     return merged
 
 
-def run_engine(base, ckpts, params=None, options=None, rule=None, dtype=None):
-    br = DictReader(base, "base")
-    rule = rule or by_name_rules({k: br.meta(k) for k in br.keys()})
-    info = engine.new_state("opcm", params or {}, BaseRef(uri="base", digest="d"), rule, options)
-    state = None
-    for i, c in enumerate(ckpts):
-        w = DictWriter()
-        info = engine.fold(
-            info, state, br, DictReader(c, f"c{i}"), checkpoint_id=f"c{i}", digest=f"d{i}", out=w
-        )
-        state = w.reader()
-    out = DictWriter()
-    engine.export(info, state, br, out, dtype=dtype)
-    return out.tensors, info
+def run_engine(base, ckpts, params=None, options=None, dtype=None):
+    return fold_in_memory("opcm", base, ckpts, params, options, dtype)
 
 
 @pytest.mark.parametrize("shape", [(7, 5), (5, 7), (6, 6), (40, 3), (3, 40)])

@@ -45,6 +45,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from mergeflow.errors import ConfigError
+from mergeflow.services.process import pid_alive as _alive
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8333
@@ -324,22 +325,6 @@ def _log_hint(log_path: Path | None) -> str:
         return ""
     tail = Path(log_path).read_text(errors="replace").splitlines()[-5:]
     return f"; see {log_path}:\n" + "\n".join(tail)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        waited, _ = os.waitpid(pid, os.WNOHANG)  # reap if it is our child
-        if waited == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def start_detached(
