@@ -1,0 +1,62 @@
+"""Scoring merged models: evaluators, continual metrics (ACC, BWT), the gate and candidate selection."""
+
+from mergeflow.evaluation.continual import (
+    AccuracyMatrix,
+    continual_metrics,
+    matrix_from_rows,
+    plot_accuracy_matrix,
+)
+from mergeflow.evaluation.evaluators import (
+    ClassificationEvaluator,
+    EvalContext,
+    Evaluator,
+    Heads,
+    PerplexityEvaluator,
+    SuiteEvaluator,
+    build_evaluator,
+    load_tokenizer,
+    load_user_evaluator,
+)
+from mergeflow.evaluation.gate import (
+    CandidateResult,
+    GateDecision,
+    decide,
+    evaluate_candidate,
+    select_candidate,
+)
+from mergeflow.evaluation.models import (
+    ARCHITECTURES,
+    instantiate,
+    load_weights,
+    register_architecture,
+)
+from mergeflow.evaluation.spec import EvaluationSuite, GateSpec, Split, TaskSpec
+
+__all__ = [
+    "ARCHITECTURES",
+    "AccuracyMatrix",
+    "CandidateResult",
+    "ClassificationEvaluator",
+    "EvalContext",
+    "EvaluationSuite",
+    "Evaluator",
+    "GateDecision",
+    "GateSpec",
+    "Heads",
+    "PerplexityEvaluator",
+    "Split",
+    "SuiteEvaluator",
+    "TaskSpec",
+    "build_evaluator",
+    "continual_metrics",
+    "decide",
+    "evaluate_candidate",
+    "instantiate",
+    "load_tokenizer",
+    "load_user_evaluator",
+    "load_weights",
+    "matrix_from_rows",
+    "plot_accuracy_matrix",
+    "register_architecture",
+    "select_candidate",
+]
