@@ -79,3 +79,53 @@ def test_prefect_flow_run_is_stored_in_postgres(postgres_stack: RunningStack) ->
 
 # ------------------------------------------------------- 2. the pipeline on PostgreSQL
 # (pipeline tests go here; use the `postgres_stack` fixture)
+
+
+def test_pipeline_folds_published_checkpoints_on_postgres(
+    postgres_stack: RunningStack, tmp_path: Path
+) -> None:
+    """watch (schedule) -> event -> fold -> register, with Prefect and MLflow on PostgreSQL."""
+    import sys
+    import time
+    import uuid
+
+    from test_flows import build_mlp_suite, flow_runs, lineage_spec, publish, wait_for_version
+
+    from mergeflow.lineage import save_lineage
+
+    suite = build_mlp_suite(tmp_path / "suite")
+    tag = uuid.uuid4().hex[:6]
+    prefix = f"s3://{postgres_stack.bucket}/pg-{tag}"
+    spec = save_lineage(lineage_spec(f"pg-{tag}", suite, prefix))
+    name = f"serve-pg-{tag}"
+    cmd = [sys.executable, "-m", "mergeflow", "serve", "--lineage", spec.name, "--poll", "1"]
+    status = postgres_stack.stack.start_process(postgres_stack.stack.command(name, cmd))
+    try:
+        log = Path(status.log or "")
+        publish(prefix, suite, "t1")
+        publish(prefix, suite, "t2")
+        v1 = wait_for_version(spec.model_name, "t1", log)
+        v2 = wait_for_version(spec.model_name, "t2", log)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # let the fold runs finish before stopping serve
+            folds = flow_runs("mergeflow-fold", lineage=spec.name)
+            if folds and all(r.state_type and r.state_type.value == "COMPLETED" for r in folds):
+                break
+            time.sleep(1.0)
+    finally:
+        postgres_stack.stack.stop_process(name)
+    assert (v1.status, v2.status) == ("accepted", "accepted")
+    assert v2.parent_version == v1.version and v2.step == 2
+    rows = postgres_stack.sql(
+        "mlflow",
+        "SELECT version FROM model_versions WHERE name = %s ORDER BY version",
+        (spec.model_name,),
+    )
+    assert [str(r[0]) for r in rows] == [v1.version, v2.version]
+    folds = flow_runs("mergeflow-fold", lineage=spec.name)
+    assert folds and all(r.created_by and r.created_by.type == "AUTOMATION" for r in folds)
+    ids = [str(r.id) for r in folds]
+    done = postgres_stack.sql(
+        "prefect", "SELECT state_type FROM flow_run WHERE id::text = ANY(%s)", (ids,)
+    )
+    assert done and {r[0] for r in done} == {"COMPLETED"}

@@ -263,8 +263,7 @@ class Checkpoint:
             infos = {i.relpath: i for i in self.store.list(self.prefix.rstrip("/"))}
             for rel in sorted(self.weight_files):
                 i = infos.get(self.prefix + rel)
-                name = rel if len(self.weight_files) > 1 else ""
-                h.update(f"{name}\0{i.size if i else -1}\0{i.etag if i else ''}\n".encode())
+                h.update(f"{rel}\0{i.size if i else -1}\0{i.etag if i else ''}\n".encode())
         return "sha256:" + h.hexdigest()
 
     def small_files(self) -> list[str]:

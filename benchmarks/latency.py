@@ -1,0 +1,220 @@
+"""Seconds from publishing a checkpoint to its registered MLflow version, and where they go.
+
+    python benchmarks/latency.py [--checkpoints 4] [--watch-seconds 5] [--home DIR]
+
+Starts the embedded stack in its own home (default ``benchmarks/_work/latency``, free
+ports), builds the digits suite there (tiny HF ViT, cached), creates a fresh lineage
+(OPCM, S3 source and storage), serves the deployments with ``mergeflow serve`` and
+publishes the checkpoints one at a time, each after the previous one is registered.
+For each it reads the Prefect runs and task runs and splits publish -> version into:
+
+- ``detect``: publish -> the fold run is created (watch tick on its schedule + event +
+  automation); on average about half the watch interval plus one watch run;
+- ``start``: fold run created -> running (runner poll + a fresh Python process);
+- ``lock``: running -> the fold-checkpoint subflow starts (lineage lock, registry, source listing);
+- ``load``: load the parent state + validate the checkpoint;
+- ``fold``: the fold task; ``export``: write the merged weights;
+- ``eval``: evaluate (validation + test) + gate;
+- ``register``: the MLflow run, LoggedModel, artifacts and version (the commit point);
+- ``total``: publish -> version ``creation_timestamp``.
+
+Stops everything it started at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PHASES = ("detect", "start", "lock", "load", "fold", "export", "eval", "register", "total")
+
+
+def _free_ports() -> dict[str, int]:
+    from mergeflow.services import objectstore
+
+    s3 = objectstore.free_port_block()
+    out = {"s3_port": s3}
+    for name in ("prefect_port", "mlflow_port"):
+        p = objectstore.free_port_block(n=1)
+        while p in range(s3, s3 + objectstore.PORTS_PER_SERVER) or p in out.values():
+            p = objectstore.free_port_block(n=1)
+        out[name] = p
+    return out
+
+
+def _runs(client: Any, flow: str, **params: str) -> list[Any]:
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    runs = client.read_flow_runs(
+        flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])), limit=200
+    )
+    return [r for r in runs if all((r.parameters or {}).get(k) == v for k, v in params.items())]
+
+
+def _task_runs(client: Any, flow_run_id: Any) -> list[Any]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    return client.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    )
+
+
+def _secs(a: datetime | None, b: datetime | None) -> float:
+    return (b - a).total_seconds() if a and b else float("nan")
+
+
+def measure(lineage: str, ck: str, t_publish: datetime, version: Any) -> dict[str, float]:
+    """Split publish -> registered version for one checkpoint from Prefect's run records."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        fold_runs = [r for r in _runs(client, "mergeflow-fold", lineage=lineage) if r.start_time]
+        sub = next(
+            r for r in _runs(client, "mergeflow-fold-checkpoint") if r.name == f"{lineage}-{ck}"
+        )
+        parent = next(
+            r
+            for r in fold_runs
+            if r.id == sub.parent_task_run_id
+            or any(t.id == sub.parent_task_run_id for t in _task_runs(client, r.id))
+        )
+        tasks = _task_runs(client, sub.id)
+
+    def dur(*prefixes: str) -> float:
+        return sum(
+            _secs(t.start_time, t.end_time)
+            for t in tasks
+            if t.name.startswith(prefixes) and t.end_time
+        )
+
+    return {
+        "detect": _secs(t_publish, parent.created),
+        "start": _secs(parent.created, parent.start_time),
+        "lock": _secs(parent.start_time, sub.start_time),
+        "load": dur("load-parent", "validate-checkpoint"),
+        "fold": dur("fold-"),
+        "export": dur("export-"),
+        "eval": dur("evaluate-", "gate"),
+        "register": dur("register-version"),
+        "total": _secs(t_publish, version.created_at),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--checkpoints", type=int, default=4, help="checkpoints to publish (default 4)")
+    ap.add_argument(
+        "--watch-seconds", type=int, default=5, help="watch schedule interval (default 5)"
+    )
+    ap.add_argument(
+        "--home", default=str(REPO / "benchmarks" / "_work" / "latency"), help="stack home"
+    )
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each version")
+    args = ap.parse_args(argv)
+
+    from mergeflow.services.stack import Stack
+    from mergeflow.settings import Settings
+
+    home = Path(args.home).absolute()
+    stack = Stack(Settings(home=home, **_free_ports()))
+    print(f"starting the stack under {home} ...", flush=True)
+    stack.up()
+    os.environ.update(stack.env())
+    os.environ["PREFECT_HOME"] = str(home / "prefect-client")
+    try:
+        return _run(stack, args)
+    finally:
+        print(f"stopped: {', '.join(stack.down())}")
+
+
+def _run(stack: Any, args: argparse.Namespace) -> int:
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()
+    from mergeflow.evaluation.spec import GateSpec, TaskSpec
+    from mergeflow.examples.digits import build_digits_suite
+    from mergeflow.lineage import LineageSpec, save_lineage
+    from mergeflow.services.process import log_tail
+    from mergeflow.storage.registry import Registry
+    from mergeflow.storage.store import open_store
+
+    n = args.checkpoints
+    suite = build_digits_suite(Path(args.home) / "digits", n_tasks=n, log=print)
+    run = uuid.uuid4().hex[:6]
+    bucket = f"s3://{stack.settings.bucket}/latency-{run}"
+    for p in suite.base.iterdir():
+        open_store(f"{bucket}/base").put_file(p, p.name)
+    tasks = []
+    for name, cid in zip(suite.task_names, suite.checkpoint_ids, strict=True):
+        for split in ("validation", "test"):
+            open_store(f"{bucket}/data/{name}").put_file(suite.data[name][split], f"{split}.npz")
+        tasks.append(
+            TaskSpec(name=name, checkpoint=cid, data=f"{bucket}/data/{name}/{{split}}.npz")
+        )
+    spec = save_lineage(
+        LineageSpec(
+            name=f"latency-{run}",
+            base=f"{bucket}/base",
+            method="opcm",
+            sources=(f"{bucket}/published",),
+            evaluation=suite.evaluation_suite().model_copy(update={"tasks": tuple(tasks)}),
+            gate=GateSpec(),
+            storage=f"{bucket}/lineage",
+            device="cpu",
+            schedule=args.watch_seconds,
+        )
+    )
+    st = stack.start_process(
+        stack.command(
+            "deployments",
+            [sys.executable, "-m", "mergeflow", "serve", "--lineage", spec.name, "--poll", "1"],
+        )
+    )
+    time.sleep(3 * args.watch_seconds)  # let the scheduler start the watch ticks
+    registry = Registry()
+    rows: list[tuple[str, dict[str, float]]] = []
+    for folder in suite.checkpoints:
+        dst = open_store(f"{bucket}/published/{folder.name}")
+        dst.put_file(folder / "config.json", "config.json")
+        dst.put_file(folder / "model.safetensors", "model.safetensors")
+        t_publish = datetime.now(timezone.utc)
+        deadline = time.monotonic() + args.timeout
+        version = None
+        while version is None:
+            version = next(
+                (v for v in registry.versions(spec.model_name) if v.checkpoint_id == folder.name),
+                None,
+            )
+            if version is None:
+                if time.monotonic() > deadline:
+                    print(f"timed out waiting for {folder.name}\n{log_tail(st.log or '', 30)}")
+                    return 1
+                time.sleep(0.5)
+        time.sleep(1.0)  # let the run records settle
+        rows.append((folder.name, measure(spec.name, folder.name, t_publish, version)))
+        print(f"  {folder.name}: {rows[-1][1]['total']:.1f}s", flush=True)
+
+    print(
+        f"\nseconds from publish to registered version ({n} checkpoints, watch every {args.watch_seconds}s, tiny ViT on digits)"
+    )
+    print(f"| checkpoint | {' | '.join(PHASES)} |")
+    print(f"|---|{'---|' * len(PHASES)}")
+    for name, r in rows:
+        print(f"| {name} | {' | '.join(f'{r[p]:.2f}' for p in PHASES)} |")
+    med = {p: statistics.median(r[p] for _, r in rows) for p in PHASES}
+    print(f"| **median** | {' | '.join(f'{med[p]:.2f}' for p in PHASES)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

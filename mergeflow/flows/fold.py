@@ -1,0 +1,375 @@
+"""Fold flows: one checkpoint into the last accepted state, with evaluation, gate and registry.
+
+``mergeflow-fold`` (event-triggered deployment) holds the lineage's Prefect global
+concurrency limit ``mergeflow-fold-<lineage>`` (1 slot) for the whole run, so at most one
+fold per lineage runs at a time. Inside the lock it re-reads what the registry has seen
+and folds, **in publication order**, every pending checkpoint of the lineage's sources up
+to and including the one named by the event. So the order never depends on which run
+got the lock first, a duplicate event finds its checkpoint folded and skips, and a
+checkpoint whose event was lost is folded by the next one.
+
+Each checkpoint is one ``mergeflow-fold-checkpoint`` subflow:
+
+1. load the last accepted state (or the step-0 state);
+2. validate the checkpoint against the base (headers only); a bad one is recorded as a
+   rejected version with its reason (``Registry.record_rejection``) and never retried;
+3. fold it (one fold, or one per candidate as mapped tasks, all from the same parent)
+   into a fresh prefix ``<storage>/steps/<NNNN>-<id>/state``;
+4. export the merged weights to ``…/model`` (HF layout);
+5. evaluate (validation for the gate and selection, test for the report) and gate;
+6. register the MLflow version LAST (the commit point). A crash before it leaves no
+   version: the retry folds again into a new prefix, and ``gc`` removes the orphan.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger, unmapped
+
+from mergeflow.errors import CheckpointError, ConfigError
+from mergeflow.lineage import LineageSpec
+from mergeflow.tasks import layout
+from mergeflow.tasks.evaluate import evaluate_model, gate
+from mergeflow.tasks.fold import export_model, fold_checkpoint, validate_checkpoint
+from mergeflow.tasks.io import list_source, load_parent, load_spec, seen_checkpoints
+from mergeflow.tasks.models import (
+    CheckpointRef,
+    EvalOutput,
+    FoldOutcome,
+    FoldOutput,
+    ModelOutput,
+    ParentState,
+)
+from mergeflow.tasks.register import matrix_rows, record_rejection, register_fold
+
+LOCK_LEASE_S = 600.0
+
+
+def ensure_fold_lock(spec: LineageSpec) -> None:
+    """Create the lineage's 1-slot global concurrency limit if it does not exist."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(spec.concurrency_name, 1)
+
+
+def pending_checkpoints(spec: LineageSpec, seen: set[str]) -> list[CheckpointRef]:
+    """Complete checkpoints of every source not folded or rejected yet, in publication order."""
+    found: list[tuple[Any, int, str, CheckpointRef]] = []
+    digests: set[str] = set()
+    for i, uri in enumerate(spec.sources):
+        for ck in list_source(uri):
+            if ck.id in seen or ck.digest in seen or ck.digest in digests:
+                continue
+            digests.add(ck.digest)
+            found.append((ck.published_at, i, ck.id, ck))
+    found.sort(key=lambda t: (t[0].timestamp() if t[0] else 0.0, t[1], t[2]))
+    return [t[3] for t in found]
+
+
+def _record(
+    spec: LineageSpec, parent: ParentState, ck: CheckpointRef, **fields: Any
+) -> dict[str, Any]:
+    return {
+        "lineage": spec.name,
+        "registered_model": spec.model_name,
+        "step": parent.step + 1,
+        "checkpoint_id": ck.id,
+        "checkpoint_uri": ck.uri,
+        "checkpoint_digest": ck.digest,
+        "parent_version": parent.version,
+        "method": spec.method,
+        "params": parent.params,
+        "base_uri": spec.base,
+        "state_uri": "",
+        "model_uri": "",
+        **fields,
+    }
+
+
+def _version_of(v: Any) -> str | None:
+    return getattr(v, "version", None)
+
+
+@flow(name="mergeflow-fold-checkpoint", flow_run_name="{spec.name}-{ck.id}", log_prints=True)
+def fold_one(spec: LineageSpec, ck: CheckpointRef) -> FoldOutcome:
+    """Fold one checkpoint (see the module docstring). Call with the lineage's lock held."""
+    log = get_run_logger()
+    t0 = time.perf_counter()
+    parent = load_parent(spec)
+    try:
+        ck = validate_checkpoint(spec, ck)
+    except CheckpointError as e:
+        return _reject(spec, parent, ck, str(e))
+    load_s = time.perf_counter() - t0
+    cands = spec.candidate_params()
+    labels = [label for label, _ in cands]
+    prefixes = [
+        layout.new_prefix(spec, parent.step + 1, label if len(cands) > 1 else None)
+        for label in labels
+    ]
+    try:
+        if len(cands) == 1:
+            if spec.dask is not None:
+                folds = [
+                    dask_fold_checkpoint(spec, parent, ck, labels[0], cands[0][1], prefixes[0])
+                ]
+            else:
+                folds = [fold_checkpoint(spec, parent, ck, labels[0], cands[0][1], prefixes[0])]
+            models = [export_model(spec, folds[0])]
+            evals = [evaluate_model(spec, folds[0], models[0])]
+        else:
+            ff = fold_checkpoint.map(
+                unmapped(spec),
+                unmapped(parent),
+                unmapped(ck),
+                labels,
+                [p for _, p in cands],
+                prefixes,
+            )
+            mf = export_model.map(unmapped(spec), ff)
+            ef = evaluate_model.map(unmapped(spec), ff, mf)
+            folds, models, evals = ff.result(), mf.result(), ef.result()
+    except CheckpointError as e:  # e.g. NaN values found while streaming the tensors
+        for p in prefixes:
+            layout.store(p).delete_prefix("")
+        return _reject(spec, parent, ck, str(e))
+    best, accepted, reasons = gate(spec, evals, parent.validation)
+    for i, p in enumerate(prefixes):
+        if i != best:
+            layout.store(p).delete_prefix("")
+    fold, model, ev = folds[best], models[best], evals[best]
+    metrics, matrix = _metrics(parent, ck, fold, model, ev, load_s)
+    for i, e in enumerate(evals):
+        if len(evals) > 1 and e.validation:
+            metrics[f"candidate/{labels[i]}/val_acc_avg"] = sum(e.validation.values()) / len(
+                e.validation
+            )
+    rows, names = matrix_rows(matrix)
+    layout.write_evaluation(
+        fold.prefix,
+        {
+            "checkpoint": ck.model_dump(mode="json"),
+            "status": "accepted" if accepted else "rejected",
+            "validation": ev.validation,
+            "test": ev.test,
+            "matrix": matrix.model_dump(mode="json"),
+            "candidate": labels[best],
+        },
+    )
+    record = _record(
+        spec,
+        parent,
+        ck,
+        params=fold.params,
+        state_uri=fold.state_uri,
+        model_uri=model.model_uri,
+        status="accepted" if accepted else "rejected",
+        reason="; ".join(reasons),
+        metrics=metrics,
+        accuracy_matrix=rows,
+        task_names=names,
+        eval_datasets=ev.datasets,
+    )
+    version = register_fold(record)
+    status = "accepted" if accepted else "rejected"
+    log.info(
+        f"{ck.id}: {status} as version {_version_of(version)} (step {fold.step}){': ' + record['reason'] if reasons else ''}"
+    )
+    return FoldOutcome(
+        checkpoint_id=ck.id,
+        status=status,
+        version=_version_of(version),
+        step=fold.step,
+        reason=record["reason"],
+        metrics=metrics,
+    )
+
+
+def dask_fold_checkpoint(
+    spec: LineageSpec,
+    parent: ParentState,
+    ck: CheckpointRef,
+    label: str,
+    params: dict[str, Any],
+    prefix: str,
+) -> FoldOutput:
+    """The fold step on a Dask cluster (``spec.dask``): same inputs and output as the fold task."""
+    from mergeflow.flows.dask_fold import dask_fold
+    from mergeflow.storage import state_store
+    from mergeflow.tasks.fold import peak_rss_mb
+
+    assert spec.dask is not None
+    t0 = time.perf_counter()
+    src = parent.state_uri
+    if params != parent.params:  # a candidate: the parent's manifest with its parameters
+        m = state_store.read_manifest(layout.store(src))
+        src = f"{prefix}/parent"
+        state_store.write_manifest(
+            layout.store(src),
+            m.model_copy(update={"info": m.info.model_copy(update={"params": params})}),
+        )
+    out = layout.state_uri_of(prefix)
+    d = spec.dask
+    dask_fold(
+        spec.base,
+        ck.uri,
+        src,
+        out,
+        checkpoint_id=ck.id,
+        digest=ck.digest,
+        groups=d.groups,
+        address=d.address,
+        n_workers=d.n_workers,
+        processes=d.processes,
+        device=spec.device,
+        allow_pickle=spec.allow_pickle,
+    )
+    info = state_store.read_manifest(layout.store(out)).info
+    return FoldOutput(
+        label=label,
+        params=dict(info.params),
+        prefix=prefix,
+        state_uri=out,
+        step=info.step,
+        folded=tuple(c.id for c in info.checkpoints),
+        seconds=time.perf_counter() - t0,
+        peak_rss_mb=peak_rss_mb(),
+    )
+
+
+def _metrics(
+    parent: ParentState,
+    ck: CheckpointRef,
+    fold: FoldOutput,
+    model: ModelOutput,
+    ev: EvalOutput,
+    load_s: float,
+) -> tuple[dict[str, float], Any]:
+    """Test scores per task, ACC/BWT of the chain plus this fold, validation scores, timings."""
+    m: dict[str, float] = {
+        "load_seconds": load_s,
+        "fold_seconds": fold.seconds,
+        "export_seconds": model.seconds,
+        "eval_seconds": ev.seconds,
+        "peak_rss_mb": fold.peak_rss_mb,
+        "step": float(fold.step),
+    }
+    matrix = parent.matrix
+    if ev.test:
+        matrix = parent.matrix.append(ck.id, ev.test)
+        m.update({f"acc/{k}": v for k, v in ev.test.items()})
+        m["acc_avg"] = matrix.acc()
+        bwt = matrix.bwt()
+        if bwt is not None:
+            m["bwt"] = bwt
+    if ev.validation:
+        m.update({f"val/{k}": v for k, v in ev.validation.items()})
+        m["val_acc_avg"] = sum(ev.validation.values()) / len(ev.validation)
+    return m, matrix
+
+
+def _reject(spec: LineageSpec, parent: ParentState, ck: CheckpointRef, reason: str) -> FoldOutcome:
+    get_run_logger().warning(f"{ck.id}: rejected, not folded: {reason}")
+    version = record_rejection(_record(spec, parent, ck, status="rejected", reason=reason))
+    return FoldOutcome(
+        checkpoint_id=ck.id,
+        status="rejected",
+        version=_version_of(version),
+        step=parent.step + 1,
+        reason=reason,
+    )
+
+
+def _target(
+    spec: LineageSpec,
+    checkpoint_id: str,
+    checkpoint_uri: str,
+    checkpoint_digest: str,
+    pending: list[CheckpointRef],
+) -> int | None:
+    for i, ck in enumerate(pending):
+        if (checkpoint_digest and ck.digest == checkpoint_digest) or (
+            ck.id == checkpoint_id and (not checkpoint_uri or ck.uri == checkpoint_uri)
+        ):
+            return i
+    return None
+
+
+@flow(name="mergeflow-fold", flow_run_name="fold-{lineage}-{checkpoint_id}", log_prints=True)
+def fold_flow(
+    lineage: str, checkpoint_id: str, checkpoint_uri: str = "", checkpoint_digest: str = ""
+) -> list[FoldOutcome]:
+    """Fold a published checkpoint (and any earlier pending one) into ``lineage``, one at a time."""
+    from prefect.concurrency.sync import concurrency
+
+    log = get_run_logger()
+    spec = load_spec(lineage)
+    ensure_fold_lock(spec)
+    with concurrency(spec.concurrency_name, occupy=1, strict=True, lease_duration=LOCK_LEASE_S):
+        seen = seen_checkpoints(spec)
+        if checkpoint_id in seen or (checkpoint_digest and checkpoint_digest in seen):
+            log.info(f"{checkpoint_id} is already folded or rejected in {lineage}; nothing to do")
+            return [
+                FoldOutcome(
+                    checkpoint_id=checkpoint_id,
+                    status="skipped",
+                    reason="already folded or rejected",
+                )
+            ]
+        pending = pending_checkpoints(spec, seen)
+        i = _target(spec, checkpoint_id, checkpoint_uri, checkpoint_digest, pending)
+        if i is not None:
+            queue = pending[: i + 1]
+        elif checkpoint_uri:
+            queue = [CheckpointRef(id=checkpoint_id, uri=checkpoint_uri, digest=checkpoint_digest)]
+        else:
+            raise ConfigError(
+                f"checkpoint {checkpoint_id!r} is in none of {lineage}'s sources; pass checkpoint_uri"
+            )
+        if len(queue) > 1:
+            log.info(
+                f"folding {len(queue) - 1} earlier pending checkpoint(s) first, in publication order"
+            )
+        return [fold_one(spec, ck) for ck in queue]
+
+
+def _as_published(uri: str) -> CheckpointRef:
+    """The checkpoint as its parent folder's source lists it (same id and digest as ``watch``)."""
+    from mergeflow.storage.sources import source_from_uri
+
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    try:
+        for c in source_from_uri(parent).list():
+            if c.id == name:
+                return CheckpointRef(
+                    id=c.id, uri=c.uri, digest=c.digest, published_at=c.published_at, source=parent
+                )
+    except Exception:  # noqa: BLE001 - not a listable folder (hf://, mlflow://): fold by URI
+        pass
+    return CheckpointRef(id=name or uri, uri=uri)
+
+
+@flow(name="mergeflow-backfill", flow_run_name="backfill-{lineage}", log_prints=True)
+def backfill_flow(lineage: str, checkpoints: list[str]) -> list[FoldOutcome]:
+    """Fold the given checkpoint URIs in this order (already folded ones are skipped)."""
+    from prefect.concurrency.sync import concurrency
+
+    spec = load_spec(lineage)
+    ensure_fold_lock(spec)
+    out: list[FoldOutcome] = []
+    with concurrency(spec.concurrency_name, occupy=1, strict=True, lease_duration=LOCK_LEASE_S):
+        for uri in checkpoints:
+            ck = _as_published(uri)
+            seen = seen_checkpoints(spec)
+            if ck.id in seen or (ck.digest and ck.digest in seen):
+                out.append(
+                    FoldOutcome(
+                        checkpoint_id=ck.id, status="skipped", reason="already folded or rejected"
+                    )
+                )
+                continue
+            out.append(fold_one(spec, ck))
+    return out

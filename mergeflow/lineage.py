@@ -1,0 +1,357 @@
+"""Lineage specs: one named stream of checkpoints folded into one merged model.
+
+A lineage is declared in YAML and validated once by :class:`LineageSpec`::
+
+    name: digits-opcm                       # slug: a-z 0-9 and '-'
+    base: s3://mergeflow/models/vit-base    # local path, s3://, hf://org/repo@rev, mlflow://models/...
+    method: opcm
+    params: {alpha: 0.5}
+    sources:                                # watched in publication order
+      - s3://mergeflow/published/digits
+      - hf://?base_model=org/vit-base        # new Hub fine-tunes of the base (hf://org/repo watches one repo)
+    evaluation: {tasks: [...]}              # mergeflow.evaluation.EvaluationSuite
+    gate: {min_acc: 0.5, max_drop: 0.05}    # mergeflow.evaluation.GateSpec
+    candidates:                             # optional: several folds from the same parent
+      - {params: {alpha: 0.3}}
+      - {params: {alpha: 0.7}}
+    registered_model: digits-opcm           # MLflow registered model (default: name)
+    storage: s3://mergeflow/lineages/digits-opcm
+    device: auto                            # auto | cpu | cuda | cuda:N
+    dask: {n_workers: 4, groups: 8}         # optional: fold tensor groups on a Dask cluster
+    schedule: 60                            # watch every 60 s, or a cron string "*/5 * * * *"
+
+Storage layout under ``storage``::
+
+    lineage.yaml                    the spec, as created
+    init/state/state.json           the step-0 state (made on the first fold)
+    steps/<NNNN>-<shortid>/state    the state after fold NNNN (fresh prefix per attempt)
+    steps/<NNNN>-<shortid>/model    the merged weights (HF layout, with config.json)
+
+The catalog (:func:`save_lineage`, :func:`load_lineage`, :func:`list_lineages`) keeps the
+spec in ``<storage>/lineage.yaml`` and a small pointer to it in a Prefect Variable named
+``mergeflow_lineage__<name>`` (tag ``mergeflow-lineage``), so any worker that reaches the
+Prefect API and the storage can load a lineage by name. Prefect Variables hold at most
+5000 characters, which is why the spec itself lives on the storage.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergeflow.errors import ConfigError
+from mergeflow.evaluation.spec import EvaluationSuite, GateSpec
+
+SPEC_FILE = "lineage.yaml"
+VARIABLE_PREFIX = "mergeflow_lineage__"
+VARIABLE_TAG = "mergeflow-lineage"
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_CRON = re.compile(r"^\S+(\s+\S+){4,5}$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class CandidateSpec(BaseModel):
+    """One candidate fold: the lineage's method with other parameters.
+
+    Every candidate folds the same checkpoint into the same parent state; the best one
+    that passes the gate on the validation split becomes the new state. A candidate must
+    use the lineage's method: the state tensors of one continual method (e.g. OPCM's
+    unscaled sum plus λ) do not continue another one's.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str | None = None
+    method: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    def label(self, index: int) -> str:
+        """A short name for logs, metrics and storage prefixes."""
+        if self.name:
+            return self.name
+        if not self.params:
+            return f"c{index}"
+        return "-".join(f"{k}{v}" for k, v in sorted(self.params.items()))
+
+
+class DaskSpec(BaseModel):
+    """Spread each fold's per-tensor work over a Dask cluster (see :mod:`mergeflow.flows.dask_fold`).
+
+    ``address``: an existing scheduler (``tcp://host:8786``); otherwise a LocalCluster on
+    127.0.0.1 with ``n_workers`` workers (``processes`` or threads), no dashboard.
+    ``groups``: how many tensor groups (tasks) one fold is split into.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    address: str | None = None
+    n_workers: int = Field(2, ge=1)
+    processes: bool = True
+    groups: int = Field(4, ge=1)
+
+
+class LineageSpec(BaseModel):
+    """A lineage (see the module docstring for the YAML form). Frozen; validated once."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    description: str = ""
+    base: str
+    method: str = "opcm"
+    params: dict[str, Any] = Field(default_factory=dict)
+    compute_dtype: Literal["float32", "float64"] = "float32"
+    allow_missing: bool = Field(
+        False, description="treat base tensors a checkpoint lacks as zero task vectors"
+    )
+    project_regex: str | None = Field(
+        None, description="OPCM: project exactly the 2-D tensors matching this"
+    )
+    export_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+    allow_pickle: bool = False
+    sources: tuple[str, ...] = Field(min_length=1)
+    evaluation: EvaluationSuite | None = None
+    gate: GateSpec = GateSpec()
+    candidates: tuple[CandidateSpec, ...] = ()
+    registered_model: str | None = None
+    storage: str
+    device: str = "auto"
+    dask: DaskSpec | None = None
+    schedule: int | str = Field(60, description="watch interval in seconds, or a cron string")
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not _SLUG.match(v):
+            raise ValueError(
+                f"name {v!r} must be a slug: lowercase letters, digits and '-', at most 63 characters"
+            )
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError(f"device {v!r} must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v: int | str) -> int | str:
+        if isinstance(v, int):
+            if v < 5:
+                raise ValueError("schedule must be at least 5 seconds")
+            return v
+        if v.strip().isdigit():
+            return cls._schedule(int(v))
+        if not _CRON.match(v.strip()):
+            raise ValueError(f"schedule {v!r} is neither a number of seconds nor a cron string")
+        return v.strip()
+
+    @field_validator("storage", "base")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v.strip().rstrip("/")
+
+    @model_validator(mode="after")
+    def _method_ok(self) -> LineageSpec:
+        from mergeflow.merging.methods import get_method, is_continual, parse_params
+
+        try:
+            m = get_method(self.method)
+            if not is_continual(m):
+                raise ConfigError(
+                    f"method {self.method!r} is a batch method; a lineage needs a continual method"
+                )
+            parse_params(m, self.params)
+            for i, c in enumerate(self.candidates):
+                if c.method not in (None, self.method):
+                    raise ConfigError(
+                        f"candidate {c.label(i)} uses method {c.method!r} but the lineage folds with {self.method!r}; "
+                        "candidates vary the parameters of the lineage's method (one state cannot continue another method's)"
+                    )
+                parse_params(m, {**self.params, **c.params})
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        labels = [c.label(i) for i, c in enumerate(self.candidates)]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"candidate names must be unique, got {labels}")
+        return self
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def model_name(self) -> str:
+        """The MLflow registered model name."""
+        return self.registered_model or self.name
+
+    @property
+    def concurrency_name(self) -> str:
+        """The Prefect global concurrency limit that serialises this lineage's folds."""
+        return f"mergeflow-fold-{self.name}"
+
+    @property
+    def spec_uri(self) -> str:
+        return f"{self.storage}/{SPEC_FILE}"
+
+    def candidate_params(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(label, params)`` of every fold to try: the lineage's own, or its candidates."""
+        if not self.candidates:
+            return [("main", dict(self.params))]
+        return [(c.label(i), {**self.params, **c.params}) for i, c in enumerate(self.candidates)]
+
+    # --------------------------------------------------------------------- YAML
+    @classmethod
+    def from_mapping(cls, data: Any, origin: str = "lineage spec") -> LineageSpec:
+        """Validate a parsed document; errors become one :class:`ConfigError`."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{origin}: expected a mapping at the top level")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(map(str, err['loc'])) or 'spec'}: {err['msg']}" for err in e.errors()
+            )
+            raise ConfigError(f"{origin}: {problems}") from None
+
+    @classmethod
+    def from_yaml_text(cls, text: str, origin: str = "lineage spec") -> LineageSpec:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{origin}: not valid YAML ({str(e).splitlines()[0]})") from None
+        return cls.from_mapping(data, origin)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> LineageSpec:
+        """Load and validate a lineage YAML file."""
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read lineage spec {path}: {e.strerror or e}") from None
+        return cls.from_yaml_text(text, str(path))
+
+    def to_yaml(self, exclude_defaults: bool = False) -> str:
+        """The spec as YAML (every field, unless ``exclude_defaults``)."""
+        return yaml.safe_dump(
+            self.model_dump(mode="json", exclude_defaults=exclude_defaults), sort_keys=False
+        )
+
+
+# -------------------------------------------------------------------- catalog
+IMMUTABLE = (
+    "base",
+    "method",
+    "storage",
+    "registered_model",
+    "compute_dtype",
+    "project_regex",
+    "allow_missing",
+)
+"""Fields that cannot change once a lineage exists (its states depend on them)."""
+
+
+def variable_name(name: str) -> str:
+    return VARIABLE_PREFIX + name.replace("-", "_")
+
+
+def _store(uri: str):
+    from mergeflow.storage.store import open_store
+
+    return open_store(uri)
+
+
+def save_lineage(spec: LineageSpec, *, replace: bool = False) -> LineageSpec:
+    """Write ``lineage.yaml`` to the storage, point a Prefect Variable at it, create the fold lock.
+
+    An existing lineage is only replaced with ``replace=True``, and never in a field of
+    :data:`IMMUTABLE`.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.variables import Variable
+
+    existing = find_lineage(spec.name)
+    if existing is not None:
+        if not replace:
+            if existing == spec:
+                return spec
+            raise ConfigError(
+                f"lineage {spec.name!r} already exists (at {existing.spec_uri}); pass --replace to update it"
+            )
+        changed = [f for f in IMMUTABLE if getattr(existing, f) != getattr(spec, f)]
+        if changed:
+            raise ConfigError(
+                f"lineage {spec.name!r}: {', '.join(changed)} cannot change once the lineage exists; create a new lineage"
+            )
+    _store(spec.storage).write_bytes(SPEC_FILE, spec.to_yaml().encode())
+    Variable.set(
+        variable_name(spec.name),
+        {"name": spec.name, "spec_uri": spec.spec_uri, "registered_model": spec.model_name},
+        tags=[VARIABLE_TAG],
+        overwrite=True,
+    )
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(spec.concurrency_name, 1)
+    return spec
+
+
+def _pointer(name: str) -> dict[str, Any] | None:
+    from prefect.variables import Variable
+
+    value = Variable.get(variable_name(name), default=None)
+    return value if isinstance(value, dict) else None
+
+
+def load_spec_uri(uri: str) -> LineageSpec:
+    """Read a ``lineage.yaml`` from a storage URI."""
+    parent, _, fname = uri.rpartition("/")
+    try:
+        text = _store(parent).read_bytes(fname).decode()
+    except (OSError, FileNotFoundError) as e:
+        raise ConfigError(f"cannot read lineage spec {uri}: {e}") from None
+    return LineageSpec.from_yaml_text(text, uri)
+
+
+def find_lineage(name: str) -> LineageSpec | None:
+    """The lineage registered under ``name``, or None."""
+    ptr = _pointer(name)
+    if ptr is None:
+        return None
+    return load_spec_uri(str(ptr["spec_uri"]))
+
+
+def load_lineage(name: str) -> LineageSpec:
+    """The lineage registered under ``name``; a :class:`ConfigError` if there is none."""
+    spec = find_lineage(name)
+    if spec is None:
+        raise ConfigError(
+            f"no lineage named {name!r}; create it with `mergeflow lineage create SPEC.yaml`"
+        )
+    return spec
+
+
+def list_lineages() -> list[dict[str, Any]]:
+    """Pointers (name, spec_uri, registered_model) of every registered lineage, by name."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        variables = client.read_variables()
+    out = [
+        v.value
+        for v in variables
+        if v.name.startswith(VARIABLE_PREFIX) and isinstance(v.value, dict)
+    ]
+    return sorted(out, key=lambda d: str(d.get("name")))
+
+
+def delete_lineage(name: str) -> bool:
+    """Forget a lineage in the catalog (its storage and MLflow versions stay)."""
+    from prefect.variables import Variable
+
+    return Variable.unset(variable_name(name))

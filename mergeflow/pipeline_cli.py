@@ -1,0 +1,278 @@
+"""Pipeline commands: `lineage create|show|list`, `serve`, `watch`, `backfill`, `gc`, `reevaluate`, `demo`.
+
+Only argparse is imported at module level; Prefect, MLflow and torch load when a command
+runs. Clients reach the stack through PREFECT_API_URL / MLFLOW_TRACKING_URI / AWS_*; when
+PREFECT_API_URL is unset and `mergeflow up` runs under MERGEFLOW_HOME, its environment is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from mergeflow.errors import ConfigError
+
+
+def register(subparsers: Any) -> None:
+    """Add the pipeline sub-commands to the `mergeflow` parser."""
+    lp = subparsers.add_parser(
+        "lineage", help="create, show and list lineages (a base, a method, sources, a gate)"
+    )
+    ls = lp.add_subparsers(dest="lineage_command", metavar="ACTION", required=True)
+    p = ls.add_parser(
+        "create",
+        help="validate a lineage YAML and register it",
+        description=(
+            "Validate SPEC.yaml (see mergeflow.lineage), write it to <storage>/lineage.yaml, register it in the Prefect "
+            "server (Variable mergeflow_lineage__<name>) and create its fold lock (global concurrency limit "
+            "mergeflow-fold-<name>, 1 slot). Restart `mergeflow serve` to schedule its watch deployment."
+        ),
+    )
+    p.add_argument("spec", metavar="SPEC.yaml")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="update an existing lineage (base, method, storage and registered model cannot change)",
+    )
+    p.set_defaults(func=cmd_lineage_create)
+    p = ls.add_parser("show", help="print a lineage's spec and its version chain from MLflow")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_lineage_show)
+    p = ls.add_parser("list", help="list registered lineages")
+    p.set_defaults(func=cmd_lineage_list)
+
+    p = subparsers.add_parser(
+        "serve",
+        help="serve the watch, fold, backfill, re-evaluate and gc deployments from this process",
+        description=(
+            "Serve every lineage's watch deployment (on its schedule), the event-triggered fold deployment and the manual "
+            "backfill/reevaluate/gc deployments from this process until interrupted. Each run executes in a subprocess."
+        ),
+    )
+    p.add_argument(
+        "--lineage",
+        action="append",
+        metavar="NAME",
+        help="serve watch for these lineages only (default: all registered)",
+    )
+    p.add_argument(
+        "--fold-limit",
+        type=int,
+        default=2,
+        help="fold runs at once across lineages (default 2; one per lineage always)",
+    )
+    p.add_argument(
+        "--limit", type=int, default=4, help="flow runs this process executes at once (default 4)"
+    )
+    p.add_argument(
+        "--poll",
+        type=float,
+        default=2.0,
+        help="seconds between polls for scheduled runs (default 2)",
+    )
+    p.add_argument("--gc-cron", help="also run gc for every lineage on this cron schedule")
+    p.set_defaults(func=cmd_serve)
+
+    p = subparsers.add_parser(
+        "watch", help="run a lineage's watch flow once, here (emits events for new checkpoints)"
+    )
+    p.add_argument("name")
+    p.set_defaults(func=cmd_watch)
+    p = subparsers.add_parser(
+        "backfill", help="fold the given checkpoints into a lineage, in order, here"
+    )
+    p.add_argument("name")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT_URI")
+    p.set_defaults(func=cmd_backfill)
+    p = subparsers.add_parser(
+        "reevaluate", help="score a registered version again with the lineage's suite"
+    )
+    p.add_argument("name")
+    p.add_argument("version")
+    p.set_defaults(func=cmd_reevaluate)
+    p = subparsers.add_parser(
+        "gc", help="delete storage prefixes that no registered version references"
+    )
+    p.add_argument("name")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    p.set_defaults(func=cmd_gc)
+
+    p = subparsers.add_parser(
+        "demo",
+        help="the whole pipeline on the embedded stack with a tiny ViT on sklearn digits",
+        description=(
+            "Start the embedded stack (MERGEFLOW_HOME), build a tiny ViT base and N fine-tuned checkpoints on sklearn's "
+            "digits (cached under the home), create the lineage digits-demo (OPCM, source s3://<bucket>/demo/published), "
+            "serve the deployments, publish the checkpoints one by one and let watch -> event -> fold -> evaluate -> "
+            "register run. Prints a live table and the UI URLs; exits 0 once N versions are registered. A second run "
+            "on the same home folds nothing twice. Stops what it started unless --keep-running."
+        ),
+    )
+    p.add_argument(
+        "--checkpoints",
+        type=int,
+        default=6,
+        metavar="N",
+        help="how many checkpoints to publish (1-8, default 6)",
+    )
+    p.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave the stack and the served deployments running",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        metavar="S",
+        help="give up after S seconds (default 1800)",
+    )
+    p.add_argument("--home", help="stack home (default: MERGEFLOW_HOME, else ~/.mergeflow)")
+    p.set_defaults(func=cmd_demo)
+
+
+def use_stack_env() -> None:
+    """Point Prefect/MLflow/S3 clients at the local stack when nothing else is configured."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    try:
+        from mergeflow.services.stack import Stack
+        from mergeflow.settings import Settings
+    except ImportError as err:
+        raise ConfigError(
+            f"the pipeline needs the pipeline extra (pip install 'mergeflow[pipeline]'): {err}"
+        ) from err
+    stack = Stack(Settings())
+    if not stack.is_up():
+        raise ConfigError(
+            "no Prefect server configured: set PREFECT_API_URL (and MLFLOW_TRACKING_URI, AWS_*) or start the local stack with `mergeflow up`"
+        )
+    os.environ.update(stack.env())
+    if "prefect" in sys.modules:
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()
+
+
+def cmd_lineage_create(args: argparse.Namespace) -> int:
+    from mergeflow.lineage import LineageSpec, save_lineage
+
+    spec = LineageSpec.from_yaml(args.spec)
+    use_stack_env()
+    save_lineage(spec, replace=args.replace)
+    print(
+        f"lineage {spec.name}: {spec.method} on {spec.base}, storage {spec.storage}, registered model {spec.model_name}"
+    )
+    print(
+        f"watching {', '.join(spec.sources)} every {spec.schedule}{'s' if isinstance(spec.schedule, int) else ''}; restart `mergeflow serve` to schedule it"
+    )
+    return 0
+
+
+def cmd_lineage_show(args: argparse.Namespace) -> int:
+    from mergeflow.lineage import load_lineage
+    from mergeflow.storage.registry import Registry, format_chain
+
+    use_stack_env()
+    spec = load_lineage(args.name)
+    versions = Registry().versions(spec.model_name)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "spec": spec.model_dump(mode="json"),
+                    "versions": [v.model_dump(mode="json") for v in versions],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(spec.to_yaml().rstrip())
+    print(f"\nversions of {spec.model_name} (newest last):")
+    print(format_chain(versions))
+    return 0
+
+
+def cmd_lineage_list(args: argparse.Namespace) -> int:
+    from mergeflow.lineage import list_lineages
+
+    use_stack_env()
+    rows = list_lineages()
+    if not rows:
+        print("no lineages; create one with `mergeflow lineage create SPEC.yaml`")
+    for r in rows:
+        print(f"{r.get('name')}\t{r.get('registered_model')}\t{r.get('spec_uri')}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mergeflow.flows.deployments import serve
+    from mergeflow.lineage import list_lineages, load_lineage
+
+    use_stack_env()
+    names = args.lineage or [str(r["name"]) for r in list_lineages()]
+    specs = [load_lineage(n) for n in names]
+    print(f"serving mergeflow deployments for {', '.join(names) or 'no lineage yet'}", flush=True)
+    serve(
+        specs,
+        fold_limit=args.fold_limit,
+        limit=args.limit,
+        poll_seconds=args.poll,
+        gc_cron=args.gc_cron,
+    )
+    return 0
+
+
+def _print_outcomes(outcomes: Any) -> None:
+    for o in outcomes:
+        print(f"{o.checkpoint_id}\t{o.status}\tversion {o.version or '-'}\t{o.reason}")
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from mergeflow.flows.watch import watch_flow
+
+    use_stack_env()
+    emitted = watch_flow(args.name)
+    print(f"emitted {len(emitted)} event(s): {', '.join(emitted) or '-'}")
+    return 0
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from mergeflow.flows.fold import backfill_flow
+
+    use_stack_env()
+    _print_outcomes(backfill_flow(args.name, list(args.checkpoints)))
+    return 0
+
+
+def cmd_reevaluate(args: argparse.Namespace) -> int:
+    from mergeflow.flows.maintenance import reevaluate_flow
+
+    use_stack_env()
+    ev = reevaluate_flow(args.name, args.version)
+    print(json.dumps({"validation": ev.validation, "test": ev.test}, indent=2))
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from mergeflow.flows.maintenance import gc_flow
+
+    use_stack_env()
+    dropped = gc_flow(args.name, dry_run=args.dry_run)
+    print("\n".join(dropped) if dropped else "nothing to delete")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mergeflow.demo import run_demo
+
+    return run_demo(
+        checkpoints=args.checkpoints,
+        keep_running=args.keep_running,
+        timeout=args.timeout,
+        home=args.home,
+    )

@@ -1,0 +1,88 @@
+"""Frozen values that tasks pass to each other (all JSON-serialisable)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mergeflow.evaluation.continual import AccuracyMatrix
+
+
+class CheckpointRef(BaseModel):
+    """A checkpoint to fold: id (stable within its source), URI, content digest."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    uri: str
+    digest: str = ""
+    published_at: datetime | None = None
+    source: str | None = None
+
+
+class ParentState(BaseModel):
+    """The state a fold builds on: the last accepted version's, or the step-0 state.
+
+    ``matrix`` is the test-split accuracy matrix of the accepted chain so far and
+    ``validation`` the parent's validation scores (what the gate compares against).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    version: str | None
+    state_uri: str
+    step: int
+    folded: tuple[str, ...] = ()
+    params: dict[str, Any] = Field(default_factory=dict)
+    matrix: AccuracyMatrix = AccuracyMatrix()
+    validation: dict[str, float] = Field(default_factory=dict)
+
+
+class FoldOutput(BaseModel):
+    """One fold written under a fresh prefix."""
+
+    model_config = ConfigDict(frozen=True)
+
+    label: str
+    params: dict[str, Any]
+    prefix: str
+    state_uri: str
+    step: int
+    folded: tuple[str, ...]
+    seconds: float
+    peak_rss_mb: float
+
+
+class ModelOutput(BaseModel):
+    """Merged weights exported next to a state."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_uri: str
+    seconds: float
+
+
+class EvalOutput(BaseModel):
+    """Scores of one merged model: validation (gate, selection) and test (reported)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    validation: dict[str, float] = Field(default_factory=dict)
+    test: dict[str, float] = Field(default_factory=dict)
+    seconds: float = 0.0
+    datasets: list[dict[str, str]] = Field(default_factory=list)
+
+
+class FoldOutcome(BaseModel):
+    """What a fold flow did with one checkpoint."""
+
+    model_config = ConfigDict(frozen=True)
+
+    checkpoint_id: str
+    status: str  # accepted | rejected | skipped
+    version: str | None = None
+    step: int | None = None
+    reason: str = ""
+    metrics: dict[str, float] = Field(default_factory=dict)

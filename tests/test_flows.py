@@ -1,0 +1,468 @@
+"""The pipeline as deployments on the REAL stack: schedule -> watch -> event -> fold -> register.
+
+One served-deployments process (``mergeflow serve``) runs for the module against the
+session stack (Prefect, MLflow, SeaweedFS S3). Checkpoints are a tiny MLP on sklearn's
+digits (trained in a second), published to an S3 prefix the lineage watches.
+
+Covered: the schedule triggers watch and an event triggers a fold (checked through the
+runs' ``created_by``); a checkpoint that fails validation is rejected and does not block
+the next one; the gate rejects a destructive fold and ``champion`` stays on the last
+accepted version, which the next fold builds on; duplicate events fold once under the
+lineage's concurrency limit; gc deletes only unreferenced prefixes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from fixtures_stack import RunningStack
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+WAIT_S = 240.0
+
+
+# ----------------------------------------------------------------------------- suite
+@dataclass(frozen=True)
+class MlpSuite:
+    """A base MLP and checkpoint folders (by id) plus per-task data (``{split}`` template)."""
+
+    root: Path
+    base: Path
+    checkpoints: dict[str, Path]
+    data: dict[str, str]
+
+
+def _mlp_config(num_labels: int) -> dict[str, Any]:
+    return {
+        "mergeflow_architecture": "mlp",
+        "in_features": 64,
+        "hidden": [32],
+        "num_labels": num_labels,
+    }
+
+
+def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _save(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(
+        {k: v.detach().contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors")
+    )
+    return folder
+
+
+def build_mlp_suite(root: Path) -> MlpSuite:
+    """Base pretrained on digits; checkpoints ``t1``..``t4`` fine-tuned on label maps; ``bad``, ``noise``."""
+    from sklearn.datasets import load_digits
+
+    from mergeflow.evaluation.models import MLP
+
+    d = load_digits()
+    x = torch.tensor(d.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    pre, train, val, test = perm[:600], perm[600:1200], perm[1200:1500], perm[1500:]
+    base = MLP(_mlp_config(10))
+    _train(base, x[pre], y[pre], 150, 0)
+    backbone = {k: v for k, v in base.state_dict().items() if not k.startswith("classifier.")}
+    _save(root / "base", _mlp_config(10), backbone)
+    labelings = {
+        "t1": lambda t: t,
+        "t2": lambda t: t % 2,
+        "t3": lambda t: t % 3,
+        "t4": lambda t: (t >= 5).long(),
+    }
+    checkpoints, data = {}, {}
+    for i, (name, fn) in enumerate(labelings.items()):
+        k = int(fn(y).max()) + 1
+        m = MLP(_mlp_config(k))
+        m.load_state_dict(
+            {**backbone, **{n: v for n, v in m.state_dict().items() if n.startswith("classifier.")}}
+        )
+        _train(m, x[train], fn(y[train]), 60, i + 1)
+        checkpoints[name] = _save(root / "checkpoints" / name, _mlp_config(k), m.state_dict())
+        for split, idx in (("validation", val), ("test", test)):
+            (root / "data" / name).mkdir(parents=True, exist_ok=True)
+            np.savez(
+                root / "data" / name / f"{split}.npz", x=x[idx].numpy(), labels=fn(y[idx]).numpy()
+            )
+        data[name] = str(root / "data" / name / "{split}.npz")
+    bad = {k: v.clone() for k, v in backbone.items()}
+    bad["layers.0.weight"] = torch.zeros(32, 60)
+    checkpoints["bad"] = _save(root / "checkpoints" / "bad", _mlp_config(10), bad)
+    g = torch.Generator().manual_seed(7)
+    noise = {k: v + 4.0 * torch.randn(v.shape, generator=g) for k, v in backbone.items()}
+    noise.update(
+        {n: v for n, v in MLP(_mlp_config(10)).state_dict().items() if n.startswith("classifier.")}
+    )
+    checkpoints["noise"] = _save(root / "checkpoints" / "noise", _mlp_config(10), noise)
+    return MlpSuite(root, root / "base", checkpoints, data)
+
+
+def lineage_spec(name: str, suite: MlpSuite, prefix: str, **overrides: Any) -> Any:
+    """A task-arithmetic lineage over ``suite`` watching ``<prefix>/published`` every 5 s."""
+    from mergeflow.evaluation.spec import EvaluationSuite, GateSpec, TaskSpec
+    from mergeflow.lineage import LineageSpec
+
+    tasks = tuple(TaskSpec(name=t, checkpoint=t, data=suite.data[t]) for t in suite.data)
+    values: dict[str, Any] = {
+        "name": name,
+        "base": str(suite.base),
+        "method": "task_arithmetic",
+        "params": {"scaling_factor": 0.5},
+        "sources": (f"{prefix}/published",),
+        "evaluation": EvaluationSuite(tasks=tasks),
+        "gate": GateSpec(min_acc=0.3, max_drop=0.25),
+        "storage": f"{prefix}/lineage",
+        "device": "cpu",
+        "schedule": 5,
+    }
+    values.update(overrides)
+    return LineageSpec(**values)
+
+
+def publish(prefix: str, suite: MlpSuite, ck: str) -> None:
+    """Upload a checkpoint folder to the watched S3 prefix (weights last)."""
+    from mergeflow.storage.store import open_store
+
+    dst = open_store(f"{prefix}/published/{ck}")
+    folder = suite.checkpoints[ck]
+    dst.put_file(folder / "config.json", "config.json")
+    dst.put_file(folder / "model.safetensors", "model.safetensors")
+
+
+def wait_for_version(model: str, ck: str, log: Path | None = None, timeout: float = WAIT_S) -> Any:
+    """The version for checkpoint ``ck`` once registered and its lineage's fold runs are done.
+
+    ``model`` is the registered model, which is the lineage name in these tests.
+    """
+    from mergeflow.flows.watch import active_fold_targets
+    from mergeflow.services.process import log_tail
+    from mergeflow.storage.registry import Registry
+
+    reg = Registry()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(v.checkpoint_id == ck for v in reg.versions(model)):
+            # the version exists; let the fold runs finish (aliases, lock release) and re-read
+            while active_fold_targets(model) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            return next(v for v in reg.versions(model) if v.checkpoint_id == ck)
+        time.sleep(1.0)
+    pytest.fail(
+        f"no version for {ck} in {model} after {timeout:.0f}s\n{log_tail(log, 40) if log else ''}",
+        pytrace=False,
+    )
+
+
+def flow_runs(flow_name: str, **params: str) -> list[Any]:
+    """Runs of a flow whose parameters include ``params``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])), limit=200
+        )
+    return [r for r in runs if all((r.parameters or {}).get(k) == v for k, v in params.items())]
+
+
+@dataclass(frozen=True)
+class Served:
+    spec: Any
+    suite: MlpSuite
+    prefix: str
+    log: Path
+    running: RunningStack
+
+
+@pytest.fixture(scope="module")
+def mlp_suite(tmp_path_factory: pytest.TempPathFactory) -> MlpSuite:
+    return build_mlp_suite(tmp_path_factory.mktemp("mlp-suite"))
+
+
+@pytest.fixture(scope="module")
+def served(stack: RunningStack, mlp_suite: MlpSuite) -> Iterator[Served]:
+    """Lineage ``flows-<id>`` registered and ``mergeflow serve`` running for it."""
+    from mergeflow.lineage import save_lineage
+
+    tag = uuid.uuid4().hex[:6]
+    prefix = f"s3://{stack.bucket}/tests-{tag}"
+    spec = save_lineage(lineage_spec(f"flows-{tag}", mlp_suite, prefix))
+    name = f"serve-{tag}"
+    proc = stack.stack.command(
+        name, [sys.executable, "-m", "mergeflow", "serve", "--lineage", spec.name, "--poll", "1"]
+    )
+    status = stack.stack.start_process(proc)
+    try:
+        yield Served(spec, mlp_suite, prefix, Path(status.log or ""), stack)
+    finally:
+        from mergeflow.flows.watch import active_fold_targets
+
+        end = time.monotonic() + 60
+        while active_fold_targets(spec.name) and time.monotonic() < end:  # let runs finish
+            time.sleep(1.0)
+        stack.stack.stop_process(name)
+
+
+# ----------------------------------------------------------------------------- tests
+def test_schedule_triggers_watch_and_the_event_triggers_a_fold(served: Served) -> None:
+    from prefect.client.orchestration import get_client
+
+    publish(served.prefix, served.suite, "t1")
+    v = wait_for_version(served.spec.model_name, "t1", served.log)
+    assert v.status == "accepted" and v.step == 1 and v.parent_version is None
+    assert {"champion", "newest"} <= set(v.aliases)
+    assert v.model_uri.startswith(f"{served.prefix}/lineage/steps/0001-") and v.model_uri.endswith(
+        "/model"
+    )
+    assert v.state_uri.startswith(f"{served.prefix}/lineage/steps/0001-") and v.state_uri.endswith(
+        "/state"
+    )
+    assert 0.0 <= v.metrics["acc/t1"] <= 1.0 and v.metrics["acc_avg"] == pytest.approx(
+        v.metrics["acc/t1"]
+    )
+    watch = [
+        r
+        for r in flow_runs("mergeflow-watch", lineage=served.spec.name)
+        if r.state_type and r.state_type.value == "COMPLETED"
+    ]
+    assert watch and all(
+        r.auto_scheduled and r.created_by and r.created_by.type == "SCHEDULE" for r in watch
+    )
+    folds = flow_runs("mergeflow-fold", lineage=served.spec.name, checkpoint_id="t1")
+    assert folds and all(r.created_by and r.created_by.type == "AUTOMATION" for r in folds)
+    with get_client(sync_client=True) as client:
+        lock = client.read_global_concurrency_limit_by_name(served.spec.concurrency_name)
+    assert lock.limit == 1 and lock.active_slots == 0
+
+
+def test_a_rejected_checkpoint_does_not_block_later_ones(served: Served) -> None:
+    publish(served.prefix, served.suite, "bad")
+    publish(served.prefix, served.suite, "t2")
+    bad = wait_for_version(served.spec.model_name, "bad", served.log)
+    good = wait_for_version(served.spec.model_name, "t2", served.log)
+    assert bad.status == "rejected" and "shape" in bad.reason and bad.model_uri == ""
+    assert "champion" not in bad.aliases
+    assert good.status == "accepted" and good.step == 2
+    first = wait_for_version(served.spec.model_name, "t1")
+    assert good.parent_version == first.version
+    assert int(bad.version) < int(good.version)  # publication order kept
+
+
+def test_the_gate_keeps_champion_on_the_last_accepted_version(served: Served) -> None:
+    from mergeflow.storage.registry import Registry
+
+    reg = Registry()
+    before = reg.champion(served.spec.model_name)
+    assert before is not None and before.checkpoint_id == "t2"
+    publish(served.prefix, served.suite, "noise")
+    noisy = wait_for_version(served.spec.model_name, "noise", served.log)
+    assert (
+        noisy.status == "rejected" and "ACC" in noisy.reason and noisy.model_uri
+    )  # gate, not validation
+    assert reg.champion(served.spec.model_name).version == before.version
+    publish(served.prefix, served.suite, "t3")
+    nxt = wait_for_version(served.spec.model_name, "t3", served.log)
+    assert nxt.status == "accepted"
+    assert (
+        nxt.parent_version == before.version
+    )  # built on the last accepted state, not the rejected one
+    assert nxt.step == before.step + 1
+    assert reg.champion(served.spec.model_name).version == nxt.version
+    newest = reg.newest(served.spec.model_name)
+    assert newest is not None and newest.version == nxt.version and "bwt" in nxt.metrics
+
+
+def test_duplicate_events_fold_once(
+    served: Served, mlp_suite: MlpSuite, stack: RunningStack
+) -> None:
+    """A lineage nobody watches: two identical events -> two fold runs -> one fold."""
+    from mergeflow.flows.events import emit_published
+    from mergeflow.lineage import save_lineage
+    from mergeflow.storage.sources import source_from_uri
+    from mergeflow.tasks.models import CheckpointRef
+
+    tag = uuid.uuid4().hex[:6]
+    prefix = f"s3://{stack.bucket}/tests-{tag}"
+    spec = save_lineage(lineage_spec(f"dup-{tag}", mlp_suite, prefix))
+    publish(prefix, mlp_suite, "t1")
+    (c,) = source_from_uri(f"{prefix}/published").list()
+    ck = CheckpointRef(
+        id=c.id,
+        uri=c.uri,
+        digest=c.digest,
+        published_at=c.published_at,
+        source=f"{prefix}/published",
+    )
+    emit_published(spec.name, ck)
+    emit_published(spec.name, ck)
+    wait_for_version(spec.model_name, "t1", served.log)
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        runs = flow_runs("mergeflow-fold", lineage=spec.name)
+        if len(runs) == 2 and all(r.state_type and r.state_type.value == "COMPLETED" for r in runs):
+            break
+        time.sleep(1.0)
+    else:
+        pytest.fail(
+            f"expected 2 completed fold runs, got {[(r.name, r.state_type) for r in flow_runs('mergeflow-fold', lineage=spec.name)]}"
+        )
+    from mergeflow.storage.registry import Registry
+
+    assert [v.checkpoint_id for v in Registry().versions(spec.model_name)] == ["t1"]
+    subflows = [r for r in flow_runs("mergeflow-fold-checkpoint") if r.name == f"{spec.name}-t1"]
+    assert len(subflows) == 1  # the second run saw the registered version and skipped
+
+
+def test_gc_deletes_only_unreferenced_prefixes(served: Served) -> None:
+    from mergeflow.flows.maintenance import gc_flow
+    from mergeflow.storage.registry import Registry
+    from mergeflow.storage.store import open_store
+
+    root = open_store(served.spec.storage)
+    root.write_bytes("steps/9999-deadbeef/state/state.json", b"{}")
+    assert gc_flow(served.spec.name, dry_run=True) == [f"{served.spec.storage}/steps/9999-deadbeef"]
+    assert root.exists("steps/9999-deadbeef/state/state.json")
+    assert gc_flow(served.spec.name) == [f"{served.spec.storage}/steps/9999-deadbeef"]
+    assert not root.exists("steps/9999-deadbeef/state/state.json")
+    for v in Registry().versions(served.spec.model_name):
+        if v.state_uri:
+            assert open_store(v.state_uri).exists("state.json")
+        if v.model_uri:
+            assert open_store(v.model_uri).exists("model.safetensors")
+
+
+def test_dask_fold_matches_the_sequential_fold(
+    stack: RunningStack, model_files: Any, tmp_path: Path
+) -> None:
+    """Tensor groups folded on a local Dask cluster (worker processes, then threads) == the engine's fold."""
+    from mergeflow.flows.dask_fold import dask_fold, split_groups
+    from mergeflow.merging import engine
+    from mergeflow.merging.state import BaseRef
+    from mergeflow.storage import state_store
+    from mergeflow.storage.architecture import resolve_projection
+    from mergeflow.storage.checkpoints import open_checkpoint
+    from mergeflow.storage.store import LocalStore
+
+    assert split_groups([("a", 5), ("b", 1), ("c", 1), ("d", 5)], 3) == [["a"], ["b", "c"], ["d"]]
+    assert split_groups([("a", 1)], 4) == [["a"]]
+    base_path, cks = model_files(n=2, heads=True)
+    base = open_checkpoint(str(base_path))
+    info = engine.new_state(
+        "opcm", {}, BaseRef(uri=base.uri, digest="-"), resolve_projection(base.reader, None), None
+    )
+    seq = LocalStore(tmp_path / "seq")
+    state_store.init_state(seq, info)
+    state_store.init_state(LocalStore(tmp_path / "d0"), info)
+    for i, (ck, processes) in enumerate(zip(cks, (True, False), strict=True)):
+        c = open_checkpoint(str(ck), base=base.reader)
+        state_store.fold_checkpoint(seq, seq, base.reader, c, checkpoint_id=f"c{i}", digest=f"d{i}")
+        r = dask_fold(
+            str(base_path),
+            str(ck),
+            str(tmp_path / f"d{i}"),
+            str(tmp_path / f"d{i + 1}"),
+            checkpoint_id=f"c{i}",
+            digest=f"d{i}",
+            groups=3,
+            n_workers=2,
+            processes=processes,
+        )
+        assert r["step"] == i + 1 and r["groups"] == 3
+    (m1, r1), (m2, r2) = (
+        state_store.load_state(seq),
+        state_store.load_state(LocalStore(tmp_path / "d2")),
+    )
+    assert m2.info.step == 2 and [c.id for c in m2.info.checkpoints] == ["c0", "c1"]
+    assert m2.info.coefficient == pytest.approx(m1.info.coefficient, rel=1e-12)
+    assert r1 is not None and r2 is not None and sorted(r1.keys()) == sorted(r2.keys())
+    for k in r1.keys():
+        assert torch.equal(r1.get(k), r2.get(k)), k
+    assert set(m2.heads) == {"c0", "c1"}
+    assert torch.equal(
+        state_store.heads_reader(LocalStore(tmp_path / "d2"), m2, "c1").get("head.weight"),
+        open_checkpoint(str(cks[1])).reader.get("head.weight"),
+    )
+
+
+def test_a_lineage_can_fold_on_dask(
+    stack: RunningStack, mlp_suite: MlpSuite, tmp_path: Path
+) -> None:
+    from mergeflow.flows.fold import backfill_flow
+    from mergeflow.lineage import DaskSpec, save_lineage
+
+    tag = uuid.uuid4().hex[:6]
+    spec = save_lineage(
+        lineage_spec(
+            f"dask-{tag}",
+            mlp_suite,
+            str(tmp_path / "lin"),
+            sources=(str(mlp_suite.root / "checkpoints"),),
+            dask=DaskSpec(n_workers=2, processes=False, groups=2),
+        )
+    )
+    (out,) = backfill_flow(spec.name, [str(mlp_suite.checkpoints["t1"])])
+    assert out.status == "accepted" and out.step == 1 and "acc/t1" in out.metrics
+    v = wait_for_version(spec.model_name, "t1", timeout=10)
+    assert v.model_uri.startswith(str(tmp_path / "lin" / "lineage" / "steps"))
+
+
+def test_candidates_fold_from_the_same_parent_and_the_best_passing_one_wins(
+    stack: RunningStack, mlp_suite: MlpSuite, tmp_path: Path
+) -> None:
+    from mergeflow.flows.fold import backfill_flow
+    from mergeflow.lineage import CandidateSpec, save_lineage
+    from mergeflow.storage import state_store
+    from mergeflow.storage.store import open_store
+
+    tag = uuid.uuid4().hex[:6]
+    cands = (
+        CandidateSpec(name="small", params={"scaling_factor": 0.1}),
+        CandidateSpec(name="full", params={"scaling_factor": 1.0}),
+    )
+    spec = save_lineage(
+        lineage_spec(
+            f"cand-{tag}",
+            mlp_suite,
+            str(tmp_path / "lin"),
+            sources=(str(mlp_suite.root / "checkpoints"),),
+            candidates=cands,
+        )
+    )
+    (out,) = backfill_flow(spec.name, [str(mlp_suite.checkpoints["t1"])])
+    assert out.status == "accepted"
+    second = out.metrics
+    vals = {c: second[f"candidate/{c}/val_acc_avg"] for c in ("small", "full")}
+    winner = max(vals, key=lambda c: vals[c])
+    assert second["val_acc_avg"] == pytest.approx(
+        vals[winner]
+    )  # the reported fold is the best candidate
+    v = wait_for_version(spec.model_name, "t1", timeout=10)
+    info = state_store.read_manifest(open_store(v.state_uri)).info
+    assert info.params == {"scaling_factor": 1.0 if winner == "full" else 0.1}
+    steps = {o.relpath.split("/")[1] for o in open_store(spec.storage).list("steps")}
+    assert len(steps) == 1  # the losing candidate's prefix is gone
