@@ -50,7 +50,13 @@ METHODS: list[tuple[str, str, dict]] = [
     ("MagMax (s=0.5)", "magmax", {"scaling_factor": 0.5}),
     ("continual TIES (defaults)", "ties", {}),
 ]
-PAPER = {"opcm": "75.5 ± 0.5", "magmax": "70.7", "task_arithmetic": "67.5", "weight_average": "66.3", "ties": "49.0 ± 10.2"}
+PAPER = {
+    "opcm": "75.5 ± 0.5",
+    "magmax": "70.7",
+    "task_arithmetic": "67.5",
+    "weight_average": "66.3",
+    "ties": "49.0 ± 10.2",
+}
 
 
 @dataclass
@@ -71,14 +77,28 @@ def load(suite: SuiteFiles) -> Loaded:
         cks[p.name] = sd
         heads[p.name] = {k: v for k, v in sd.items() if k not in base}
     config = json.loads((suite.base / "config.json").read_text())
-    return Loaded(suite, config, base, cks, heads, dict(zip(suite.checkpoint_ids, suite.task_names, strict=True)))
+    return Loaded(
+        suite,
+        config,
+        base,
+        cks,
+        heads,
+        dict(zip(suite.checkpoint_ids, suite.task_names, strict=True)),
+    )
 
 
-def fold_order(ld: Loaded, evaluator, method: str, params: dict, order: list[str]) -> tuple[AccuracyMatrix, float]:  # noqa: ANN001
+def fold_order(
+    ld: Loaded, evaluator, method: str, params: dict, order: list[str]
+) -> tuple[AccuracyMatrix, float]:  # noqa: ANN001
     """Fold checkpoints in ``order`` through the engine; score every folded task after each step."""
     es = ld.suite.evaluation_suite()
     base_r = DictReader(ld.base, "base")
-    info = new_state(method, params, BaseRef(uri=str(ld.suite.base), digest="base"), resolve_projection(base_r, ld.config))
+    info = new_state(
+        method,
+        params,
+        BaseRef(uri=str(ld.suite.base), digest="base"),
+        resolve_projection(base_r, ld.config),
+    )
     state = None
     heads: dict[str, dict] = {}
     matrix = AccuracyMatrix()
@@ -86,7 +106,16 @@ def fold_order(ld: Loaded, evaluator, method: str, params: dict, order: list[str
     for cid in order:
         w, hw = DictWriter(), DictWriter()
         t0 = time.perf_counter()
-        info = fold(info, state, base_r, DictReader(ld.checkpoints[cid], cid), checkpoint_id=cid, digest=cid, out=w, heads_out=hw)
+        info = fold(
+            info,
+            state,
+            base_r,
+            DictReader(ld.checkpoints[cid], cid),
+            checkpoint_id=cid,
+            digest=cid,
+            out=w,
+            heads_out=hw,
+        )
         state = w.reader("state")
         mw = DictWriter()
         export(info, state, base_r, mw)
@@ -108,8 +137,17 @@ def task_vector_stats(ld: Loaded) -> dict[str, float]:
     b = torch.cat([ld.base[k].double().flatten() for k in keys])
     taus = [torch.cat([c[k].double().flatten() for k in keys]) - b for c in ld.checkpoints.values()]
     rel = [float(t.norm() / b.norm()) for t in taus]
-    cos = [float(taus[i] @ taus[j] / (taus[i].norm() * taus[j].norm())) for i in range(len(taus)) for j in range(i + 1, len(taus))]
-    return {"rel_norm_mean": statistics.mean(rel), "cos_mean": statistics.mean(cos), "cos_min": min(cos), "cos_max": max(cos)}
+    cos = [
+        float(taus[i] @ taus[j] / (taus[i].norm() * taus[j].norm()))
+        for i in range(len(taus))
+        for j in range(i + 1, len(taus))
+    ]
+    return {
+        "rel_norm_mean": statistics.mean(rel),
+        "cos_mean": statistics.mean(cos),
+        "cos_min": min(cos),
+        "cos_max": max(cos),
+    }
 
 
 def mean_std(xs: list[float]) -> str:
@@ -128,7 +166,9 @@ def run_suite(name: str, suite: SuiteFiles, n_orders: int, seed: int, out_dir: P
     for cid in ids:
         backbone = {k: v for k, v in ld.checkpoints[cid].items() if k in ld.base}
         task = es.task(ld.task_of[cid])
-        own[task.name] = evaluator.evaluate(DictReader(backbone, cid), ld.heads, [task], "test")[task.name]
+        own[task.name] = evaluator.evaluate(DictReader(backbone, cid), ld.heads, [task], "test")[
+            task.name
+        ]
     rng = np.random.default_rng(seed)
     orders = [[ids[i] for i in rng.permutation(len(ids))] for _ in range(n_orders)]
     results: dict[str, dict] = {}
@@ -142,10 +182,24 @@ def run_suite(name: str, suite: SuiteFiles, n_orders: int, seed: int, out_dir: P
             curves.append(m.acc_curve())
             secs.append(s)
             first_matrix = first_matrix or m
-        results[method] = {"label": label, "params": params, "acc": accs, "bwt": bwts, "acc_curves": curves, "fold_seconds": secs}
-        print(f"  [{name}] {label:36s} ACC {mean_std(accs):>12s}   BWT {mean_std(bwts):>12s}", flush=True)
+        results[method] = {
+            "label": label,
+            "params": params,
+            "acc": accs,
+            "bwt": bwts,
+            "acc_curves": curves,
+            "fold_seconds": secs,
+        }
+        print(
+            f"  [{name}] {label:36s} ACC {mean_std(accs):>12s}   BWT {mean_std(bwts):>12s}",
+            flush=True,
+        )
         if method == "opcm" and first_matrix is not None:
-            plot_accuracy_matrix(first_matrix, out_dir / f"quality_{name}_opcm_matrix.png", title=f"{name}: OPCM a_i(θ̄_j), order 1 (test split)")
+            plot_accuracy_matrix(
+                first_matrix,
+                out_dir / f"quality_{name}_opcm_matrix.png",
+                title=f"{name}: OPCM a_i(θ̄_j), order 1 (test split)",
+            )
     summary = {
         "suite": name,
         "tasks": list(suite.task_names),
@@ -171,10 +225,20 @@ def plot(summary: dict, path: Path) -> None:
     methods = summary["methods"]
     names = list(methods)
     means = [100 * statistics.mean(methods[m]["acc"]) for m in names]
-    stds = [100 * (statistics.stdev(methods[m]["acc"]) if len(methods[m]["acc"]) > 1 else 0) for m in names]
+    stds = [
+        100 * (statistics.stdev(methods[m]["acc"]) if len(methods[m]["acc"]) > 1 else 0)
+        for m in names
+    ]
     a1.bar(range(len(names)), means, yerr=stds, capsize=4, color="tab:blue")
-    a1.axhline(100 * summary["individual"]["acc"], color="tab:green", ls="--", label="individual fine-tuned")
-    a1.axhline(100 * summary["pretrained"]["acc"], color="tab:gray", ls=":", label="pretrained + own heads")
+    a1.axhline(
+        100 * summary["individual"]["acc"],
+        color="tab:green",
+        ls="--",
+        label="individual fine-tuned",
+    )
+    a1.axhline(
+        100 * summary["pretrained"]["acc"], color="tab:gray", ls=":", label="pretrained + own heads"
+    )
     a1.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
     a1.set_ylabel("final ACC (%) on test, mean ± std over orders")
     a1.legend(fontsize=7)
@@ -186,7 +250,10 @@ def plot(summary: dict, path: Path) -> None:
     a2.set_xlabel("step t (checkpoints folded)")
     a2.set_ylabel("ACC_t (%)")
     a2.legend(fontsize=7)
-    fig.suptitle(f"{summary['suite']} suite: continual merging over {len(summary['orders'])} random orders (test split)", fontsize=10)
+    fig.suptitle(
+        f"{summary['suite']} suite: continual merging over {len(summary['orders'])} random orders (test split)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -215,7 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", choices=["vision", "text", "all"], default="all")
     ap.add_argument("--orders", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--work", type=Path, default=HERE / "_work" / "quality", help="where suites are built (reused)")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=HERE / "_work" / "quality",
+        help="where suites are built (reused)",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -225,18 +297,27 @@ def main(argv: list[str] | None = None) -> int:
         from mergeflow.examples.digits import build_digits_suite
 
         print("building the digits suite (8 tasks) ...", flush=True)
-        suite = build_digits_suite(args.work / "digits", n_tasks=8, seed=args.seed, log=lambda m: print("  " + m, flush=True))
+        suite = build_digits_suite(
+            args.work / "digits",
+            n_tasks=8,
+            seed=args.seed,
+            log=lambda m: print("  " + m, flush=True),
+        )
         tables.append(table(run_suite("vision", suite, args.orders, args.seed, args.out)))
     if args.suite in ("text", "all"):
         from mergeflow.examples.text import build_text_suite
 
         print("building the text suite (MiniLM, 4 tasks) ...", flush=True)
-        suite = build_text_suite(args.work / "text", seed=args.seed, log=lambda m: print("  " + m, flush=True))
+        suite = build_text_suite(
+            args.work / "text", seed=args.seed, log=lambda m: print("  " + m, flush=True)
+        )
         tables.append(table(run_suite("text", suite, args.orders, args.seed, args.out)))
     print()
     print("\n\n".join(tables))
     cpu = os.times()
-    print(f"\nwall {time.time() - t0:.0f} s, CPU user+sys {cpu.user + cpu.system:.0f} s; results in {args.out}")
+    print(
+        f"\nwall {time.time() - t0:.0f} s, CPU user+sys {cpu.user + cpu.system:.0f} s; results in {args.out}"
+    )
     return 0
 
 

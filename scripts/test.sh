@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh dev
 .venv/bin/ruff check mergeflow tests benchmarks
+.venv/bin/ruff format --check mergeflow tests benchmarks
 .venv/bin/lint-imports
 exec .venv/bin/python -m pytest "$@"

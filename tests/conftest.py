@@ -129,7 +129,9 @@ def fold_in_memory(method, base, ckpts, params=None, options=None, dtype=None):
     state = None
     for i, c in enumerate(ckpts):
         w = DictWriter()
-        info = engine.fold(info, state, br, DictReader(c, f"c{i}"), checkpoint_id=f"c{i}", digest=f"d{i}", out=w)
+        info = engine.fold(
+            info, state, br, DictReader(c, f"c{i}"), checkpoint_id=f"c{i}", digest=f"d{i}", out=w
+        )
         state = w.reader()
     out = DictWriter()
     engine.export(info, state, br, out, dtype=dtype)

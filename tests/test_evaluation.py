@@ -34,26 +34,39 @@ from mergeflow.merging.io import DictReader
 
 # --- a tiny model whose logits are computed by hand --------------------------------------
 # mlp, identity activation: logits = head_W @ (M @ x) + head_b, with M the merged "backbone".
-MLP_CONFIG = {"mergeflow_architecture": "mlp", "in_features": 2, "hidden": [2], "num_labels": 2, "activation": "identity"}
+MLP_CONFIG = {
+    "mergeflow_architecture": "mlp",
+    "in_features": 2,
+    "hidden": [2],
+    "num_labels": 2,
+    "activation": "identity",
+}
 X = np.array([[2, 1], [1, 3], [0, -1], [-2, -1]], dtype=np.float32)
 LABELS_A = np.array([0, 1, 1, 1])
 LABELS_B = np.array([2, 1, 0, 0])
 HEADS = {
     "ck-a": {"classifier.weight": torch.eye(2), "classifier.bias": torch.zeros(2)},
     # 3 labels although the config says 2: a head may change shape
-    "ck-b": {"classifier.weight": torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), "classifier.bias": torch.zeros(3)},
+    "ck-b": {
+        "classifier.weight": torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]),
+        "classifier.bias": torch.zeros(3),
+    },
 }
 
 
 def backbone(m: list[list[float]]) -> DictReader:
-    return DictReader({"layers.0.weight": torch.tensor(m), "layers.0.bias": torch.zeros(2)}, "merged")
+    return DictReader(
+        {"layers.0.weight": torch.tensor(m), "layers.0.bias": torch.zeros(2)}, "merged"
+    )
 
 
 IDENTITY = [[1.0, 0.0], [0.0, 1.0]]
 SWAP = [[0.0, 1.0], [1.0, 0.0]]
 
 
-def write_split(folder: Path, name: str, labels: np.ndarray, fmt: str = "npz", x: np.ndarray = X) -> str:
+def write_split(
+    folder: Path, name: str, labels: np.ndarray, fmt: str = "npz", x: np.ndarray = X
+) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     for split in ("validation", "test"):
         path = folder / f"{name}-{split}.{fmt}"
@@ -73,13 +86,17 @@ def write_split(folder: Path, name: str, labels: np.ndarray, fmt: str = "npz", x
 def mlp_tasks(tmp_path: Path) -> list[TaskSpec]:
     return [
         TaskSpec(name="a", checkpoint="ck-a", data=write_split(tmp_path, "a", LABELS_A, "npz")),
-        TaskSpec(name="b", checkpoint="ck-b", data=write_split(tmp_path, "b", LABELS_B, "safetensors")),
+        TaskSpec(
+            name="b", checkpoint="ck-b", data=write_split(tmp_path, "b", LABELS_B, "safetensors")
+        ),
     ]
 
 
 # --- classification ----------------------------------------------------------------------
 def test_accuracy_by_hand(mlp_tasks: list[TaskSpec]) -> None:
-    ev = ClassificationEvaluator(MLP_CONFIG, batch_size=3)  # 3 does not divide 4: batching is exercised
+    ev = ClassificationEvaluator(
+        MLP_CONFIG, batch_size=3
+    )  # 3 does not divide 4: batching is exercised
     # identity backbone: head a -> argmax x = [0, 1, 0, 1] vs [0, 1, 1, 1] = 3/4
     # head b logits [x0, x1, x0+x1] -> [2, 2, 0, 1] vs [2, 1, 0, 0] = 2/4
     assert ev.evaluate(backbone(IDENTITY), HEADS, mlp_tasks, "test") == {"a": 0.75, "b": 0.5}
@@ -89,7 +106,9 @@ def test_accuracy_by_hand(mlp_tasks: list[TaskSpec]) -> None:
 
 
 def test_parquet_data_and_max_examples(tmp_path: Path) -> None:
-    task = TaskSpec(name="p", checkpoint="ck-a", data=write_split(tmp_path, "p", LABELS_A, "parquet"))
+    task = TaskSpec(
+        name="p", checkpoint="ck-a", data=write_split(tmp_path, "p", LABELS_A, "parquet")
+    )
     ev = ClassificationEvaluator(MLP_CONFIG)
     assert ev.evaluate(backbone(IDENTITY), HEADS, [task], "test") == {"p": 0.75}
     capped = ClassificationEvaluator(MLP_CONFIG, max_examples=2)  # first two rows are both right
@@ -101,7 +120,15 @@ def test_hf_model_from_config_json(tmp_path: Path) -> None:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=3, architectures=["BertForSequenceClassification"])
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+        architectures=["BertForSequenceClassification"],
+    )
     model = BertForSequenceClassification(cfg).eval()
     sd = model.state_dict()
     ids = torch.randint(1, 50, (20, 6))
@@ -140,9 +167,18 @@ def test_perplexity_vs_direct_computation(tmp_path: Path) -> None:
     for split in ("validation", "test"):
         (tmp_path / f"{split}.txt").write_text(TEXT)
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=32, n_embd=16, n_layer=1, n_head=2, architectures=["GPT2LMHeadModel"])
+    cfg = GPT2Config(
+        vocab_size=tok.get_vocab_size(),
+        n_positions=32,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        architectures=["GPT2LMHeadModel"],
+    )
     model = GPT2LMHeadModel(cfg).eval()
-    sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to wte, as HF saves it
+    sd = {
+        k: v for k, v in model.state_dict().items() if k != "lm_head.weight"
+    }  # tied to wte, as HF saves it
     ids = tok.encode(TEXT).ids
     block = 8
     nll, n = 0.0, 0
@@ -156,7 +192,12 @@ def test_perplexity_vs_direct_computation(tmp_path: Path) -> None:
                 nll -= float(torch.log_softmax(logits[k - 1], -1)[chunk[k]])
                 n += 1
     expected = math.exp(nll / n)
-    task = TaskSpec(name="lm", data=str(tmp_path / "{split}.txt"), metric="perplexity", options={"block_size": block})
+    task = TaskSpec(
+        name="lm",
+        data=str(tmp_path / "{split}.txt"),
+        metric="perplexity",
+        options={"block_size": block},
+    )
     suite = EvaluationSuite(tasks=(task,), tokenizer=str(tmp_path / "tokenizer.json"))
     ev = build_evaluator(suite, model_config=cfg.to_dict())
     got = ev.evaluate(DictReader(sd), {}, suite.tasks, "test")["lm"]
@@ -166,7 +207,7 @@ def test_perplexity_vs_direct_computation(tmp_path: Path) -> None:
 
 
 # --- user evaluator -----------------------------------------------------------------------
-USER_MODULE = '''
+USER_MODULE = """
 import math
 def score(model, heads, tasks, split, context):
     total = float(sum(model.get(k).sum() for k in model.keys()))
@@ -180,7 +221,7 @@ def missing(model, heads, tasks, split):
 def nan(model, heads, tasks, split):
     return {t.name: math.nan for t in tasks}
 NOT_CALLABLE = 3
-'''
+"""
 
 
 @pytest.fixture
@@ -239,14 +280,18 @@ def test_acc_bwt_hand_worked() -> None:
     assert m.bwt(3) == pytest.approx(((0.6 - 0.9) + (0.5 - 0.7)) / 2)
     assert m.acc_curve() == pytest.approx([0.9, 0.75, 2.05 / 3])
     metrics = continual_metrics(m)
-    assert metrics == pytest.approx({"test/A": 0.6, "test/B": 0.5, "test/C": 0.95, "test/acc": 2.05 / 3, "test/bwt": -0.25})
+    assert metrics == pytest.approx(
+        {"test/A": 0.6, "test/B": 0.5, "test/C": 0.95, "test/acc": 2.05 / 3, "test/bwt": -0.25}
+    )
     assert "validation/bwt" not in continual_metrics(matrix_from_rows(ROWS[:1]), "validation")
     assert AccuracyMatrix.model_validate_json(m.model_dump_json()) == m
 
 
 def test_matrix_rejects_holes_and_nan() -> None:
     m = matrix_from_rows(ROWS[:2])
-    with pytest.raises(StateError, match=r"step 3 \(c3\) has no score for tasks \['B'\] that entered earlier"):
+    with pytest.raises(
+        StateError, match=r"step 3 \(c3\) has no score for tasks \['B'\] that entered earlier"
+    ):
         m.append("c3", {"A": 0.5, "C": 0.9})
     with pytest.raises(StateError, match=r"task 'C' scored nan, not a finite number"):
         m.append("c3", {"A": 0.5, "B": 0.5, "C": float("nan")})
@@ -265,28 +310,45 @@ SCORES = {"a": 0.5, "b": 0.6}  # ACC 0.55
 
 
 def test_gate_accepts_and_each_reason() -> None:
-    assert decide(SCORES, None, GateSpec()).model_dump() == {"accepted": True, "reasons": [], "acc": pytest.approx(0.55), "champion_acc": None}
+    assert decide(SCORES, None, GateSpec()).model_dump() == {
+        "accepted": True,
+        "reasons": [],
+        "acc": pytest.approx(0.55),
+        "champion_acc": None,
+    }
     assert decide({}, None, GateSpec()).reasons == ["no task scores to gate on"]
-    assert decide({"a": float("nan")}, None, GateSpec()).reasons == ["task a scored nan, not a finite number"]
-    assert decide(SCORES, None, GateSpec(min_acc=0.6)).reasons == ["ACC 0.5500 is below the minimum 0.6000"]
+    assert decide({"a": float("nan")}, None, GateSpec()).reasons == [
+        "task a scored nan, not a finite number"
+    ]
+    assert decide(SCORES, None, GateSpec(min_acc=0.6)).reasons == [
+        "ACC 0.5500 is below the minimum 0.6000"
+    ]
     champion = {"a": 0.8, "b": 0.8}
     d = decide(SCORES, champion, GateSpec(max_drop=0.1))
     assert not d.accepted and d.champion_acc == pytest.approx(0.8)
-    assert d.reasons == ["ACC 0.5500 is 0.2500 below the champion's ACC 0.8000, more than max_drop 0.1000"]
+    assert d.reasons == [
+        "ACC 0.5500 is 0.2500 below the champion's ACC 0.8000, more than max_drop 0.1000"
+    ]
     assert decide(SCORES, champion, GateSpec(max_drop=0.3)).accepted
     assert decide(SCORES, None, GateSpec(max_drop=0.0)).accepted  # no champion yet
-    assert decide(SCORES, None, GateSpec(task_floors={"a": 0.55, "later": 0.9})).reasons == ["task a scored 0.5000, below its floor 0.5500"]
+    assert decide(SCORES, None, GateSpec(task_floors={"a": 0.55, "later": 0.9})).reasons == [
+        "task a scored 0.5000, below its floor 0.5500"
+    ]
     every = decide(SCORES, champion, GateSpec(min_acc=0.6, max_drop=0.1, task_floors={"a": 0.55}))
     assert len(every.reasons) == 3 and not every.accepted
 
 
 def test_gate_lower_is_better() -> None:
     ppl = {"lm": 12.0}
-    assert decide(ppl, None, GateSpec(min_acc=10.0), higher_is_better=False).reasons == ["ACC 12.0000 is above the maximum 10.0000"]
+    assert decide(ppl, None, GateSpec(min_acc=10.0), higher_is_better=False).reasons == [
+        "ACC 12.0000 is above the maximum 10.0000"
+    ]
     assert decide(ppl, {"lm": 11.0}, GateSpec(max_drop=0.5), higher_is_better=False).reasons == [
         "ACC 12.0000 is 1.0000 above the champion's ACC 11.0000, more than max_drop 0.5000"
     ]
-    assert decide(ppl, None, GateSpec(task_floors={"lm": 11.5}), higher_is_better=False).reasons == ["task lm scored 12.0000, above its ceiling 11.5000"]
+    assert decide(
+        ppl, None, GateSpec(task_floors={"lm": 11.5}), higher_is_better=False
+    ).reasons == ["task lm scored 12.0000, above its ceiling 11.5000"]
     assert decide(ppl, None, GateSpec(min_acc=13.0), higher_is_better=False).accepted
 
 
@@ -302,10 +364,19 @@ def test_select_candidate() -> None:
     assert select_candidate(candidates[2:], gate) == 0
     assert select_candidate(candidates, GateSpec(), None) == 0
     assert select_candidate([candidates[0], candidates[3]], gate) is None
-    assert select_candidate(candidates, GateSpec(max_drop=0.1), {"a": 0.9, "b": 0.9}) is None  # all drop > 0.1
+    assert (
+        select_candidate(candidates, GateSpec(max_drop=0.1), {"a": 0.9, "b": 0.9}) is None
+    )  # all drop > 0.1
     floor_and_drop = GateSpec(max_drop=0.1, task_floors={"b": 0.4})
-    assert select_candidate(candidates, floor_and_drop, {"a": 0.7, "b": 0.6}) == 1  # 0.50 drops 0.15
-    assert select_candidate([{"lm": 12.0}, {"lm": 9.0}, {"lm": 9.0}], GateSpec(), higher_is_better=False) == 1
+    assert (
+        select_candidate(candidates, floor_and_drop, {"a": 0.7, "b": 0.6}) == 1
+    )  # 0.50 drops 0.15
+    assert (
+        select_candidate(
+            [{"lm": 12.0}, {"lm": 9.0}, {"lm": 9.0}], GateSpec(), higher_is_better=False
+        )
+        == 1
+    )
 
 
 def test_evaluate_candidate(mlp_tasks: list[TaskSpec]) -> None:
@@ -313,7 +384,12 @@ def test_evaluate_candidate(mlp_tasks: list[TaskSpec]) -> None:
     res = evaluate_candidate(ev, backbone(IDENTITY), HEADS, mlp_tasks, GateSpec(min_acc=0.7), None)
     assert res.validation == {"a": 0.75, "b": 0.5} and res.test == {"a": 0.75, "b": 0.5}
     assert res.decision.reasons == ["ACC 0.6250 is below the minimum 0.7000"]
-    assert evaluate_candidate(ev, backbone(IDENTITY), HEADS, mlp_tasks, GateSpec(), None, with_test=False).test is None
+    assert (
+        evaluate_candidate(
+            ev, backbone(IDENTITY), HEADS, mlp_tasks, GateSpec(), None, with_test=False
+        ).test
+        is None
+    )
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -325,12 +401,20 @@ T = {"name": "t", "data": "d/{split}.npz"}
     [
         (TaskSpec, {**T, "data": "d/val.npz"}, "must contain '{split}' or be a mapping"),
         (TaskSpec, {**T, "data": {"validation": "v.npz"}}, r"data mapping lacks \['test'\]"),
-        (TaskSpec, {**T, "metric": "f1"}, r"metric 'f1' is neither one of \['accuracy', 'perplexity'\] nor 'module:function'"),
+        (
+            TaskSpec,
+            {**T, "metric": "f1"},
+            r"metric 'f1' is neither one of \['accuracy', 'perplexity'\] nor 'module:function'",
+        ),
         (TaskSpec, {**T, "name": "a:b"}, "task name 'a:b' must be non-empty and use only"),
         (TaskSpec, {**T, "head": "x"}, "Extra inputs are not permitted"),
         (EvaluationSuite, {"tasks": []}, "an evaluation suite needs at least one task"),
         (EvaluationSuite, {"tasks": [T, T]}, "task name 't' appears twice"),
-        (EvaluationSuite, {"tasks": [T, {**T, "name": "u", "metric": "perplexity"}]}, r"tasks mix higher-is-better \['t'\] and lower-is-better \['u'\]"),
+        (
+            EvaluationSuite,
+            {"tasks": [T, {**T, "name": "u", "metric": "perplexity"}]},
+            r"tasks mix higher-is-better \['t'\] and lower-is-better \['u'\]",
+        ),
         (EvaluationSuite, {"tasks": [T], "batch_size": 0}, "greater than 0"),
         (GateSpec, {"max_drop": -0.1}, "greater than or equal to 0"),
         (GateSpec, {"min_acc": float("nan")}, "min_acc must be a number, not NaN"),
@@ -343,11 +427,27 @@ def test_config_errors(model: type, kwargs: dict, message: str) -> None:
 
 
 def test_configs_are_frozen_and_yaml_friendly() -> None:
-    suite = EvaluationSuite.model_validate(json.loads(json.dumps({"tasks": [T, {"name": "u", "checkpoint": "c", "data": {"validation": "v", "test": "t"}}]})))
+    suite = EvaluationSuite.model_validate(
+        json.loads(
+            json.dumps(
+                {
+                    "tasks": [
+                        T,
+                        {"name": "u", "checkpoint": "c", "data": {"validation": "v", "test": "t"}},
+                    ]
+                }
+            )
+        )
+    )
     with pytest.raises(ValidationError, match="frozen"):
         suite.tasks[0].name = "x"  # type: ignore[misc]
-    assert suite.tasks[1].data_uri("test") == "t" and suite.tasks[0].data_uri("validation") == "d/validation.npz"
-    assert [t.name for t in suite.tasks_for([])] == ["t"] and [t.name for t in suite.tasks_for(["c"])] == ["t", "u"]
+    assert (
+        suite.tasks[1].data_uri("test") == "t"
+        and suite.tasks[0].data_uri("validation") == "d/validation.npz"
+    )
+    assert [t.name for t in suite.tasks_for([])] == ["t"] and [
+        t.name for t in suite.tasks_for(["c"])
+    ] == ["t", "u"]
 
 
 def _bad_data(tmp_path: Path, arrays: dict[str, np.ndarray]) -> str:
@@ -360,11 +460,23 @@ def _bad_data(tmp_path: Path, arrays: dict[str, np.ndarray]) -> str:
     ("setup", "message"),
     [
         (lambda p: str(p / "none-{split}.npz"), "does not exist"),
-        (lambda p: "s3://bucket/d-{split}.npz", "no reader for the s3:// scheme here; pass read_bytes"),
+        (
+            lambda p: "s3://bucket/d-{split}.npz",
+            "no reader for the s3:// scheme here; pass read_bytes",
+        ),
         (lambda p: str(p / "d-{split}.csv"), "unknown format; use .npz, .safetensors or .parquet"),
-        (lambda p: _bad_data(p, {"x": X}), "has no labels: expected an array named 'labels' or 'y'"),
-        (lambda p: _bad_data(p, {"labels": LABELS_A, "z": X}), "has no inputs: expected 'x' or one of"),
-        (lambda p: _bad_data(p, {"labels": LABELS_A, "x": X[:3]}), "'x' has 3 rows but labels has 4"),
+        (
+            lambda p: _bad_data(p, {"x": X}),
+            "has no labels: expected an array named 'labels' or 'y'",
+        ),
+        (
+            lambda p: _bad_data(p, {"labels": LABELS_A, "z": X}),
+            "has no inputs: expected 'x' or one of",
+        ),
+        (
+            lambda p: _bad_data(p, {"labels": LABELS_A, "x": X[:3]}),
+            "'x' has 3 rows but labels has 4",
+        ),
         (lambda p: _bad_data(p, {"labels": X, "x": X}), "labels must be a 1-D integer array"),
     ],
 )
@@ -384,20 +496,39 @@ def test_corrupt_data_file(tmp_path: Path) -> None:
 
 def test_model_errors(mlp_tasks: list[TaskSpec]) -> None:
     ev = ClassificationEvaluator(MLP_CONFIG)
-    with pytest.raises(ConfigError, match=r"head of checkpoint 'ck-b', which is not among the heads given \(\['ck-a'\]\); has that checkpoint been folded\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"head of checkpoint 'ck-b', which is not among the heads given \(\['ck-a'\]\); has that checkpoint been folded\?",
+    ):
         ev.evaluate(backbone(IDENTITY), {"ck-a": HEADS["ck-a"]}, mlp_tasks, "test")
-    extra = DictReader({"layers.0.weight": torch.eye(2), "layers.0.bias": torch.zeros(2), "stray": torch.zeros(1)}, "merged")
-    with pytest.raises(CheckpointError, match=r"checkpoint merged: tensors the model does not have: \['stray'\]"):
+    extra = DictReader(
+        {"layers.0.weight": torch.eye(2), "layers.0.bias": torch.zeros(2), "stray": torch.zeros(1)},
+        "merged",
+    )
+    with pytest.raises(
+        CheckpointError, match=r"checkpoint merged: tensors the model does not have: \['stray'\]"
+    ):
         ClassificationEvaluator(MLP_CONFIG).evaluate(extra, HEADS, mlp_tasks, "test")
     short = DictReader({"layers.0.weight": torch.eye(2)}, "merged")
-    with pytest.raises(CheckpointError, match=r"the model needs tensors that were not provided: \['layers.0.bias'\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"the model needs tensors that were not provided: \['layers.0.bias'\]",
+    ):
         ClassificationEvaluator(MLP_CONFIG).evaluate(short, HEADS, mlp_tasks, "test")
-    with pytest.raises(ConfigError, match=r"architecture 'resnet9' is not registered \(known: \['mlp'\]\)"):
-        ClassificationEvaluator({"mergeflow_architecture": "resnet9"}).evaluate(backbone(IDENTITY), HEADS, mlp_tasks, "test")
+    with pytest.raises(
+        ConfigError, match=r"architecture 'resnet9' is not registered \(known: \['mlp'\]\)"
+    ):
+        ClassificationEvaluator({"mergeflow_architecture": "resnet9"}).evaluate(
+            backbone(IDENTITY), HEADS, mlp_tasks, "test"
+        )
     with pytest.raises(ConfigError, match="has neither 'model_type'"):
-        ClassificationEvaluator({"hidden": 3}).evaluate(backbone(IDENTITY), HEADS, mlp_tasks, "test")
+        ClassificationEvaluator({"hidden": 3}).evaluate(
+            backbone(IDENTITY), HEADS, mlp_tasks, "test"
+        )
     with pytest.raises(ConfigError, match="transformers has no architecture 'NoSuchModel'"):
-        ClassificationEvaluator({"model_type": "bert", "architectures": ["NoSuchModel"]}).evaluate(backbone(IDENTITY), HEADS, mlp_tasks, "test")
+        ClassificationEvaluator({"model_type": "bert", "architectures": ["NoSuchModel"]}).evaluate(
+            backbone(IDENTITY), HEADS, mlp_tasks, "test"
+        )
 
 
 def test_perplexity_errors(tmp_path: Path) -> None:

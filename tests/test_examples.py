@@ -18,7 +18,9 @@ from mergeflow.merging.io import DictReader
 @pytest.fixture(scope="module")
 def small_suite(tmp_path_factory: pytest.TempPathFactory) -> digits.DigitsSuite:
     # short training keeps the test fast; the layout and the splits do not depend on it
-    return digits.build_digits_suite(tmp_path_factory.mktemp("digits"), n_tasks=3, seed=0, pretrain_epochs=2, finetune_epochs=1)
+    return digits.build_digits_suite(
+        tmp_path_factory.mktemp("digits"), n_tasks=3, seed=0, pretrain_epochs=2, finetune_epochs=1
+    )
 
 
 def test_layout(small_suite: digits.DigitsSuite) -> None:
@@ -30,10 +32,19 @@ def test_layout(small_suite: digits.DigitsSuite) -> None:
     for p in s.checkpoints:
         sd = load_file(str(p / "model.safetensors"))
         assert set(sd) - set(base) == {"classifier.weight", "classifier.bias"}
-        assert {k: v.shape for k, v in sd.items() if k in base} == {k: v.shape for k, v in base.items()}
-        assert json.loads((p / "config.json").read_text())["architectures"] == ["ViTForImageClassification"]
+        assert {k: v.shape for k, v in sd.items() if k in base} == {
+            k: v.shape for k, v in base.items()
+        }
+        assert json.loads((p / "config.json").read_text())["architectures"] == [
+            "ViTForImageClassification"
+        ]
     cfg = json.loads((s.base / "config.json").read_text())
-    assert (cfg["image_size"], cfg["patch_size"], cfg["num_channels"], cfg["num_hidden_layers"]) == (8, 2, 1, 2)
+    assert (
+        cfg["image_size"],
+        cfg["patch_size"],
+        cfg["num_channels"],
+        cfg["num_hidden_layers"],
+    ) == (8, 2, 1, 2)
 
 
 def test_checkpoint_folder_loads_with_transformers(small_suite: digits.DigitsSuite) -> None:
@@ -51,7 +62,9 @@ def test_splits_are_disjoint_and_labelled(small_suite: digits.DigitsSuite) -> No
         assert len(test["labels"]) == 1797 - digits.PRETRAIN_N - digits.TRAIN_N - digits.VAL_N
         rows_val = {r.tobytes() for r in val["pixel_values"]}
         shared = sum(r.tobytes() in rows_val for r in test["pixel_values"])
-        assert shared <= 2  # the digits set itself holds a few identical images; the index split is disjoint
+        assert (
+            shared <= 2
+        )  # the digits set itself holds a few identical images; the index split is disjoint
     digit_labels = np.load(small_suite.data["rot90"]["test"])["labels"]
     assert set(digit_labels.tolist()) == set(range(10))
 
@@ -77,7 +90,9 @@ def test_evaluator_matches_transformers(small_suite: digits.DigitsSuite) -> None
 
 
 def test_reuse_and_bad_args(small_suite: digits.DigitsSuite) -> None:
-    again = digits.build_digits_suite(small_suite.root, n_tasks=3, seed=0, pretrain_epochs=2, finetune_epochs=1)
+    again = digits.build_digits_suite(
+        small_suite.root, n_tasks=3, seed=0, pretrain_epochs=2, finetune_epochs=1
+    )
     assert again == small_suite
     with pytest.raises(ValueError, match="n_tasks must be between 1 and 8"):
         digits.build_digits_suite(small_suite.root / "x", n_tasks=9)
@@ -105,7 +120,9 @@ def test_text_tasks_are_unambiguous_and_disjoint() -> None:
     for labels, pool in pools.values():
         ex = text._examples(labels, pool, np.random.default_rng(0))
         strings = [s for s, _ in ex]
-        assert len(strings) == len(set(strings))  # unique, so train/validation/test never share a string
+        assert len(strings) == len(
+            set(strings)
+        )  # unique, so train/validation/test never share a string
         owners = {lab: set(pool[lab]) for lab in labels}
         for s, y in ex[:200]:
             assert [lab for lab in labels if s in owners[lab]] == [labels[y]], s
@@ -118,4 +135,6 @@ def test_minilm_ships_in_the_package() -> None:
     from mergeflow.examples.text import minilm_path
 
     p: Path = minilm_path()
-    assert (p / "model.safetensors").exists() and json.loads((p / "config.json").read_text())["hidden_size"] == 384
+    assert (p / "model.safetensors").exists() and json.loads((p / "config.json").read_text())[
+        "hidden_size"
+    ] == 384

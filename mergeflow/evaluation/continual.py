@@ -58,10 +58,14 @@ class AccuracyMatrix(BaseModel):
         step = self.t + 1
         missing = [name for name in self.tasks if name not in scores]
         if missing:
-            raise StateError(f"step {step} ({checkpoint_id}) has no score for tasks {missing} that entered earlier")
+            raise StateError(
+                f"step {step} ({checkpoint_id}) has no score for tasks {missing} that entered earlier"
+            )
         for name, v in scores.items():
             if not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise StateError(f"step {step} ({checkpoint_id}): task {name!r} scored {v!r}, not a finite number")
+                raise StateError(
+                    f"step {step} ({checkpoint_id}): task {name!r} scored {v!r}, not a finite number"
+                )
         new = [name for name in scores if name not in self.entered]
         return AccuracyMatrix(
             steps=(*self.steps, checkpoint_id),
@@ -130,19 +134,36 @@ def plot_accuracy_matrix(
         for i, name in enumerate(matrix.tasks):
             if name in row:
                 grid[i, j] = row[name]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * max(matrix.t, 1), 1.0 + 0.45 * max(len(matrix.tasks), 1)), dpi=100)
+    fig, ax = plt.subplots(
+        figsize=(1.2 + 0.9 * max(matrix.t, 1), 1.0 + 0.45 * max(len(matrix.tasks), 1)), dpi=100
+    )
     finite = grid[np.isfinite(grid)]
-    lo, hi = (0.0, 1.0) if finite.size == 0 or (finite.min() >= 0 and finite.max() <= 1) else (float(finite.min()), float(finite.max()))
+    lo, hi = (
+        (0.0, 1.0)
+        if finite.size == 0 or (finite.min() >= 0 and finite.max() <= 1)
+        else (float(finite.min()), float(finite.max()))
+    )
     im = ax.imshow(grid, cmap="viridis", vmin=lo, vmax=hi, aspect="auto")
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             if np.isfinite(grid[i, j]):
                 v = grid[i, j]
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < (lo + hi) / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if v < (lo + hi) / 2 else "black",
+                )
     labels = []
     for j in range(matrix.t):
         b = matrix.bwt(j + 1)
-        labels.append(f"{j + 1}\n{matrix.steps[j][:12]}\nACC {matrix.acc(j + 1):.2f}" + (f"\nBWT {b:+.2f}" if b is not None else ""))
+        labels.append(
+            f"{j + 1}\n{matrix.steps[j][:12]}\nACC {matrix.acc(j + 1):.2f}"
+            + (f"\nBWT {b:+.2f}" if b is not None else "")
+        )
     ax.set_xticks(range(matrix.t), labels, fontsize=6)
     ax.set_yticks(range(len(matrix.tasks)), list(matrix.tasks), fontsize=7)
     ax.set_xlabel("step (checkpoint folded)", fontsize=8)

@@ -19,7 +19,14 @@ from mergeflow.errors import ConfigError
 ReadBytes = Callable[[str], bytes]
 
 LABEL_KEYS = ("labels", "y")
-MODEL_INPUT_KEYS = ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "input_features", "inputs_embeds")
+MODEL_INPUT_KEYS = (
+    "pixel_values",
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "input_features",
+    "inputs_embeds",
+)
 """Arrays passed to the model as keyword arguments when present (``x`` is passed positionally)."""
 
 
@@ -29,7 +36,9 @@ def read_local_bytes(uri: str) -> bytes:
     if parsed.scheme == "file":
         path = Path(unquote(parsed.path))
     elif parsed.scheme and len(parsed.scheme) > 1:
-        raise ConfigError(f"cannot read {uri!r}: no reader for the {parsed.scheme}:// scheme here; pass read_bytes (the pipeline uses its object store)")
+        raise ConfigError(
+            f"cannot read {uri!r}: no reader for the {parsed.scheme}:// scheme here; pass read_bytes (the pipeline uses its object store)"
+        )
     else:
         path = Path(uri)
     try:
@@ -45,7 +54,9 @@ def data_format(uri: str) -> str:
     for ext in (".npz", ".safetensors", ".parquet"):
         if path.endswith(ext):
             return ext[1:]
-    raise ConfigError(f"evaluation data {uri!r}: unknown format; use .npz, .safetensors or .parquet")
+    raise ConfigError(
+        f"evaluation data {uri!r}: unknown format; use .npz, .safetensors or .parquet"
+    )
 
 
 def parse_arrays(data: bytes, uri: str) -> dict[str, np.ndarray]:
@@ -73,19 +84,29 @@ def parse_arrays(data: bytes, uri: str) -> dict[str, np.ndarray]:
         raise ConfigError(f"evaluation data {uri!r} is not a valid {fmt} file: {e}") from None
 
 
-def split_inputs(arrays: dict[str, np.ndarray], uri: str) -> tuple[np.ndarray | None, dict[str, np.ndarray], np.ndarray]:
+def split_inputs(
+    arrays: dict[str, np.ndarray], uri: str
+) -> tuple[np.ndarray | None, dict[str, np.ndarray], np.ndarray]:
     """Split decoded arrays into (positional ``x`` or None, keyword inputs, labels); validate."""
     label_key = next((k for k in LABEL_KEYS if k in arrays), None)
     if label_key is None:
-        raise ConfigError(f"evaluation data {uri!r} has no labels: expected an array named 'labels' or 'y' (found {sorted(arrays)})")
+        raise ConfigError(
+            f"evaluation data {uri!r} has no labels: expected an array named 'labels' or 'y' (found {sorted(arrays)})"
+        )
     labels = np.asarray(arrays[label_key])
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ConfigError(f"evaluation data {uri!r}: labels must be a 1-D integer array, got {labels.dtype}{list(labels.shape)}")
+        raise ConfigError(
+            f"evaluation data {uri!r}: labels must be a 1-D integer array, got {labels.dtype}{list(labels.shape)}"
+        )
     x = arrays.get("x")
     kwargs = {k: arrays[k] for k in MODEL_INPUT_KEYS if k in arrays}
     if x is None and not kwargs:
-        raise ConfigError(f"evaluation data {uri!r} has no inputs: expected 'x' or one of {list(MODEL_INPUT_KEYS)} (found {sorted(arrays)})")
+        raise ConfigError(
+            f"evaluation data {uri!r} has no inputs: expected 'x' or one of {list(MODEL_INPUT_KEYS)} (found {sorted(arrays)})"
+        )
     for name, arr in ([("x", x)] if x is not None else []) + list(kwargs.items()):
         if len(arr) != len(labels):
-            raise ConfigError(f"evaluation data {uri!r}: {name!r} has {len(arr)} rows but labels has {len(labels)}")
+            raise ConfigError(
+                f"evaluation data {uri!r}: {name!r} has {len(arr)} rows but labels has {len(labels)}"
+            )
     return x, kwargs, labels

@@ -50,7 +50,9 @@ Heads = Mapping[str, Mapping[str, torch.Tensor]]
 class Evaluator(Protocol):
     """Scores a merged model on tasks (see the module docstring for the contract)."""
 
-    def evaluate(self, model: TensorReader, heads: Heads, tasks: Sequence[TaskSpec], split: Split) -> dict[str, float]: ...
+    def evaluate(
+        self, model: TensorReader, heads: Heads, tasks: Sequence[TaskSpec], split: Split
+    ) -> dict[str, float]: ...
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,9 @@ class _ModelCache:
             self._reader = reader
         overlap = set(head) & set(self._base)
         if overlap:
-            raise ConfigError(f"head tensors {sorted(overlap)[:4]} are also in the merged model; heads hold only tensors the base lacks")
+            raise ConfigError(
+                f"head tensors {sorted(overlap)[:4]} are also in the merged model; heads hold only tensors the base lacks"
+            )
         load_weights(self._model, {**self._base, **head}, reader.source)
         return self._model.to(self.device)
 
@@ -129,14 +133,18 @@ class ClassificationEvaluator:
             self._data[uri] = split_inputs(parse_arrays(self._read(uri), uri), uri)
         return self._data[uri]
 
-    def evaluate(self, model: TensorReader, heads: Heads, tasks: Sequence[TaskSpec], split: Split) -> dict[str, float]:
+    def evaluate(
+        self, model: TensorReader, heads: Heads, tasks: Sequence[TaskSpec], split: Split
+    ) -> dict[str, float]:
         out: dict[str, float] = {}
         for task in tasks:
             head = _head_for(task, heads)
             x, kwargs, labels = self._load(task.data_uri(split))
             n = len(labels) if self.max_examples is None else min(len(labels), self.max_examples)
             if n == 0:
-                raise ConfigError(f"task {task.name!r}: {split} data {task.data_uri(split)!r} has no examples")
+                raise ConfigError(
+                    f"task {task.name!r}: {split} data {task.data_uri(split)!r} has no examples"
+                )
             module = self._models.get(model, head)
             correct = 0
             with torch.inference_mode():
@@ -192,7 +200,9 @@ class PerplexityEvaluator:
         architecture: str | None = None,
     ) -> None:
         if tokenizer is None:
-            raise ConfigError("perplexity needs the model's tokenizer (tokenizer.json beside the base, or the suite's 'tokenizer')")
+            raise ConfigError(
+                "perplexity needs the model's tokenizer (tokenizer.json beside the base, or the suite's 'tokenizer')"
+            )
         self._models = _ModelCache(model_config, architecture, device)
         self.tokenizer = tokenizer
         self._read = read_bytes
@@ -200,7 +210,9 @@ class PerplexityEvaluator:
         self.max_examples = max_examples
         self.device = device
         cfg = model_config
-        self.default_block = int(min(cfg.get("n_positions") or cfg.get("max_position_embeddings") or 1024, 1024))
+        self.default_block = int(
+            min(cfg.get("n_positions") or cfg.get("max_position_embeddings") or 1024, 1024)
+        )
         self._ids: dict[str, list[int]] = {}
 
     def _tokens(self, uri: str) -> list[int]:
@@ -212,7 +224,9 @@ class PerplexityEvaluator:
             self._ids[uri] = _encode(self.tokenizer, text)
         return self._ids[uri]
 
-    def evaluate(self, model: TensorReader, heads: Heads, tasks: Sequence[TaskSpec], split: Split) -> dict[str, float]:
+    def evaluate(
+        self, model: TensorReader, heads: Heads, tasks: Sequence[TaskSpec], split: Split
+    ) -> dict[str, float]:
         out: dict[str, float] = {}
         for task in tasks:
             block = int(task.options.get("block_size", self.default_block))
@@ -224,13 +238,17 @@ class PerplexityEvaluator:
             if self.max_examples is not None:
                 blocks = blocks[: self.max_examples]
             if not blocks:
-                raise ConfigError(f"task {task.name!r}: {split} text {task.data_uri(split)!r} has fewer than 2 tokens")
+                raise ConfigError(
+                    f"task {task.name!r}: {split} text {task.data_uri(split)!r} has fewer than 2 tokens"
+                )
             module = self._models.get(model, _head_for(task, heads))
             nll, count = 0.0, 0
             with torch.inference_mode():
                 full = [b for b in blocks if len(b) == block]
                 rest = [b for b in blocks if len(b) != block]
-                groups = [full[i : i + self.batch_size] for i in range(0, len(full), self.batch_size)] + [[b] for b in rest]
+                groups = [
+                    full[i : i + self.batch_size] for i in range(0, len(full), self.batch_size)
+                ] + [[b] for b in rest]
                 for group in groups:
                     inp = torch.tensor(group, dtype=torch.long, device=self.device)
                     logits = logits_of(module(input_ids=inp)).double()
@@ -250,10 +268,14 @@ def load_user_evaluator(name: str) -> Callable[..., Mapping[str, float]]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(f"user evaluator {name!r}: cannot import module {module_name!r} ({e})") from None
+        raise ConfigError(
+            f"user evaluator {name!r}: cannot import module {module_name!r} ({e})"
+        ) from None
     fn = getattr(module, attr, None)
     if fn is None:
-        raise ConfigError(f"user evaluator {name!r}: module {module_name!r} has no attribute {attr!r}")
+        raise ConfigError(
+            f"user evaluator {name!r}: module {module_name!r} has no attribute {attr!r}"
+        )
     if not callable(fn):
         raise ConfigError(f"user evaluator {name!r}: {attr!r} is not callable")
     return fn
@@ -272,15 +294,31 @@ class SuiteEvaluator:
         if metric not in self._evaluators:
             ctx = self.context
             if ctx.model_config is None:
-                raise ConfigError(f"metric {metric!r} builds the model from its config.json, but no config was given")
-            common = dict(read_bytes=ctx.read_bytes, max_examples=ctx.max_examples, device=ctx.device, architecture=self.architecture)
+                raise ConfigError(
+                    f"metric {metric!r} builds the model from its config.json, but no config was given"
+                )
+            common = dict(
+                read_bytes=ctx.read_bytes,
+                max_examples=ctx.max_examples,
+                device=ctx.device,
+                architecture=self.architecture,
+            )
             if metric == "accuracy":
-                self._evaluators[metric] = ClassificationEvaluator(ctx.model_config, batch_size=ctx.batch_size, **common)
+                self._evaluators[metric] = ClassificationEvaluator(
+                    ctx.model_config, batch_size=ctx.batch_size, **common
+                )
             else:
-                self._evaluators[metric] = PerplexityEvaluator(ctx.model_config, self.tokenizer, batch_size=max(1, ctx.batch_size // 32), **common)
+                self._evaluators[metric] = PerplexityEvaluator(
+                    ctx.model_config,
+                    self.tokenizer,
+                    batch_size=max(1, ctx.batch_size // 32),
+                    **common,
+                )
         return self._evaluators[metric]
 
-    def evaluate(self, model: TensorReader, heads: Heads, tasks: Sequence[TaskSpec], split: Split) -> dict[str, float]:
+    def evaluate(
+        self, model: TensorReader, heads: Heads, tasks: Sequence[TaskSpec], split: Split
+    ) -> dict[str, float]:
         by_metric: dict[str, list[TaskSpec]] = {}
         for t in tasks:
             by_metric.setdefault(t.metric, []).append(t)
@@ -290,16 +328,28 @@ class SuiteEvaluator:
                 scores.update(self._builtin(metric).evaluate(model, heads, group, split))
                 continue
             fn = load_user_evaluator(metric)
-            kwargs = {"context": self.context} if "context" in inspect.signature(fn).parameters else {}
+            kwargs = (
+                {"context": self.context} if "context" in inspect.signature(fn).parameters else {}
+            )
             result = fn(model, heads, group, split, **kwargs)
             if not isinstance(result, Mapping):
-                raise ConfigError(f"user evaluator {metric!r} returned {type(result).__name__}, expected a mapping task name -> score")
+                raise ConfigError(
+                    f"user evaluator {metric!r} returned {type(result).__name__}, expected a mapping task name -> score"
+                )
             for t in group:
                 if t.name not in result:
-                    raise ConfigError(f"user evaluator {metric!r} returned no score for task {t.name!r}")
+                    raise ConfigError(
+                        f"user evaluator {metric!r} returned no score for task {t.name!r}"
+                    )
                 value = result[t.name]
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    raise ConfigError(f"user evaluator {metric!r} returned {value!r} for task {t.name!r}; expected a finite number")
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, (int, float))
+                    or not math.isfinite(value)
+                ):
+                    raise ConfigError(
+                        f"user evaluator {metric!r} returned {value!r} for task {t.name!r}; expected a finite number"
+                    )
                 scores[t.name] = float(value)
         return {t.name: scores[t.name] for t in tasks}
 

@@ -72,7 +72,9 @@ def decide(
         drop = sign * (champ - acc)
         if drop > gate.max_drop:
             word = "below" if higher_is_better else "above"
-            reasons.append(f"ACC {acc:.4f} is {drop:.4f} {word} the champion's ACC {champ:.4f}, more than max_drop {gate.max_drop:.4f}")
+            reasons.append(
+                f"ACC {acc:.4f} is {drop:.4f} {word} the champion's ACC {champ:.4f}, more than max_drop {gate.max_drop:.4f}"
+            )
     for name, floor in gate.task_floors.items():
         if name in scores and sign * (scores[name] - floor) < 0:
             word = "below its floor" if higher_is_better else "above its ceiling"
@@ -137,4 +139,8 @@ def evaluate_candidate(
 
 def describe(decision: GateDecision) -> dict[str, Any]:
     """A small JSON-able summary (status + reasons) for tags and descriptions."""
-    return {"status": "accepted" if decision.accepted else "rejected", "reasons": list(decision.reasons), "acc": decision.acc}
+    return {
+        "status": "accepted" if decision.accepted else "rejected",
+        "reasons": list(decision.reasons),
+        "acc": decision.acc,
+    }

@@ -45,8 +45,14 @@ class MLP(nn.Module):
             sizes = [int(config["in_features"]), *(int(h) for h in config.get("hidden", []))]
             num_labels = int(config["num_labels"])
         except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"mlp config needs in_features, num_labels and optional hidden sizes ({e})") from None
-        acts: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "identity": nn.Identity}
+            raise ConfigError(
+                f"mlp config needs in_features, num_labels and optional hidden sizes ({e})"
+            ) from None
+        acts: dict[str, Callable[[], nn.Module]] = {
+            "relu": nn.ReLU,
+            "tanh": nn.Tanh,
+            "identity": nn.Identity,
+        }
         act = config.get("activation", "relu")
         if act not in acts:
             raise ConfigError(f"mlp activation {act!r} is not one of {sorted(acts)}")
@@ -69,14 +75,18 @@ def instantiate(config: Mapping[str, Any], architecture: str | None = None) -> n
     if "mergeflow_architecture" in config:
         name = config["mergeflow_architecture"]
         if name not in ARCHITECTURES:
-            raise ConfigError(f"architecture {name!r} is not registered (known: {sorted(ARCHITECTURES)})")
+            raise ConfigError(
+                f"architecture {name!r} is not registered (known: {sorted(ARCHITECTURES)})"
+            )
         model = ARCHITECTURES[name](config)
     elif "model_type" in config:
         import transformers
 
         cls_name = architecture or (config.get("architectures") or [None])[0]
         if not cls_name:
-            raise ConfigError("config.json names no architecture ('architectures' is empty); set one for the evaluator")
+            raise ConfigError(
+                "config.json names no architecture ('architectures' is empty); set one for the evaluator"
+            )
         cls = getattr(transformers, cls_name, None)
         if cls is None:
             raise ConfigError(f"transformers has no architecture {cls_name!r}")
@@ -112,14 +122,19 @@ def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: 
         if not any(a in tensors for a in group):
             missing.append(name)
     if missing:
-        raise CheckpointError(source, f"the model needs tensors that were not provided: {sorted(missing)[:8]}")
+        raise CheckpointError(
+            source, f"the model needs tensors that were not provided: {sorted(missing)[:8]}"
+        )
     same = {k: v for k, v in tensors.items() if tuple(sd[k].shape) == tuple(v.shape)}
     model.load_state_dict(same, strict=False)
     for k, v in tensors.items():
         if k in same:
             continue
         if k not in params:
-            raise CheckpointError(source, f"tensor {k!r} has shape {list(v.shape)} but the model's buffer has {list(sd[k].shape)}")
+            raise CheckpointError(
+                source,
+                f"tensor {k!r} has shape {list(v.shape)} but the model's buffer has {list(sd[k].shape)}",
+            )
         mod_name, _, leaf = k.rpartition(".")
         module = model.get_submodule(mod_name)
         setattr(module, leaf, nn.Parameter(v.detach().to(sd[k].dtype).clone(), requires_grad=False))

@@ -72,7 +72,9 @@ class TaskSpec(BaseModel):
     @classmethod
     def _name_ok(cls, v: str) -> str:
         if not v or not _NAME.match(v):
-            raise ValueError(f"task name {v!r} must be non-empty and use only letters, digits, '_', '.', '-', '/', ' '")
+            raise ValueError(
+                f"task name {v!r} must be non-empty and use only letters, digits, '_', '.', '-', '/', ' '"
+            )
         return v
 
     @field_validator("data")
@@ -80,18 +82,24 @@ class TaskSpec(BaseModel):
     def _data_ok(cls, v: str | dict[str, str]) -> str | dict[str, str]:
         if isinstance(v, str):
             if "{split}" not in v:
-                raise ValueError(f"data {v!r} must contain '{{split}}' or be a mapping with 'validation' and 'test'")
+                raise ValueError(
+                    f"data {v!r} must contain '{{split}}' or be a mapping with 'validation' and 'test'"
+                )
         else:
             missing = [s for s in SPLITS if s not in v]
             if missing:
-                raise ValueError(f"data mapping lacks {missing}: it needs both 'validation' and 'test'")
+                raise ValueError(
+                    f"data mapping lacks {missing}: it needs both 'validation' and 'test'"
+                )
         return v
 
     @field_validator("metric")
     @classmethod
     def _metric_ok(cls, v: str) -> str:
         if v not in BUILTIN_METRICS and not _USER_METRIC.match(v):
-            raise ValueError(f"metric {v!r} is neither one of {sorted(BUILTIN_METRICS)} nor 'module:function'")
+            raise ValueError(
+                f"metric {v!r} is neither one of {sorted(BUILTIN_METRICS)} nor 'module:function'"
+            )
         return v
 
     @property

@@ -114,7 +114,16 @@ def _model(config: dict) -> torch.nn.Module:
     return ViTForImageClassification(cfg)
 
 
-def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, seed: int, batch: int = 64) -> None:
+def _train(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    seed: int,
+    batch: int = 64,
+) -> None:
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     steps = epochs * ((len(x) + batch - 1) // batch)
@@ -187,13 +196,19 @@ def build_digits_suite(
     labels = digits.target.astype(np.int64)
     perm = np.random.default_rng(seed).permutation(len(images))
     pre, rest = perm[:PRETRAIN_N], perm[PRETRAIN_N:]
-    splits = {"train": rest[:TRAIN_N], "validation": rest[TRAIN_N : TRAIN_N + VAL_N], "test": rest[TRAIN_N + VAL_N :]}
+    splits = {
+        "train": rest[:TRAIN_N],
+        "validation": rest[TRAIN_N : TRAIN_N + VAL_N],
+        "test": rest[TRAIN_N + VAL_N :],
+    }
 
     def tensors(idx: np.ndarray, task: DigitsTask | None) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = images[idx], labels[idx]
         if task is not None:
             x, y = task.transform(x), task.label(y)
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)[:, None]), torch.from_numpy(np.asarray(y, dtype=np.int64))
+        return torch.from_numpy(
+            np.ascontiguousarray(x, dtype=np.float32)[:, None]
+        ), torch.from_numpy(np.asarray(y, dtype=np.int64))
 
     base_cfg = vit_config(10)
     model = _model(base_cfg)
@@ -203,7 +218,9 @@ def build_digits_suite(
     backbone = {k: v for k, v in base_sd.items() if not k.startswith("classifier.")}
     save_tensors(root / "base", base_cfg, backbone)
     xv, yv = tensors(splits["validation"], None)
-    say(f"base: pretrained on {PRETRAIN_N} digits, plain-digit validation accuracy {_accuracy(model, xv, yv):.3f}")
+    say(
+        f"base: pretrained on {PRETRAIN_N} digits, plain-digit validation accuracy {_accuracy(model, xv, yv):.3f}"
+    )
 
     folders: list[str] = []
     scores: dict[str, float] = {}
@@ -227,6 +244,11 @@ def build_digits_suite(
         scores[task.name] = _accuracy(m, xv, yv)
         say(f"checkpoint {folder}: fine-tuned, validation accuracy {scores[task.name]:.3f}")
 
-    manifest = dict(key, task_names=[t.name for t in TASKS[:n_tasks]], checkpoints=folders, finetuned_validation=scores)
+    manifest = dict(
+        key,
+        task_names=[t.name for t in TASKS[:n_tasks]],
+        checkpoints=folders,
+        finetuned_validation=scores,
+    )
     (root / "suite.json").write_text(json.dumps(manifest, indent=2))
     return _suite_from(root, manifest)

@@ -38,7 +38,10 @@ class SuiteFiles:
             base=root / "base",
             checkpoints=tuple(root / "checkpoints" / c for c in manifest["checkpoints"]),
             task_names=names,
-            data={n: {s: root / "data" / n / f"{s}.npz" for s in ("validation", "test")} for n in names},
+            data={
+                n: {s: root / "data" / n / f"{s}.npz" for s in ("validation", "test")}
+                for n in names
+            },
         )
 
     @property
@@ -46,7 +49,9 @@ class SuiteFiles:
         """Default checkpoint ids: the checkpoint folder names (``01-rot90`` ...)."""
         return tuple(p.name for p in self.checkpoints)
 
-    def evaluation_suite(self, checkpoint_ids: Sequence[str] | None = None, batch_size: int = 512) -> EvaluationSuite:
+    def evaluation_suite(
+        self, checkpoint_ids: Sequence[str] | None = None, batch_size: int = 512
+    ) -> EvaluationSuite:
         """An :class:`EvaluationSuite` scoring each task with the head of its checkpoint.
 
         ``checkpoint_ids``: the ids the pipeline's source gives the checkpoints, in the same
@@ -56,7 +61,12 @@ class SuiteFiles:
         if len(ids) != len(self.checkpoints):
             raise ValueError(f"need {len(self.checkpoints)} checkpoint ids, got {len(ids)}")
         tasks = [
-            TaskSpec(name=name, checkpoint=cid, data=str(self.root / "data" / name / "{split}.npz"), metric="accuracy")
+            TaskSpec(
+                name=name,
+                checkpoint=cid,
+                data=str(self.root / "data" / name / "{split}.npz"),
+                metric="accuracy",
+            )
             for name, cid in zip(self.task_names, ids, strict=True)
         ]
         return EvaluationSuite(tasks=tuple(tasks), batch_size=batch_size)
@@ -74,4 +84,8 @@ def save_tensors(folder: Path, config: dict[str, Any], tensors: dict[str, torch.
     """Write one HF-layout folder: config.json + model.safetensors."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous() for k, v in tensors.items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )

