@@ -18,6 +18,14 @@ from mergeflow.merging.methods.ties import disjoint_merge
 from mergeflow.merging.sparsify import tensor_threshold, trim
 
 
+def _sum(taus: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum in place: one extra tensor instead of a stacked copy of all of them."""
+    out = taus[0].clone()
+    for t in taus[1:]:
+        out += t
+    return out
+
+
 class BatchTaskArithmeticParams(MethodParams):
     scaling_factor: float = Field(0.3, description="s in θ₀ + s·Σ τ_i")
 
@@ -30,7 +38,7 @@ class BatchTaskArithmetic:
     def merge_tensor(
         self, params: BatchTaskArithmeticParams, key: str, taus: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, float]:
-        return torch.stack(list(taus)).sum(0), params.scaling_factor
+        return _sum(taus), params.scaling_factor
 
 
 class BatchTiesParams(MethodParams):
@@ -98,4 +106,4 @@ class Average:
     def merge_tensor(
         self, params: AverageParams, key: str, taus: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, float]:
-        return torch.stack(list(taus)).mean(0), 1.0
+        return _sum(taus) / len(taus), 1.0
