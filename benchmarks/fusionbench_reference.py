@@ -30,19 +30,18 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import venvs  # benchmarks/venvs.py (this folder is on sys.path when run as a script)
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_DIR = REPO_ROOT / "benchmarks" / ".venv-fusionbench"
 DATA_DIR = REPO_ROOT / "tests" / "data" / "fusionbench"
-TORCH_PIN = "torch==2.13.0"
 FUSION_BENCH_PIN = "fusion-bench==0.2.33"
 FUSION_BENCH_DEPS = ["transformers<5", "datasets<4", "huggingface_hub<1"]
 SEED = 0
@@ -104,22 +103,12 @@ class TinyViT(nn.Module):
 
 def venv_python() -> Path:
     """Python of the FusionBench venv."""
-    return VENV_DIR / "bin" / "python"
+    return venvs.python_of(VENV_DIR)
 
 
 def ensure_venv() -> None:
-    """Create the FusionBench venv and install the pins, unless it already imports fusion_bench."""
-    py = venv_python()
-    if py.exists():
-        probe = subprocess.run([str(py), "-c", "import fusion_bench"], capture_output=True)
-        if probe.returncode == 0:
-            print(f"reusing {VENV_DIR.relative_to(REPO_ROOT)}")
-            return
-    print(f"creating {VENV_DIR.relative_to(REPO_ROOT)} (about a minute)")
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV_DIR)], check=True)
-    pip = [str(py), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, TORCH_PIN], check=True)
-    subprocess.run([*pip, TORCH_PIN, FUSION_BENCH_PIN, *FUSION_BENCH_DEPS], check=True)
+    """Create the FusionBench venv and install the pins, unless it already works."""
+    venvs.ensure_venv(VENV_DIR, "import fusion_bench", [FUSION_BENCH_PIN, *FUSION_BENCH_DEPS])
 
 
 def train_base() -> TinyViT:

@@ -58,13 +58,13 @@ import time
 from pathlib import Path
 
 import torch
+import venvs  # benchmarks/venvs.py (this folder is on sys.path when run as a script)
 from safetensors import safe_open
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 WORK = HERE / "_work" / "mergekit"
 VENV_DIR = HERE / ".venv-mergekit"
-TORCH_PIN = "torch==2.13.0"
 MERGEKIT_PIN = "mergekit==0.1.5"
 N_CKPTS = 3
 SEED = 0
@@ -101,22 +101,12 @@ ENV = os.environ | {
 
 def venv_python() -> Path:
     """Python of the mergekit venv."""
-    return VENV_DIR / "bin" / "python"
+    return venvs.python_of(VENV_DIR)
 
 
 def ensure_venv() -> None:
-    """Create the mergekit venv and install the pins, unless it already imports mergekit."""
-    py = venv_python()
-    if py.exists():
-        probe = subprocess.run([str(py), "-c", "import mergekit.merge"], capture_output=True)
-        if probe.returncode == 0:
-            print(f"reusing {VENV_DIR.relative_to(REPO)}")
-            return
-    print(f"creating {VENV_DIR.relative_to(REPO)} (a minute or two)")
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV_DIR)], check=True)
-    pip = [str(py), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, TORCH_PIN], check=True)
-    subprocess.run([*pip, TORCH_PIN, MERGEKIT_PIN], check=True)
+    """Create the mergekit venv and install the pins, unless it already works."""
+    venvs.ensure_venv(VENV_DIR, "import mergekit.merge", [MERGEKIT_PIN])
 
 
 def build() -> tuple[Path, list[Path]]:
