@@ -19,7 +19,6 @@ Layout written under ``out_dir`` (HF layout, one folder per checkpoint, ready to
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mergeflow.examples.suite import SuiteFiles, load_manifest, save_tensors
+from mergeflow.examples.suite import SuiteFiles, reuse_or_clear, save_tensors
 
 SUITE_FORMAT = "mergeflow.digits/1"
 
@@ -147,10 +146,6 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
         return float((model(pixel_values=x).logits.argmax(-1) == y).float().mean())
 
 
-def _suite_from(root: Path, manifest: dict) -> DigitsSuite:
-    return SuiteFiles.from_manifest(root, manifest)
-
-
 def build_digits_suite(
     out_dir: str | Path,
     n_tasks: int = 6,
@@ -179,16 +174,10 @@ def build_digits_suite(
         "pretrain_epochs": pretrain_epochs,
         "finetune_epochs": finetune_epochs,
     }
-    manifest = load_manifest(root)
-    if reuse and manifest is not None and all(manifest.get(k) == v for k, v in key.items()):
-        return _suite_from(root, manifest)
+    built = reuse_or_clear(root, key, reuse)
+    if built is not None:
+        return built
     say = log or (lambda _m: None)
-    for sub in ("base", "checkpoints", "data", "suite.json"):
-        p = root / sub
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
 
     torch.manual_seed(seed)
     digits = load_digits()
@@ -251,4 +240,4 @@ def build_digits_suite(
         finetuned_validation=scores,
     )
     (root / "suite.json").write_text(json.dumps(manifest, indent=2))
-    return _suite_from(root, manifest)
+    return SuiteFiles.from_manifest(root, manifest)

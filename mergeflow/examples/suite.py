@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,12 +73,21 @@ class SuiteFiles:
         return EvaluationSuite(tasks=tuple(tasks), batch_size=batch_size)
 
 
-def load_manifest(root: Path) -> dict[str, Any] | None:
-    """The suite.json of a built suite, or None."""
+def reuse_or_clear(root: Path, key: dict[str, Any], reuse: bool) -> SuiteFiles | None:
+    """The suite already built in ``root`` with these arguments, else None after clearing ``root``."""
     try:
-        return json.loads((root / "suite.json").read_text())
+        manifest = json.loads((root / "suite.json").read_text())
     except (OSError, ValueError):
-        return None
+        manifest = None
+    if reuse and manifest is not None and all(manifest.get(k) == v for k, v in key.items()):
+        return SuiteFiles.from_manifest(root, manifest)
+    for sub in ("base", "checkpoints", "data", "suite.json"):
+        p = root / sub
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    return None
 
 
 def save_tensors(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

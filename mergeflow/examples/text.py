@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mergeflow.examples.suite import SuiteFiles, load_manifest, save_tensors
+from mergeflow.examples.suite import SuiteFiles, reuse_or_clear, save_tensors
 
 SUITE_FORMAT = "mergeflow.text/1"
 task_names: list[str] = ["word_language", "name_gender", "surname_origin", "entity_type"]
@@ -180,16 +180,10 @@ def build_text_suite(
         "lr": lr,
         "max_length": max_length,
     }
-    manifest = load_manifest(root)
-    if reuse and manifest is not None and all(manifest.get(k) == v for k, v in key.items()):
-        return SuiteFiles.from_manifest(root, manifest)
+    built = reuse_or_clear(root, key, reuse)
+    if built is not None:
+        return built
     say = log or (lambda _m: None)
-    for sub in ("base", "checkpoints", "data", "suite.json"):
-        p = root / sub
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
 
     src = minilm_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(src))
