@@ -204,7 +204,7 @@ structured delta (shared + task-specific rank-1 directions plus dense noise, 1-5
 tensor's norm), so the projected matrices are full rank with well-separated singular values.
 
 FusionBench behaviours the model deliberately avoids, so that its output is the OPCM of
-DESIGN.md section 3:
+docs/design.md section 3:
 - parameters owned by non-leaf modules (a bare `nn.Parameter` cls token or position table):
   FusionBench's `_layer_wise_merge` only visits leaf modules and would leave them at task_0;
 - buffers: FusionBench's task-vector norm runs over `state_dict()`, ours over float parameters;

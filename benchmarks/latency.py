@@ -38,14 +38,14 @@ PHASES = ("detect", "start", "lock", "load", "fold", "export", "eval", "register
 
 
 def _free_ports() -> dict[str, int]:
-    from mergeflow.services import objectstore
+    from mergeflow.services import s3_server
 
-    s3 = objectstore.free_port_block()
+    s3 = s3_server.free_port_block()
     out = {"s3_port": s3}
     for name in ("prefect_port", "mlflow_port"):
-        p = objectstore.free_port_block(n=1)
-        while p in range(s3, s3 + objectstore.PORTS_PER_SERVER) or p in out.values():
-            p = objectstore.free_port_block(n=1)
+        p = s3_server.free_port_block(n=1)
+        while p in range(s3, s3 + s3_server.PORTS_PER_SERVER) or p in out.values():
+            p = s3_server.free_port_block(n=1)
         out[name] = p
     return out
 
@@ -146,7 +146,7 @@ def _run(stack: Any, args: argparse.Namespace) -> int:
     from mergeflow.lineage import LineageSpec, save_lineage
     from mergeflow.services.process import log_tail
     from mergeflow.storage.registry import Registry
-    from mergeflow.storage.store import open_store
+    from mergeflow.storage.schemes import open_store
 
     n = args.checkpoints
     suite = build_digits_suite(Path(args.home) / "digits", n_tasks=n, log=print)
@@ -169,7 +169,7 @@ def _run(stack: Any, args: argparse.Namespace) -> int:
             sources=(f"{bucket}/published",),
             evaluation=suite.evaluation_suite().model_copy(update={"tasks": tuple(tasks)}),
             gate=GateSpec(),
-            storage=f"{bucket}/lineage",
+            store=f"{bucket}/lineage",
             device="cpu",
             schedule=args.watch_seconds,
         )
@@ -192,7 +192,11 @@ def _run(stack: Any, args: argparse.Namespace) -> int:
         version = None
         while version is None:
             version = next(
-                (v for v in registry.versions(spec.model_name) if v.checkpoint_id == folder.name),
+                (
+                    v
+                    for v in registry.versions(spec.registered_model)
+                    if v.checkpoint_id == folder.name
+                ),
                 None,
             )
             if version is None:

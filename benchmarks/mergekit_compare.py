@@ -88,8 +88,8 @@ LLAMA = dict(
 )
 MF_IMPORTS = (
     "import mergeflow.cli, mergeflow.merging.engine, mergeflow.merging.methods, "
-    "mergeflow.storage.checkpoints, mergeflow.storage.state_store, "
-    "mergeflow.storage.safetensors_io, mergeflow.storage.store"
+    "mergeflow.storage.checkpoints, mergeflow.storage.states, "
+    "mergeflow.storage.safetensors_file, mergeflow.storage.objects"
 )
 ENV = os.environ | {
     "HF_HUB_OFFLINE": "1",
@@ -198,7 +198,7 @@ class Weights:
         self.files = {}
         for f in sorted(path.glob("*.safetensors")):
             st = safe_open(str(f), framework="pt")
-            self.files |= {k: st for k in st.keys()}  # noqa: SIM118
+            self.files |= {k: st for k in st.keys()}
         if not self.files:
             sys.exit(f"no safetensors in {path}")
 
@@ -357,8 +357,8 @@ def main() -> None:
     mf = [str(REPO / ".venv" / "bin" / "python"), "-m", "mergeflow", "merge", "--base",
           str(base_dir), "--device", "cpu", "--no-progress", "--overwrite"]  # fmt: skip
     cks_s = [str(c) for c in cks]
-    ta = f"scaling_factor={TA_WEIGHT}"
-    ties = ["--param", f"density={TIES_DENSITY}", "--param", "scaling_factor=1.0",
+    ta = f"scale={TA_WEIGHT}"
+    ties = ["--param", f"density={TIES_DENSITY}", "--param", "scale=1.0",
             "--param", "merge_func=mean"]  # fmt: skip
     runs: list[tuple[str, str, list[str]]] = [
         ("floor", "python + torch import (project venv)",

@@ -33,7 +33,7 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from mergeflow.services.objectstore import (
+from mergeflow.services.s3_server import (
     EMBEDDED_CREDENTIALS,
     ObjectStoreServer,
     _port_free,

@@ -32,22 +32,22 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import numpy as np  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+import numpy as np
+from safetensors.torch import load_file
 
-from mergeflow.evaluation import AccuracyMatrix, build_evaluator, plot_accuracy_matrix  # noqa: E402
-from mergeflow.examples.suite import SuiteFiles  # noqa: E402
-from mergeflow.merging.engine import export, fold, new_state  # noqa: E402
-from mergeflow.merging.io import DictReader, DictWriter  # noqa: E402
-from mergeflow.merging.state import BaseRef  # noqa: E402
-from mergeflow.storage.architecture import resolve_projection  # noqa: E402
+from mergeflow.architecture import resolve_projection
+from mergeflow.evaluation import AccuracyMatrix, build_evaluator, plot_accuracy_matrix
+from mergeflow.examples.suite import SuiteFiles
+from mergeflow.merging.engine import export, fold, new_state
+from mergeflow.merging.state import BaseRef
+from mergeflow.merging.tensors import DictReader, DictWriter
 
 HERE = Path(__file__).resolve().parent
 METHODS: list[tuple[str, str, dict]] = [
     ("OPCM (α=0.5)", "opcm", {"alpha": 0.5}),
-    ("continual task arithmetic (s=0.3)", "task_arithmetic", {"scaling_factor": 0.3}),
+    ("continual task arithmetic (s=0.3)", "task_arithmetic", {"scale": 0.3}),
     ("continual weight average", "weight_average", {}),
-    ("MagMax (s=0.5)", "magmax", {"scaling_factor": 0.5}),
+    ("MagMax (s=0.5)", "magmax", {"scale": 0.5}),
     ("continual TIES (defaults)", "ties", {}),
 ]
 PAPER = {
@@ -89,7 +89,7 @@ def load(suite: SuiteFiles) -> Loaded:
 
 def fold_order(
     ld: Loaded, evaluator, method: str, params: dict, order: list[str]
-) -> tuple[AccuracyMatrix, float]:  # noqa: ANN001
+) -> tuple[AccuracyMatrix, float]:
     """Fold checkpoints in ``order`` through the engine; score every folded task after each step."""
     es = ld.suite.evaluation_suite()
     base_r = DictReader(ld.base, "base")

@@ -15,12 +15,12 @@ A lineage is declared in YAML and validated once by :class:`LineageSpec`::
       - {params: {alpha: 0.3}}
       - {params: {alpha: 0.7}}
     registered_model: digits-opcm           # MLflow registered model (default: name)
-    storage: s3://mergeflow/lineages/digits-opcm
+    store: s3://mergeflow/lineages/digits-opcm     # where states and merged weights go
     device: auto                            # auto | cpu | cuda | cuda:N
     dask: {n_workers: 4, groups: 8}         # optional: fold tensor groups on a Dask cluster
     schedule: 60                            # watch every 60 s, or a cron string "*/5 * * * *"
 
-Storage layout under ``storage``::
+Layout under ``store``::
 
     lineage.yaml                    the spec, as created
     init/state/state.json           the step-0 state (made on the first fold)
@@ -28,10 +28,10 @@ Storage layout under ``storage``::
     steps/<NNNN>-<shortid>/model    the merged weights (HF layout, with config.json)
 
 The catalog (:func:`save_lineage`, :func:`load_lineage`, :func:`list_lineages`) keeps the
-spec in ``<storage>/lineage.yaml`` and a small pointer to it in a Prefect Variable named
+spec in ``<store>/lineage.yaml`` and a small pointer to it in a Prefect Variable named
 ``mergeflow_lineage__<name>`` (tag ``mergeflow-lineage``), so any worker that reaches the
-Prefect API and the storage can load a lineage by name. Prefect Variables hold at most
-5000 characters, which is why the spec itself lives on the storage.
+Prefect API and the store can load a lineage by name. Prefect Variables hold at most
+5000 characters, which is why the spec itself lives on the store.
 """
 
 from __future__ import annotations
@@ -41,10 +41,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from prefect.client.orchestration import get_client
+from prefect.variables import Variable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergeflow.errors import ConfigError
 from mergeflow.evaluation.spec import EvaluationSuite, GateSpec
+from mergeflow.merging.methods import get_continual, validate_params
+from mergeflow.merging.state import FoldOptions
+from mergeflow.storage.schemes import open_store, read_uri
 
 SPEC_FILE = "lineage.yaml"
 VARIABLE_PREFIX = "mergeflow_lineage__"
@@ -79,7 +84,7 @@ class CandidateSpec(BaseModel):
 
 
 class DaskSpec(BaseModel):
-    """Spread each fold's per-tensor work over a Dask cluster (see :mod:`mergeflow.flows.dask_fold`).
+    """Spread each fold's per-tensor work over a Dask cluster (see :mod:`mergeflow.tasks.dask`).
 
     ``address``: an existing scheduler (``tcp://host:8786``); otherwise a LocalCluster on
     127.0.0.1 with ``n_workers`` workers (``processes`` or threads), no dashboard.
@@ -117,8 +122,8 @@ class LineageSpec(BaseModel):
     evaluation: EvaluationSuite | None = None
     gate: GateSpec = GateSpec()
     candidates: tuple[CandidateSpec, ...] = ()
-    registered_model: str | None = None
-    storage: str
+    registered_model: str = Field("", description="MLflow registered model (default: name)")
+    store: str = Field(description="URI of the prefix holding the lineage's states and weights")
     device: str = "auto"
     dask: DaskSpec | None = None
     schedule: int | str = Field(60, description="watch interval in seconds, or a cron string")
@@ -152,7 +157,7 @@ class LineageSpec(BaseModel):
             raise ValueError(f"schedule {v!r} is neither a number of seconds nor a cron string")
         return v.strip()
 
-    @field_validator("storage", "base")
+    @field_validator("store", "base")
     @classmethod
     def _nonempty(cls, v: str) -> str:
         if not v.strip():
@@ -161,22 +166,17 @@ class LineageSpec(BaseModel):
 
     @model_validator(mode="after")
     def _method_ok(self) -> LineageSpec:
-        from mergeflow.merging.methods import get_method, is_continual, parse_params
 
         try:
-            m = get_method(self.method)
-            if not is_continual(m):
-                raise ConfigError(
-                    f"method {self.method!r} is a batch method; a lineage needs a continual method"
-                )
-            parse_params(m, self.params)
+            m = get_continual(self.method)
+            validate_params(m, self.params)
             for i, c in enumerate(self.candidates):
                 if c.method not in (None, self.method):
                     raise ConfigError(
                         f"candidate {c.label(i)} uses method {c.method!r} but the lineage folds with {self.method!r}; "
                         "candidates vary the parameters of the lineage's method (one state cannot continue another method's)"
                     )
-                parse_params(m, {**self.params, **c.params})
+                validate_params(m, {**self.params, **c.params})
         except ConfigError as e:
             raise ValueError(str(e)) from None
         labels = [c.label(i) for i, c in enumerate(self.candidates)]
@@ -184,11 +184,19 @@ class LineageSpec(BaseModel):
             raise ValueError(f"candidate names must be unique, got {labels}")
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_model(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("registered_model") and "name" in data:
+            return {**data, "registered_model": data["name"]}
+        return data
+
     # ------------------------------------------------------------------ derived
-    @property
-    def model_name(self) -> str:
-        """The MLflow registered model name."""
-        return self.registered_model or self.name
+    def fold_options(self) -> FoldOptions:
+        """The options that change the numbers a fold produces (they live in the state)."""
+        return FoldOptions(
+            compute_dtype=self.compute_dtype, missing="zero" if self.allow_missing else "error"
+        )
 
     @property
     def concurrency_name(self) -> str:
@@ -197,7 +205,7 @@ class LineageSpec(BaseModel):
 
     @property
     def spec_uri(self) -> str:
-        return f"{self.storage}/{SPEC_FILE}"
+        return f"{self.store}/{SPEC_FILE}"
 
     def candidate_params(self) -> list[tuple[str, dict[str, Any]]]:
         """``(label, params)`` of every fold to try: the lineage's own, or its candidates."""
@@ -248,7 +256,7 @@ class LineageSpec(BaseModel):
 IMMUTABLE = (
     "base",
     "method",
-    "storage",
+    "store",
     "registered_model",
     "compute_dtype",
     "project_regex",
@@ -261,20 +269,12 @@ def variable_name(name: str) -> str:
     return VARIABLE_PREFIX + name.replace("-", "_")
 
 
-def _store(uri: str):
-    from mergeflow.storage.store import open_store
-
-    return open_store(uri)
-
-
 def save_lineage(spec: LineageSpec, *, replace: bool = False) -> LineageSpec:
-    """Write ``lineage.yaml`` to the storage, point a Prefect Variable at it, create the fold lock.
+    """Write ``lineage.yaml`` to the store, point a Prefect Variable at it, create the fold lock.
 
     An existing lineage is only replaced with ``replace=True``, and never in a field of
     :data:`IMMUTABLE`.
     """
-    from prefect.client.orchestration import get_client
-    from prefect.variables import Variable
 
     existing = find_lineage(spec.name)
     if existing is not None:
@@ -289,10 +289,10 @@ def save_lineage(spec: LineageSpec, *, replace: bool = False) -> LineageSpec:
             raise ConfigError(
                 f"lineage {spec.name!r}: {', '.join(changed)} cannot change once the lineage exists; create a new lineage"
             )
-    _store(spec.storage).write_bytes(SPEC_FILE, spec.to_yaml().encode())
+    open_store(spec.store).write_bytes(SPEC_FILE, spec.to_yaml().encode())
     Variable.set(
         variable_name(spec.name),
-        {"name": spec.name, "spec_uri": spec.spec_uri, "registered_model": spec.model_name},
+        {"name": spec.name, "spec_uri": spec.spec_uri, "registered_model": spec.registered_model},
         tags=[VARIABLE_TAG],
         overwrite=True,
     )
@@ -302,17 +302,15 @@ def save_lineage(spec: LineageSpec, *, replace: bool = False) -> LineageSpec:
 
 
 def _pointer(name: str) -> dict[str, Any] | None:
-    from prefect.variables import Variable
 
     value = Variable.get(variable_name(name), default=None)
     return value if isinstance(value, dict) else None
 
 
 def load_spec_uri(uri: str) -> LineageSpec:
-    """Read a ``lineage.yaml`` from a storage URI."""
-    parent, _, fname = uri.rpartition("/")
+    """Read a ``lineage.yaml`` from a store URI."""
     try:
-        text = _store(parent).read_bytes(fname).decode()
+        text = read_uri(uri).decode()
     except (OSError, FileNotFoundError) as e:
         raise ConfigError(f"cannot read lineage spec {uri}: {e}") from None
     return LineageSpec.from_yaml_text(text, uri)
@@ -338,7 +336,6 @@ def load_lineage(name: str) -> LineageSpec:
 
 def list_lineages() -> list[dict[str, Any]]:
     """Pointers (name, spec_uri, registered_model) of every registered lineage, by name."""
-    from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         variables = client.read_variables()
@@ -351,7 +348,6 @@ def list_lineages() -> list[dict[str, Any]]:
 
 
 def delete_lineage(name: str) -> bool:
-    """Forget a lineage in the catalog (its storage and MLflow versions stay)."""
-    from prefect.variables import Variable
+    """Forget a lineage in the catalog (its store and MLflow versions stay)."""
 
-    return Variable.unset(variable_name(name))
+    return bool(Variable.unset(variable_name(name)))

@@ -15,6 +15,26 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+_MIB = 1 << 20
+
+
+class S3Settings(BaseSettings):
+    """S3 client settings; every field reads ``MERGEFLOW_S3_<FIELD>`` from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="MERGEFLOW_S3_", frozen=True)
+
+    endpoint_url: str | None = None
+    """None: boto3 decides (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, or AWS itself)."""
+    region: str | None = None
+    """None: boto3's region (AWS_DEFAULT_REGION, AWS_REGION, profile), else us-east-1."""
+    addressing_style: str = "path"
+    max_attempts: int = 5
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    multipart_threshold: int = 8 * _MIB
+    multipart_chunksize: int = 8 * _MIB
+    max_concurrency: int = 4
+
 
 class Settings(BaseSettings):
     """Where the stack runs and how clients reach it.
@@ -24,8 +44,8 @@ class Settings(BaseSettings):
         on SQLite under ``home`` plus a local S3 server (SeaweedFS) whose data also lives
         under ``home``, so lineage state survives `down`/`up`.
       * ``production``: Prefect and MLflow on PostgreSQL (``prefect_database_url``,
-        ``mlflow_backend_store_uri``), S3 from the environment (``s3_endpoint_url`` or
-        ``AWS_ENDPOINT_URL``, else AWS itself). ``embedded_s3=True`` still starts the local
+        ``mlflow_backend_store_uri``), S3 from the environment (:class:`S3Settings`'s
+        ``MERGEFLOW_S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL``, else AWS itself). ``embedded_s3=True`` still starts the local
         S3 server, e.g. for a single box with PostgreSQL.
     """
 
@@ -41,10 +61,6 @@ class Settings(BaseSettings):
     embedded_s3: bool | None = Field(
         default=None, description="start the local S3 server; default: only when embedded"
     )
-    s3_endpoint_url: str | None = Field(
-        default=None, description="external S3 endpoint (production); AWS_ENDPOINT_URL also works"
-    )
-    s3_region: str = "us-east-1"
     prefect_database_url: str | None = Field(
         default=None, description="production: postgresql+asyncpg://user@host:5432/db"
     )
@@ -54,7 +70,6 @@ class Settings(BaseSettings):
     mlflow_artifacts_destination: str | None = Field(
         default=None, description="default: s3://<bucket>/mlartifacts"
     )
-    device: str = Field(default="cpu", description="torch device for folds: cpu, cuda, cuda:1")
     health_timeout_s: float = Field(default=180.0, gt=0, description="wait for each server")
 
     @field_validator("home")
@@ -89,6 +104,11 @@ class Settings(BaseSettings):
     @property
     def local_s3_url(self) -> str:
         return f"http://{self.host}:{self.s3_port}"
+
+    @property
+    def s3(self) -> S3Settings:
+        """The S3 client settings (``MERGEFLOW_S3_*``)."""
+        return S3Settings()
 
     @property
     def artifacts_destination(self) -> str:

@@ -1,15 +1,25 @@
-"""Shared pytest fixtures. Service fixtures live in their own modules and are imported here."""
+"""Shared pytest fixtures and the test tiers.
+
+Plain helpers (tiny models, running the CLI, the Hub stand-in) live in ``tests/helpers/``;
+service fixtures live in ``fixtures_s3.py`` and ``fixtures_stack.py`` and are registered here,
+once, through ``pytest_plugins``.
+
+Tiers (markers): ``unit`` (fast, in-process, no servers), ``services`` (real local servers:
+S3, Prefect, MLflow), ``slow`` (more than a few seconds), ``postgres`` (the local PostgreSQL;
+implies ``services``). A test marked neither ``services`` nor ``slow`` is ``unit``. Plain
+``pytest`` runs the unit tier (``-m unit`` in ``addopts``); ``./scripts/test.sh`` runs all tiers.
+"""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.cli import Result
+from helpers.models import finetune, tiny_state
 from safetensors.torch import save_file
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -20,42 +30,18 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 # Real local servers (SeaweedFS S3; Prefect + MLflow + S3 stack), started once per session when used.
+# Declared here only: test modules use these fixtures without registering them again.
 pytest_plugins = ["fixtures_s3", "fixtures_stack"]
 
 
-def tiny_state(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """A small model: non-square linears with biases, an embedding, a norm and an int buffer."""
-    g = torch.Generator().manual_seed(seed)
-    t = {
-        "embed.weight": torch.randn(20, 8, generator=g),
-        "layers.0.fc.weight": torch.randn(12, 8, generator=g),
-        "layers.0.fc.bias": torch.randn(12, generator=g),
-        "layers.0.out.weight": torch.randn(8, 12, generator=g),
-        "layers.0.norm.weight": torch.ones(8),
-        "layers.1.fc.weight": torch.randn(12, 8, generator=g),
-        "layers.1.out.weight": torch.randn(8, 12, generator=g),
-        "position_ids": torch.arange(6),
-    }
-    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in t.items()}
-
-
-def finetune(
-    base: dict[str, torch.Tensor], seed: int, scale: float = 0.05
-) -> dict[str, torch.Tensor]:
-    """A fake fine-tune: base + a low-rank-plus-noise task vector on every float tensor."""
-    g = torch.Generator().manual_seed(1000 + seed)
-    out = {}
-    for k, v in base.items():
-        if not v.is_floating_point():
-            out[k] = v.clone()
-            continue
-        d = torch.randn(v.shape, generator=g) * scale
-        if v.dim() == 2:
-            u = torch.randn(v.shape[0], 1, generator=g)
-            w = torch.randn(1, v.shape[1], generator=g)
-            d = d + scale * 3 * (u @ w) / (v.shape[0] * v.shape[1]) ** 0.25
-        out[k] = (v.float() + d).to(v.dtype)
-    return out
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put every test in a tier: ``postgres`` implies ``services``; neither ``services`` nor
+    ``slow`` means ``unit``."""
+    for item in items:
+        if item.get_closest_marker("postgres") and not item.get_closest_marker("services"):
+            item.add_marker(pytest.mark.services)
+        if not (item.get_closest_marker("services") or item.get_closest_marker("slow")):
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture
@@ -81,24 +67,6 @@ def model_files(tmp_path: Path) -> Callable[..., tuple[Path, list[Path]]]:
     return make
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m mergeflow ARGS`` and capture its output."""
-    return subprocess.run(
-        [sys.executable, "-m", "mergeflow", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=600,
-    )
-
-
-class Result:
-    """What an in-process CLI call returned and printed."""
-
-    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
     """Run ``mergeflow.cli.main`` in this process (fast); an unexpected exception fails the test."""
@@ -114,25 +82,3 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
         return Result(rc, out.out, out.err)
 
     return call
-
-
-def fold_in_memory(method, base, ckpts, params=None, options=None, dtype=None):
-    """Fold ``ckpts`` into ``base`` with the engine over in-memory readers; returns (merged, info)."""
-    from mergeflow.merging import engine
-    from mergeflow.merging.io import DictReader, DictWriter
-    from mergeflow.merging.projection import by_name_rules
-    from mergeflow.merging.state import BaseRef
-
-    br = DictReader(base, "base")
-    rule = by_name_rules({k: br.meta(k) for k in br.keys()})
-    info = engine.new_state(method, params or {}, BaseRef(uri="base", digest="d"), rule, options)
-    state = None
-    for i, c in enumerate(ckpts):
-        w = DictWriter()
-        info = engine.fold(
-            info, state, br, DictReader(c, f"c{i}"), checkpoint_id=f"c{i}", digest=f"d{i}", out=w
-        )
-        state = w.reader()
-    out = DictWriter()
-    engine.export(info, state, br, out, dtype=dtype)
-    return out.tensors, info

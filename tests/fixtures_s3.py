@@ -1,9 +1,9 @@
 """Pytest fixtures for a real S3 API server (SeaweedFS on 127.0.0.1).
 
-Register with ``pytest_plugins = ["tests.fixtures_s3"]`` in ``tests/conftest.py``.
+Registered once, in ``tests/conftest.py`` (``pytest_plugins = ["fixtures_s3", "fixtures_stack"]``).
 
 - ``s3_server`` (session): one server in a temp dir on free ports; yields the
-  :class:`~mergeflow.services.objectstore.ObjectStoreServer` (``endpoint_url``,
+  :class:`~mergeflow.services.s3_server.ObjectStoreServer` (``endpoint_url``,
   ``credentials``, ``env()``, ``client()``) and owns the session bucket.
 - ``s3_env`` (function): points boto3 at the server through the standard AWS
   variables (and removes profile/endpoint variables that could leak in).
@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from mergeflow.services.objectstore import ObjectStoreServer
+from mergeflow.services.s3_server import ObjectStoreServer
 
 SESSION_BUCKET = "mergeflow-tests"
 

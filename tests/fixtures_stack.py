@@ -1,7 +1,7 @@
 """Pytest fixtures that run the REAL service stack: Prefect server, MLflow server, S3 server.
 
-Use from a test module (or conftest) with ``pytest_plugins = ["fixtures_stack"]``
-(``tests/`` is on ``sys.path`` because ``tests/conftest.py`` has no package).
+Registered once, in ``tests/conftest.py`` (``pytest_plugins``); test modules just use the
+fixtures (``tests/`` is on ``sys.path``: ``pythonpath`` in ``[tool.pytest.ini_options]``).
 
 - ``stack`` (session): the embedded profile in a temp home on free ports: Prefect on
   SQLite, MLflow on SQLite with artifacts proxied to ``s3://mergeflow/mlartifacts`` on a
@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from mergeflow.services import objectstore
+from mergeflow.services import s3_server
 from mergeflow.services.process import log_tail
 from mergeflow.services.stack import Stack, StackError
 from mergeflow.settings import Settings
@@ -144,11 +144,11 @@ def pick_ports() -> dict[str, int]:
     not collide with the local end of some client connection.
     """
     lo, hi = 20000, 32000
-    s3 = objectstore.free_port_block(start=lo, stop=hi)
-    block = set(range(s3, s3 + objectstore.PORTS_PER_SERVER))
+    s3 = s3_server.free_port_block(start=lo, stop=hi)
+    block = set(range(s3, s3 + s3_server.PORTS_PER_SERVER))
     singles: list[int] = []
     while len(singles) < 2:
-        p = objectstore.free_port_block(n=1, start=lo, stop=hi)
+        p = s3_server.free_port_block(n=1, start=lo, stop=hi)
         if p not in block and p not in singles:
             singles.append(p)
     return {"s3_port": s3, "prefect_port": singles[0], "mlflow_port": singles[1]}

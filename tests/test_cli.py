@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import finetune, run_cli, tiny_state
+from helpers.cli import run_cli
+from helpers.models import finetune, tiny_state
 from safetensors.torch import load_file, save_file
 
 
@@ -63,6 +64,7 @@ def test_merge_shards_output_when_asked(cli, model_files, tmp_path):
     assert set(merged) == set(load_file(str(base)))
 
 
+@pytest.mark.slow  # six `python -m mergeflow` subprocesses (~10 s)
 def test_state_resume_is_bit_identical(model_files, tmp_path):
     """Fold 3, save, reload in a new process, fold 3 more == fold all 6 in one go."""
     base, cks = model_files(6, heads=True)
@@ -257,8 +259,8 @@ BAD = {
     "negshape.safetensors": "is not a list of non-negative integers",
     "badmeta.safetensors": "__metadata__ must map strings to strings",
     "noweights": "folder has no weights",
-    "pickleonly": "refusing to unpickle without --allow-pickle",
-    "model.bin": "pickle weights are refused; pass --allow-pickle",
+    "pickleonly": "only pickle weights found (pytorch_model.bin); pickle weights are only loaded when allowed",
+    "model.bin": "pickle weights are refused; pickle weights are only loaded when allowed",
     "notes.txt": "not a .safetensors file",
     "twofiles": "2 .safetensors files but no model.safetensors.index.json",
     "missingshard": "shard model-00001-of-00002.safetensors listed in model.safetensors.index.json is missing",

@@ -39,9 +39,9 @@ def _demo(
 
 
 def test_demo_registers_n_versions_and_a_second_run_folds_nothing(stack: RunningStack) -> None:
-    from mergeflow.demo import LINEAGE
+    from mergeflow.cli.demo import LINEAGE
     from mergeflow.storage.registry import Registry
-    from mergeflow.storage.store import open_store
+    from mergeflow.storage.schemes import open_store
 
     first = _demo(stack, "--timeout", "540")
     out = first.stdout + first.stderr
@@ -62,9 +62,9 @@ def test_demo_registers_n_versions_and_a_second_run_folds_nothing(stack: Running
         assert v.model_uri.startswith(f"s3://{stack.bucket}/lineages/{LINEAGE}/steps/")
         model = open_store(v.model_uri)
         assert model.exists("config.json") and model.exists("model.safetensors")
-        assert {f"acc/{t}" for t in ("rot90", "flip_lr", "invert")[: v.step]} <= set(v.metrics)
+        assert {f"test/{t}" for t in ("rot90", "flip_lr", "invert")[: v.step]} <= set(v.metrics)
     assert "champion" in versions[-1].aliases and "newest" in versions[-1].aliases
-    assert "bwt" in versions[-1].metrics
+    assert "test/bwt" in versions[-1].metrics
 
     # the chain from the CLI, and a re-evaluation that reproduces the registered test score
     show = subprocess.run(
@@ -79,7 +79,7 @@ def test_demo_registers_n_versions_and_a_second_run_folds_nothing(stack: Running
     from mergeflow.flows.maintenance import reevaluate_flow
 
     ev = reevaluate_flow(LINEAGE, versions[0].version)
-    assert ev.test["rot90"] == pytest.approx(versions[0].metrics["acc/rot90"])
+    assert ev.test["rot90"] == pytest.approx(versions[0].metrics["test/rot90"])
 
     second = _demo(stack, "--timeout", "300")
     out2 = second.stdout + second.stderr

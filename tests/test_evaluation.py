@@ -18,19 +18,20 @@ from mergeflow.evaluation import (
     AccuracyMatrix,
     ClassificationEvaluator,
     EvaluationSuite,
+    GateChoice,
     GateSpec,
     PerplexityEvaluator,
     TaskSpec,
     build_evaluator,
+    choose,
     continual_metrics,
     decide,
-    evaluate_candidate,
     load_tokenizer,
     matrix_from_rows,
     plot_accuracy_matrix,
     select_candidate,
 )
-from mergeflow.merging.io import DictReader
+from mergeflow.merging.tensors import DictReader
 
 # --- a tiny model whose logits are computed by hand --------------------------------------
 # mlp, identity activation: logits = head_W @ (M @ x) + head_b, with M the merged "backbone".
@@ -150,7 +151,7 @@ def test_hf_model_from_config_json(tmp_path: Path) -> None:
 TEXT = "the cat sat on the mat . the dog sat on the log . a cat and a dog sat on a mat and a log ."
 
 
-def tiny_tokenizer():  # noqa: ANN201
+def tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {w: i for i, w in enumerate(["[UNK]", *sorted(set(TEXT.split()))])}
@@ -281,7 +282,7 @@ def test_acc_bwt_hand_worked() -> None:
     assert m.acc_curve() == pytest.approx([0.9, 0.75, 2.05 / 3])
     metrics = continual_metrics(m)
     assert metrics == pytest.approx(
-        {"test/A": 0.6, "test/B": 0.5, "test/C": 0.95, "test/acc": 2.05 / 3, "test/bwt": -0.25}
+        {"test/A": 0.6, "test/B": 0.5, "test/C": 0.95, "test/avg": 2.05 / 3, "test/bwt": -0.25}
     )
     assert "validation/bwt" not in continual_metrics(matrix_from_rows(ROWS[:1]), "validation")
     assert AccuracyMatrix.model_validate_json(m.model_dump_json()) == m
@@ -379,17 +380,26 @@ def test_select_candidate() -> None:
     )
 
 
-def test_evaluate_candidate(mlp_tasks: list[TaskSpec]) -> None:
-    ev = ClassificationEvaluator(MLP_CONFIG)
-    res = evaluate_candidate(ev, backbone(IDENTITY), HEADS, mlp_tasks, GateSpec(min_acc=0.7), None)
-    assert res.validation == {"a": 0.75, "b": 0.5} and res.test == {"a": 0.75, "b": 0.5}
-    assert res.decision.reasons == ["ACC 0.6250 is below the minimum 0.7000"]
-    assert (
-        evaluate_candidate(
-            ev, backbone(IDENTITY), HEADS, mlp_tasks, GateSpec(), None, with_test=False
-        ).test
-        is None
+def test_choose_keeps_the_best_passing_candidate_or_explains_the_best_failing_one() -> None:
+    gate = GateSpec(min_acc=0.6)
+    tables = [{"a": 0.5, "b": 0.6}, {"a": 0.7, "b": 0.7}, {"a": 0.9, "b": 0.9}]
+    assert choose(tables, gate) == GateChoice(index=2, accepted=True, reasons=[])
+    # none passes: the best by validation ACC (the first on ties), with its own reasons
+    failing = [{"a": 0.2, "b": 0.2}, {"a": 0.5, "b": 0.5}, {"a": 0.5, "b": 0.5}]
+    assert choose(failing, gate) == GateChoice(
+        index=1, accepted=False, reasons=["ACC 0.5000 is below the minimum 0.6000"]
     )
+    # lower is better (perplexity): the lowest fails least
+    ppl = [{"lm": 30.0}, {"lm": 12.0}]
+    got = choose(ppl, GateSpec(min_acc=10.0), higher_is_better=False)
+    assert got == GateChoice(
+        index=1, accepted=False, reasons=["ACC 12.0000 is above the maximum 10.0000"]
+    )
+    assert choose(ppl, GateSpec(min_acc=20.0), higher_is_better=False).index == 1
+    # a candidate without scores never wins over one with scores
+    assert choose([{}, {"a": 0.1}], gate).index == 1
+    with pytest.raises(ValueError, match="at least one candidate"):
+        choose([], gate)
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -480,7 +490,7 @@ def _bad_data(tmp_path: Path, arrays: dict[str, np.ndarray]) -> str:
         (lambda p: _bad_data(p, {"labels": X, "x": X}), "labels must be a 1-D integer array"),
     ],
 )
-def test_data_errors(tmp_path: Path, setup, message: str) -> None:  # noqa: ANN001
+def test_data_errors(tmp_path: Path, setup, message: str) -> None:
     task = TaskSpec(name="t", checkpoint="ck-a", data=setup(tmp_path))
     with pytest.raises(ConfigError, match=message):
         ClassificationEvaluator(MLP_CONFIG).evaluate(backbone(IDENTITY), HEADS, [task], "test")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from mergeflow.evaluation import build_evaluator
 from mergeflow.examples import digits
-from mergeflow.merging.io import DictReader
+from mergeflow.merging.tensors import DictReader
 
 
 @pytest.fixture(scope="module")

@@ -132,11 +132,11 @@ def lineage_spec(name: str, suite: MlpSuite, prefix: str, **overrides: Any) -> A
         "name": name,
         "base": str(suite.base),
         "method": "task_arithmetic",
-        "params": {"scaling_factor": 0.5},
+        "params": {"scale": 0.5},
         "sources": (f"{prefix}/published",),
         "evaluation": EvaluationSuite(tasks=tasks),
         "gate": GateSpec(min_acc=0.3, max_drop=0.25),
-        "storage": f"{prefix}/lineage",
+        "store": f"{prefix}/lineage",
         "device": "cpu",
         "schedule": 5,
     }
@@ -146,7 +146,7 @@ def lineage_spec(name: str, suite: MlpSuite, prefix: str, **overrides: Any) -> A
 
 def publish(prefix: str, suite: MlpSuite, ck: str) -> None:
     """Upload a checkpoint folder to the watched S3 prefix (weights last)."""
-    from mergeflow.storage.store import open_store
+    from mergeflow.storage.schemes import open_store
 
     dst = open_store(f"{prefix}/published/{ck}")
     folder = suite.checkpoints[ck]
@@ -233,7 +233,7 @@ def test_schedule_triggers_watch_and_the_event_triggers_a_fold(served: Served) -
     from prefect.client.orchestration import get_client
 
     publish(served.prefix, served.suite, "t1")
-    v = wait_for_version(served.spec.model_name, "t1", served.log)
+    v = wait_for_version(served.spec.registered_model, "t1", served.log)
     assert v.status == "accepted" and v.step == 1 and v.parent_version is None
     assert {"champion", "newest"} <= set(v.aliases)
     assert v.model_uri.startswith(f"{served.prefix}/lineage/steps/0001-") and v.model_uri.endswith(
@@ -242,8 +242,8 @@ def test_schedule_triggers_watch_and_the_event_triggers_a_fold(served: Served) -
     assert v.state_uri.startswith(f"{served.prefix}/lineage/steps/0001-") and v.state_uri.endswith(
         "/state"
     )
-    assert 0.0 <= v.metrics["acc/t1"] <= 1.0 and v.metrics["acc_avg"] == pytest.approx(
-        v.metrics["acc/t1"]
+    assert 0.0 <= v.metrics["test/t1"] <= 1.0 and v.metrics["test/avg"] == pytest.approx(
+        v.metrics["test/t1"]
     )
     watch = [
         r
@@ -263,12 +263,12 @@ def test_schedule_triggers_watch_and_the_event_triggers_a_fold(served: Served) -
 def test_a_rejected_checkpoint_does_not_block_later_ones(served: Served) -> None:
     publish(served.prefix, served.suite, "bad")
     publish(served.prefix, served.suite, "t2")
-    bad = wait_for_version(served.spec.model_name, "bad", served.log)
-    good = wait_for_version(served.spec.model_name, "t2", served.log)
+    bad = wait_for_version(served.spec.registered_model, "bad", served.log)
+    good = wait_for_version(served.spec.registered_model, "t2", served.log)
     assert bad.status == "rejected" and "shape" in bad.reason and bad.model_uri == ""
     assert "champion" not in bad.aliases
     assert good.status == "accepted" and good.step == 2
-    first = wait_for_version(served.spec.model_name, "t1")
+    first = wait_for_version(served.spec.registered_model, "t1")
     assert good.parent_version == first.version
     assert int(bad.version) < int(good.version)  # publication order kept
 
@@ -277,24 +277,24 @@ def test_the_gate_keeps_champion_on_the_last_accepted_version(served: Served) ->
     from mergeflow.storage.registry import Registry
 
     reg = Registry()
-    before = reg.champion(served.spec.model_name)
+    before = reg.champion(served.spec.registered_model)
     assert before is not None and before.checkpoint_id == "t2"
     publish(served.prefix, served.suite, "noise")
-    noisy = wait_for_version(served.spec.model_name, "noise", served.log)
+    noisy = wait_for_version(served.spec.registered_model, "noise", served.log)
     assert (
         noisy.status == "rejected" and "ACC" in noisy.reason and noisy.model_uri
     )  # gate, not validation
-    assert reg.champion(served.spec.model_name).version == before.version
+    assert reg.champion(served.spec.registered_model).version == before.version
     publish(served.prefix, served.suite, "t3")
-    nxt = wait_for_version(served.spec.model_name, "t3", served.log)
+    nxt = wait_for_version(served.spec.registered_model, "t3", served.log)
     assert nxt.status == "accepted"
     assert (
         nxt.parent_version == before.version
     )  # built on the last accepted state, not the rejected one
     assert nxt.step == before.step + 1
-    assert reg.champion(served.spec.model_name).version == nxt.version
-    newest = reg.newest(served.spec.model_name)
-    assert newest is not None and newest.version == nxt.version and "bwt" in nxt.metrics
+    assert reg.champion(served.spec.registered_model).version == nxt.version
+    newest = reg.newest(served.spec.registered_model)
+    assert newest is not None and newest.version == nxt.version and "test/bwt" in nxt.metrics
 
 
 def test_duplicate_events_fold_once(
@@ -303,14 +303,14 @@ def test_duplicate_events_fold_once(
     """A lineage nobody watches: two identical events -> two fold runs -> one fold."""
     from mergeflow.flows.events import emit_published
     from mergeflow.lineage import save_lineage
-    from mergeflow.storage.sources import source_from_uri
-    from mergeflow.tasks.models import CheckpointRef
+    from mergeflow.storage.schemes import open_source
+    from mergeflow.tasks.values import CheckpointRef
 
     tag = uuid.uuid4().hex[:6]
     prefix = f"s3://{stack.bucket}/tests-{tag}"
     spec = save_lineage(lineage_spec(f"dup-{tag}", mlp_suite, prefix))
     publish(prefix, mlp_suite, "t1")
-    (c,) = source_from_uri(f"{prefix}/published").list()
+    (c,) = open_source(f"{prefix}/published").list()
     ck = CheckpointRef(
         id=c.id,
         uri=c.uri,
@@ -320,7 +320,7 @@ def test_duplicate_events_fold_once(
     )
     emit_published(spec.name, ck)
     emit_published(spec.name, ck)
-    wait_for_version(spec.model_name, "t1", served.log)
+    wait_for_version(spec.registered_model, "t1", served.log)
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         runs = flow_runs("mergeflow-fold", lineage=spec.name)
@@ -333,7 +333,7 @@ def test_duplicate_events_fold_once(
         )
     from mergeflow.storage.registry import Registry
 
-    assert [v.checkpoint_id for v in Registry().versions(spec.model_name)] == ["t1"]
+    assert [v.checkpoint_id for v in Registry().versions(spec.registered_model)] == ["t1"]
     subflows = [r for r in flow_runs("mergeflow-fold-checkpoint") if r.name == f"{spec.name}-t1"]
     assert len(subflows) == 1  # the second run saw the registered version and skipped
 
@@ -341,15 +341,15 @@ def test_duplicate_events_fold_once(
 def test_gc_deletes_only_unreferenced_prefixes(served: Served) -> None:
     from mergeflow.flows.maintenance import gc_flow
     from mergeflow.storage.registry import Registry
-    from mergeflow.storage.store import open_store
+    from mergeflow.storage.schemes import open_store
 
-    root = open_store(served.spec.storage)
+    root = open_store(served.spec.store)
     root.write_bytes("steps/9999-deadbeef/state/state.json", b"{}")
-    assert gc_flow(served.spec.name, dry_run=True) == [f"{served.spec.storage}/steps/9999-deadbeef"]
+    assert gc_flow(served.spec.name, dry_run=True) == [f"{served.spec.store}/steps/9999-deadbeef"]
     assert root.exists("steps/9999-deadbeef/state/state.json")
-    assert gc_flow(served.spec.name) == [f"{served.spec.storage}/steps/9999-deadbeef"]
+    assert gc_flow(served.spec.name) == [f"{served.spec.store}/steps/9999-deadbeef"]
     assert not root.exists("steps/9999-deadbeef/state/state.json")
-    for v in Registry().versions(served.spec.model_name):
+    for v in Registry().versions(served.spec.registered_model):
         if v.state_uri:
             assert open_store(v.state_uri).exists("state.json")
         if v.model_uri:
@@ -360,51 +360,51 @@ def test_dask_fold_matches_the_sequential_fold(
     stack: RunningStack, model_files: Any, tmp_path: Path
 ) -> None:
     """Tensor groups folded on a local Dask cluster (worker processes, then threads) == the engine's fold."""
-    from mergeflow.flows.dask_fold import dask_fold, split_groups
+    from mergeflow.architecture import resolve_projection
+    from mergeflow.flows.dask import dask_fold
+    from mergeflow.lineage import DaskSpec, LineageSpec
     from mergeflow.merging import engine
     from mergeflow.merging.state import BaseRef
-    from mergeflow.storage import state_store
-    from mergeflow.storage.architecture import resolve_projection
-    from mergeflow.storage.checkpoints import open_checkpoint
-    from mergeflow.storage.store import LocalStore
+    from mergeflow.storage import states
+    from mergeflow.storage.objects import LocalStore
+    from mergeflow.storage.schemes import open_checkpoint
+    from mergeflow.tasks.values import CheckpointRef, ParentState
 
-    assert split_groups([("a", 5), ("b", 1), ("c", 1), ("d", 5)], 3) == [["a"], ["b", "c"], ["d"]]
-    assert split_groups([("a", 1)], 4) == [["a"]]
     base_path, cks = model_files(n=2, heads=True)
     base = open_checkpoint(str(base_path))
     info = engine.new_state(
         "opcm", {}, BaseRef(uri=base.uri, digest="-"), resolve_projection(base.reader, None), None
     )
     seq = LocalStore(tmp_path / "seq")
-    state_store.init_state(seq, info)
-    state_store.init_state(LocalStore(tmp_path / "d0"), info)
+    states.init_state(seq, info)
+    states.init_state(LocalStore(tmp_path / "d0" / "state"), info)
     for i, (ck, processes) in enumerate(zip(cks, (True, False), strict=True)):
         c = open_checkpoint(str(ck), base=base.reader)
-        state_store.fold_checkpoint(seq, seq, base.reader, c, checkpoint_id=f"c{i}", digest=f"d{i}")
-        r = dask_fold(
-            str(base_path),
-            str(ck),
-            str(tmp_path / f"d{i}"),
-            str(tmp_path / f"d{i + 1}"),
-            checkpoint_id=f"c{i}",
-            digest=f"d{i}",
-            groups=3,
-            n_workers=2,
-            processes=processes,
+        states.fold_into(seq, seq, base.reader, c, checkpoint_id=f"c{i}", digest=f"d{i}")
+        spec = LineageSpec(
+            name="dask",
+            base=str(base_path),
+            sources=(str(tmp_path),),
+            store=str(tmp_path / "lineage"),
+            dask=DaskSpec(groups=3, n_workers=2, processes=processes),
+            device="cpu",
         )
-        assert r["step"] == i + 1 and r["groups"] == 3
-    (m1, r1), (m2, r2) = (
-        state_store.load_state(seq),
-        state_store.load_state(LocalStore(tmp_path / "d2")),
-    )
+        parent = ParentState(
+            version=None, state_uri=str(tmp_path / f"d{i}" / "state"), step=i, params=info.params
+        )
+        ref = CheckpointRef(id=f"c{i}", uri=str(ck), digest=f"d{i}")
+        out = dask_fold(spec, parent, ref, "main", dict(info.params), str(tmp_path / f"d{i + 1}"))
+        assert out.step == i + 1 and out.folded == tuple(f"c{j}" for j in range(i + 1))
+    d2 = LocalStore(tmp_path / "d2" / "state")
+    (m1, r1), (m2, r2) = states.load_state(seq), states.load_state(d2)
     assert m2.info.step == 2 and [c.id for c in m2.info.checkpoints] == ["c0", "c1"]
-    assert m2.info.coefficient == pytest.approx(m1.info.coefficient, rel=1e-12)
+    assert m2.info.scale == pytest.approx(m1.info.scale, rel=1e-12)
     assert r1 is not None and r2 is not None and sorted(r1.keys()) == sorted(r2.keys())
     for k in r1.keys():
         assert torch.equal(r1.get(k), r2.get(k)), k
     assert set(m2.heads) == {"c0", "c1"}
     assert torch.equal(
-        state_store.heads_reader(LocalStore(tmp_path / "d2"), m2, "c1").get("head.weight"),
+        states.heads_reader(d2, m2, "c1").get("head.weight"),
         open_checkpoint(str(cks[1])).reader.get("head.weight"),
     )
 
@@ -426,8 +426,8 @@ def test_a_lineage_can_fold_on_dask(
         )
     )
     (out,) = backfill_flow(spec.name, [str(mlp_suite.checkpoints["t1"])])
-    assert out.status == "accepted" and out.step == 1 and "acc/t1" in out.metrics
-    v = wait_for_version(spec.model_name, "t1", timeout=10)
+    assert out.status == "accepted" and out.step == 1 and "test/t1" in out.metrics
+    v = wait_for_version(spec.registered_model, "t1", timeout=10)
     assert v.model_uri.startswith(str(tmp_path / "lin" / "lineage" / "steps"))
 
 
@@ -436,13 +436,13 @@ def test_candidates_fold_from_the_same_parent_and_the_best_passing_one_wins(
 ) -> None:
     from mergeflow.flows.fold import backfill_flow
     from mergeflow.lineage import CandidateSpec, save_lineage
-    from mergeflow.storage import state_store
-    from mergeflow.storage.store import open_store
+    from mergeflow.storage import states
+    from mergeflow.storage.schemes import open_store
 
     tag = uuid.uuid4().hex[:6]
     cands = (
-        CandidateSpec(name="small", params={"scaling_factor": 0.1}),
-        CandidateSpec(name="full", params={"scaling_factor": 1.0}),
+        CandidateSpec(name="small", params={"scale": 0.1}),
+        CandidateSpec(name="full", params={"scale": 1.0}),
     )
     spec = save_lineage(
         lineage_spec(
@@ -456,13 +456,13 @@ def test_candidates_fold_from_the_same_parent_and_the_best_passing_one_wins(
     (out,) = backfill_flow(spec.name, [str(mlp_suite.checkpoints["t1"])])
     assert out.status == "accepted"
     second = out.metrics
-    vals = {c: second[f"candidate/{c}/val_acc_avg"] for c in ("small", "full")}
+    vals = {c: second[f"candidate/{c}/val/avg"] for c in ("small", "full")}
     winner = max(vals, key=lambda c: vals[c])
-    assert second["val_acc_avg"] == pytest.approx(
+    assert second["val/avg"] == pytest.approx(
         vals[winner]
     )  # the reported fold is the best candidate
-    v = wait_for_version(spec.model_name, "t1", timeout=10)
-    info = state_store.read_manifest(open_store(v.state_uri)).info
-    assert info.params == {"scaling_factor": 1.0 if winner == "full" else 0.1}
-    steps = {o.relpath.split("/")[1] for o in open_store(spec.storage).list("steps")}
+    v = wait_for_version(spec.registered_model, "t1", timeout=10)
+    info = states.read_manifest(open_store(v.state_uri)).info
+    assert info.params == {"scale": 1.0 if winner == "full" else 0.1}
+    steps = {o.relpath.split("/")[1] for o in open_store(spec.store).list("steps")}
     assert len(steps) == 1  # the losing candidate's prefix is gone

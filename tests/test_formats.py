@@ -161,9 +161,9 @@ def test_lora_adapter_targeting_unknown_module_is_refused(cli, bert_dirs, tmp_pa
 
 
 def test_sharded_writer_round_trip_bf16(tmp_path):
-    from mergeflow.storage.checkpoints import open_checkpoint
-    from mergeflow.storage.safetensors_io import ShardedWriter
-    from mergeflow.storage.store import LocalStore, StoreSink
+    from mergeflow.storage.objects import LocalStore, StoreSink
+    from mergeflow.storage.safetensors_file import ShardedWriter
+    from mergeflow.storage.schemes import open_checkpoint
 
     tensors = {f"t{i}": torch.randn(64, 8).to(torch.bfloat16) for i in range(5)} | {
         "ids": torch.arange(7)

@@ -9,19 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.hub_standin import HubStandIn
 from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
 
 from mergeflow.errors import CheckpointError, ConfigError
-from mergeflow.storage.checkpoints import open_checkpoint
 from mergeflow.storage.hub import HubRef, HubSource, open_hub_store
-from mergeflow.storage.safetensors_io import SafetensorsReader, ShardedWriter
-from mergeflow.storage.sources import Source, source_from_uri
-
-try:
-    from tests.hub_standin import HubStandIn
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-    from hub_standin import HubStandIn
+from mergeflow.storage.objects import ObjectStore, ReadOnlyStore
+from mergeflow.storage.safetensors_file import SafetensorsReader, ShardedWriter
+from mergeflow.storage.schemes import open_checkpoint, open_source, open_store
+from mergeflow.storage.sources import Source
 
 CARD = "---\nbase_model: {base}\nlicense: mit\n---\n# A fine-tune\n"
 
@@ -143,13 +140,10 @@ def test_sharded_repo_and_store_listing(hub: HubStandIn, tmp_path: Path) -> None
     assert ck.digest() == store.content_digest()
     assert store.repo.weight_files("ckpt") == ["model.safetensors.index.json", *sorted(names)]
 
-    for write in (
-        lambda: store.write_bytes("x", b"1"),
-        lambda: store.put_file(tmp_path / "x", "x"),
-        lambda: store.delete_prefix(),
-    ):
-        with pytest.raises(ConfigError, match="read-only"):
-            write()
+    # A Hub store is read-only by type, and the writable opener refuses the Hub.
+    assert isinstance(store, ReadOnlyStore) and not isinstance(store, ObjectStore)
+    with pytest.raises(ConfigError, match="is read-only: mergeflow never writes to hf://"):
+        open_store(store.uri)
 
 
 def test_reads_stay_pinned_to_the_resolved_commit(hub: HubStandIn, tmp_path: Path) -> None:
@@ -303,15 +297,15 @@ def test_source_uris_dispatch_through_sources(hub: HubStandIn, tmp_path: Path) -
         {"README.md": card, "model.safetensors": st_bytes(tmp_path, tensors(12, False), "e")},
     )
 
-    watch = source_from_uri(f"hf://org/ft?endpoint={hub.endpoint}")
+    watch = open_source(f"hf://org/ft?endpoint={hub.endpoint}")
     assert isinstance(watch, HubSource) and isinstance(watch, Source)
     assert [cp.id for cp in watch.list()] == [f"hf://org/ft@{c1}"]
-    both = source_from_uri("hf://org/ft@main?base_model=org/base")  # endpoint from HF_ENDPOINT
+    both = open_source("hf://org/ft@main?base_model=org/base")  # endpoint from HF_ENDPOINT
     assert [cp.id for cp in both.list()] == [f"hf://org/ft@{c1}", f"hf://eve/tuned@{e1}"]
-    assert source_from_uri(both.uri).uri == both.uri
-    assert [cp.id for cp in source_from_uri("hf://?base_model=org/base").list()] == [
+    assert open_source(both.uri).uri == both.uri
+    assert [cp.id for cp in open_source("hf://?base_model=org/base").list()] == [
         f"hf://eve/tuned@{e1}"
     ]
     for bad in ("hf://org/ft?colour=red", "hf://", "hf://org/ft/sub"):
         with pytest.raises(ConfigError):
-            source_from_uri(bad)
+            open_source(bad)

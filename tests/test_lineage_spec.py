@@ -24,7 +24,7 @@ gate: {min_acc: 0.5, max_drop: 0.05, task_floors: {rot90: 0.4}}
 candidates:
   - {params: {alpha: 0.3}}
   - {name: wide, params: {alpha: 0.7}}
-storage: s3://mergeflow/lineages/vision-opcm/
+store: s3://mergeflow/lineages/vision-opcm/
 schedule: "*/5 * * * *"
 """
 
@@ -37,8 +37,8 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_full_spec_loads_with_derived_names(tmp_path: Path) -> None:
     spec = LineageSpec.from_yaml(_write(tmp_path, SPEC))
-    assert spec.model_name == "vision-opcm"
-    assert spec.storage == "s3://mergeflow/lineages/vision-opcm"  # trailing slash dropped
+    assert spec.registered_model == "vision-opcm"
+    assert spec.store == "s3://mergeflow/lineages/vision-opcm"  # trailing slash dropped
     assert spec.spec_uri == "s3://mergeflow/lineages/vision-opcm/lineage.yaml"
     assert spec.concurrency_name == "mergeflow-fold-vision-opcm"
     assert spec.schedule == "*/5 * * * *"
@@ -58,10 +58,10 @@ def test_yaml_round_trip_is_identical(tmp_path: Path) -> None:
 
 def test_no_candidates_means_one_fold_with_the_lineage_params(tmp_path: Path) -> None:
     spec = LineageSpec.from_yaml_text(
-        "name: a\nbase: /m\nsources: [/src]\nstorage: /st\nparams: {alpha: 0.4}\n"
+        "name: a\nbase: /m\nsources: [/src]\nstore: /st\nparams: {alpha: 0.4}\n"
     )
     assert spec.candidate_params() == [("main", {"alpha": 0.4})]
-    assert spec.schedule == 60 and spec.registered_model is None and spec.model_name == "a"
+    assert spec.schedule == 60 and spec.registered_model == "a"
 
 
 @pytest.mark.parametrize(
@@ -77,7 +77,7 @@ def test_no_candidates_means_one_fold_with_the_lineage_params(tmp_path: Path) ->
         ("schedule: every minute", "neither a number of seconds nor a cron"),
         ("surprise: 1", "Extra inputs"),
         (
-            "candidates: [{method: task_arithmetic, params: {scaling_factor: 0.3}}]",
+            "candidates: [{method: task_arithmetic, params: {scale: 0.3}}]",
             "candidates vary the parameters",
         ),
         ("candidates: [{params: {alpha: 0.3}}, {params: {alpha: 0.3}}]", "unique"),
@@ -89,7 +89,7 @@ def test_invalid_specs_give_one_clear_error(patch: str, message: str) -> None:
         "name": "name: ok",
         "method": "method: opcm",
         "sources": "sources: [/src]",
-        "storage": "storage: /st",
+        "store": "store: /st",
         "base": "base: /m",
     }
     key = patch.split(":", 1)[0]
@@ -108,6 +108,6 @@ def test_unreadable_or_malformed_files(tmp_path: Path) -> None:
 
 
 def test_spec_is_frozen() -> None:
-    spec = LineageSpec.from_yaml_text("name: a\nbase: /m\nsources: [/src]\nstorage: /st\n")
+    spec = LineageSpec.from_yaml_text("name: a\nbase: /m\nsources: [/src]\nstore: /st\n")
     with pytest.raises(Exception, match="frozen"):
         spec.name = "b"  # type: ignore[misc]

@@ -6,15 +6,21 @@ import math
 
 import pytest
 import torch
-from conftest import finetune, fold_in_memory, tiny_state
+from helpers.models import finetune, fold_in_memory, tiny_state
 
-from mergeflow.errors import ConfigError, StateError
+from mergeflow.errors import CheckpointError, ConfigError, StateError
 from mergeflow.merging import engine
-from mergeflow.merging.io import DictReader, DictWriter
-from mergeflow.merging.methods import describe, get_method, method_names
+from mergeflow.merging.methods import (
+    get_batch,
+    get_continual,
+    get_method,
+    method_names,
+    method_table,
+)
 from mergeflow.merging.projection import by_name_rules
 from mergeflow.merging.sparsify import global_threshold
-from mergeflow.merging.state import BaseRef
+from mergeflow.merging.state import BaseRef, FoldOptions
+from mergeflow.merging.tensors import DictReader, DictWriter
 
 BASE = tiny_state(0)
 CKPTS = [finetune(BASE, i) for i in range(4)]
@@ -47,7 +53,7 @@ def test_continual_task_arithmetic():
         fold_all("task_arithmetic"), {k: BASE[k] + 0.3 * sum(t[k] for t in TAUS) for k in FLOAT}
     )
     assert_formula(
-        fold_all("task_arithmetic", {"scaling_factor": "0.7"}),
+        fold_all("task_arithmetic", {"scale": "0.7"}),
         {k: BASE[k] + 0.7 * sum(t[k] for t in TAUS) for k in FLOAT},
     )
 
@@ -114,12 +120,12 @@ def test_global_threshold_is_exact(density):
     assert thr == float(allv.sort(descending=True).values[math.ceil(density * allv.numel()) - 1])
 
 
-def test_batch_task_arithmetic_and_average():
+def test_batch_task_arithmetic_and_weight_average():
     assert_formula(
         batch("batch_task_arithmetic"), {k: BASE[k] + 0.3 * sum(t[k] for t in TAUS) for k in FLOAT}
     )
     assert_formula(
-        batch("batch_average"), {k: sum(c[k] for c in CKPTS) / len(CKPTS) for k in FLOAT}
+        batch("batch_weight_average"), {k: sum(c[k] for c in CKPTS) / len(CKPTS) for k in FLOAT}
     )
 
 
@@ -137,7 +143,7 @@ def test_dare_is_seeded_drops_and_rescales():
     one = DictWriter()
     engine.batch_merge(
         "batch_dare",
-        {"drop_rate": 0.5, "scaling_factor": 1.0, "seed": 7},
+        {"drop_rate": 0.5, "scale": 1.0, "seed": 7},
         DictReader(BASE),
         [DictReader(CKPTS[0])],
         one,
@@ -145,7 +151,7 @@ def test_dare_is_seeded_drops_and_rescales():
     again = DictWriter()
     engine.batch_merge(
         "batch_dare",
-        {"drop_rate": 0.5, "scaling_factor": 1.0, "seed": 7},
+        {"drop_rate": 0.5, "scale": 1.0, "seed": 7},
         DictReader(BASE),
         [DictReader(CKPTS[0])],
         again,
@@ -153,7 +159,7 @@ def test_dare_is_seeded_drops_and_rescales():
     other = DictWriter()
     engine.batch_merge(
         "batch_dare",
-        {"drop_rate": 0.5, "scaling_factor": 1.0, "seed": 8},
+        {"drop_rate": 0.5, "scale": 1.0, "seed": 8},
         DictReader(BASE),
         [DictReader(CKPTS[0])],
         other,
@@ -169,7 +175,7 @@ def test_dare_is_seeded_drops_and_rescales():
 
 
 def test_every_method_listed_with_defaults():
-    rows = {r["name"]: r for r in describe()}
+    rows = {r["name"]: r for r in method_table()}
     assert (
         set(rows)
         == set(method_names())
@@ -182,14 +188,14 @@ def test_every_method_listed_with_defaults():
             "batch_task_arithmetic",
             "batch_ties",
             "batch_dare",
-            "batch_average",
+            "batch_weight_average",
         }
     )
     assert {p["name"]: p["default"] for p in rows["opcm"]["params"]} == {
         "alpha": 0.5,
         "svd_dtype": "float32",
     }
-    assert {p["name"]: p["default"] for p in rows["magmax"]["params"]} == {"scaling_factor": 0.5}
+    assert {p["name"]: p["default"] for p in rows["magmax"]["params"]} == {"scale": 0.5}
 
 
 def test_unknown_method_and_bad_params_are_refused():
@@ -199,8 +205,8 @@ def test_unknown_method_and_bad_params_are_refused():
     rule = by_name_rules({k: br.meta(k) for k in br.keys()})
     with pytest.raises(ConfigError, match="invalid parameters for method 'task_arithmetic': bogus"):
         engine.new_state("task_arithmetic", {"bogus": 1}, BaseRef(uri="b", digest="d"), rule)
-    with pytest.raises(ConfigError, match="scaling_factor"):
-        engine.new_state("magmax", {"scaling_factor": "abc"}, BaseRef(uri="b", digest="d"), rule)
+    with pytest.raises(ConfigError, match="scale"):
+        engine.new_state("magmax", {"scale": "abc"}, BaseRef(uri="b", digest="d"), rule)
     with pytest.raises(ConfigError, match="batch method"):
         engine.new_state("batch_ties", {}, BaseRef(uri="b", digest="d"), rule)
 
@@ -218,3 +224,60 @@ def test_folding_the_same_checkpoint_twice_is_refused_and_writes_nothing():
             info, w.reader(), br, DictReader(CKPTS[0]), checkpoint_id="b", digest="x", out=again
         )
     assert not again.committed and again.tensors == {}
+
+
+def test_kind_is_an_attribute_and_wrong_kinds_are_refused():
+    assert {m: get_method(m).kind for m in ("opcm", "batch_ties")} == {
+        "opcm": "continual",
+        "batch_ties": "batch",
+    }
+    assert method_names("batch") == [
+        "batch_task_arithmetic",
+        "batch_ties",
+        "batch_dare",
+        "batch_weight_average",
+    ]
+    assert get_continual("ties").name == "ties" and get_batch("batch_dare").name == "batch_dare"
+    with pytest.raises(
+        ConfigError,
+        match=r"^method 'batch_ties' is a batch method \(a one-shot merge\); folding into a state "
+        r"needs a continual method: opcm, task_arithmetic, weight_average, magmax, ties$",
+    ):
+        get_continual("batch_ties")
+    with pytest.raises(ConfigError, match=r"^method 'opcm' is a continual method .* batch_dare"):
+        get_batch("opcm")
+    with pytest.raises(ConfigError, match="is a continual method"):
+        engine.batch_merge("opcm", {}, DictReader(BASE), [DictReader(CKPTS[0])], DictWriter())
+
+
+def test_scalars_are_typed_per_method_and_validated():
+    _, info = fold_in_memory("opcm", BASE, CKPTS[:2])
+    assert set(info.scalars) == {"tv_norm_sum", "mean_tv_norm", "last_tv_norm", "unscaled_norm"}
+    assert math.isclose(info.scale, info.scalars["mean_tv_norm"] / info.scalars["unscaled_norm"])
+    _, info = fold_in_memory("magmax", BASE, CKPTS[:2], {"scale": 0.25})
+    assert info.scalars == {} and info.scale == 0.25
+    _, info = fold_in_memory("weight_average", BASE, CKPTS[:2])
+    assert info.scalars == {} and info.scale == 1.0
+    br = DictReader(BASE)
+    bad = engine.new_state(
+        "opcm", {}, BaseRef(uri="b", digest="d"), by_name_rules({k: br.meta(k) for k in br.keys()})
+    ).model_copy(update={"scalars": {"lambda": 1.0}})
+    with pytest.raises(StateError, match="the state's scalars do not fit method 'opcm'"):
+        engine.fold(
+            bad, None, br, DictReader(CKPTS[0]), checkpoint_id="a", digest="x", out=DictWriter()
+        )
+
+
+def test_engine_errors_name_the_option_not_only_a_cli_flag(monkeypatch):
+    lacks = {k: v for k, v in CKPTS[0].items() if k != "layers.0.out.weight"}
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing from the checkpoint \('layers.0.out.weight'\); allow missing tensors "
+        r"\(CLI --allow-missing, lineage allow_missing: true\) to treat them as zero task vectors$",
+    ):
+        engine.check_compatible(DictReader(BASE), DictReader(lacks), FoldOptions())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(
+        ConfigError, match=r"^device 'cuda' was requested but no CUDA device is available$"
+    ):
+        engine.resolve_device("cuda")

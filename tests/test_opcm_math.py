@@ -6,14 +6,14 @@ import math
 
 import pytest
 import torch
-from conftest import finetune, fold_in_memory, tiny_state
+from helpers.models import finetune, fold_in_memory, tiny_state
 
 from mergeflow.errors import ConfigError
 from mergeflow.merging import engine
-from mergeflow.merging.io import DictReader
 from mergeflow.merging.methods.opcm import project, split_rank
 from mergeflow.merging.projection import by_name_rules
 from mergeflow.merging.state import BaseRef, FoldOptions
+from mergeflow.merging.tensors import DictReader
 
 
 def ref_project_full(x: torch.Tensor, m: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -27,7 +27,7 @@ def ref_project_full(x: torch.Tensor, m: torch.Tensor, alpha: float) -> torch.Te
 
 
 def ref_opcm(base, ckpts, alpha, projected):
-    """Float64 OPCM as in DESIGN.md §3: first checkpoint initialises, then project, add, rescale."""
+    """Float64 OPCM as in docs/design.md §3: first checkpoint initialises, then project, add, rescale."""
     b = {k: v.double() for k, v in base.items() if v.is_floating_point()}
     taus = [{k: c[k].double() - b[k] for k in b} for c in ckpts]
     merged = {k: b[k] + taus[0][k] for k in b}
@@ -107,7 +107,7 @@ def test_streaming_opcm_matches_float64_reference(compute):
         assert err < tol, (k, err)
     assert torch.equal(ours["position_ids"], base["position_ids"])
     assert info.step == 5 and math.isclose(
-        info.scalars["lambda"] * info.coefficient, 1.0, rel_tol=1e-12
+        info.scalars["unscaled_norm"] * info.scale, info.scalars["mean_tv_norm"], rel_tol=1e-12
     )
 
 
@@ -133,7 +133,7 @@ def test_frozen_layer_with_zero_update_is_not_projected_and_stays_finite():
 def test_all_zero_task_vectors_give_the_base_not_nan():
     base = tiny_state(0)
     ours, info = run_engine(base, [dict(base), dict(base), dict(base)])
-    assert info.coefficient == 1.0
+    assert info.scale == 1.0
     for k in base:
         assert torch.equal(ours[k], base[k])
 

@@ -17,7 +17,6 @@ import pytest
 if TYPE_CHECKING:
     from fixtures_stack import RunningStack
 
-pytest_plugins = ["fixtures_stack"]
 pytestmark = [pytest.mark.postgres, pytest.mark.services, pytest.mark.slow]
 
 
@@ -104,8 +103,8 @@ def test_pipeline_folds_published_checkpoints_on_postgres(
         log = Path(status.log or "")
         publish(prefix, suite, "t1")
         publish(prefix, suite, "t2")
-        v1 = wait_for_version(spec.model_name, "t1", log)
-        v2 = wait_for_version(spec.model_name, "t2", log)
+        v1 = wait_for_version(spec.registered_model, "t1", log)
+        v2 = wait_for_version(spec.registered_model, "t2", log)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # let the fold runs finish before stopping serve
             folds = flow_runs("mergeflow-fold", lineage=spec.name)
@@ -119,7 +118,7 @@ def test_pipeline_folds_published_checkpoints_on_postgres(
     rows = postgres_stack.sql(
         "mlflow",
         "SELECT version FROM model_versions WHERE name = %s ORDER BY version",
-        (spec.model_name,),
+        (spec.registered_model,),
     )
     assert [str(r[0]) for r in rows] == [v1.version, v2.version]
     folds = flow_runs("mergeflow-fold", lineage=spec.name)

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from mergeflow.cli.tables import format_chain
 from mergeflow.errors import CheckpointError, ConfigError
-from mergeflow.storage import lineage_plots as plots
 from mergeflow.storage.registry import (
     CHAMPION_ALIAS,
     NEWEST_ALIAS,
@@ -23,28 +23,31 @@ from mergeflow.storage.registry import (
     MlflowSource,
     Registry,
     VersionRecord,
-    format_chain,
     parse_mlflow_uri,
+    plots,
     resolve_model_uri,
+    tags,
 )
-from mergeflow.storage.sources import source_from_uri
+from mergeflow.storage.schemes import open_source
 
 if TYPE_CHECKING:
     from fixtures_stack import RunningStack
 
-pytest_plugins = ["fixtures_stack"]
 
 CONTRACT_TAGS = {
+    "mergeflow.lineage",
     "mergeflow.step",
-    "mergeflow.checkpoint.uri",
-    "mergeflow.checkpoint.digest",
-    "mergeflow.parent_version",
-    "mergeflow.state_uri",
-    "mergeflow.model_uri",
     "mergeflow.status",
     "mergeflow.reason",
     "mergeflow.method",
-    "mergeflow.lineage",
+    "mergeflow.metrics",
+    "mergeflow.checkpoint.id",
+    "mergeflow.checkpoint.uri",
+    "mergeflow.checkpoint.digest",
+    "mergeflow.parent.version",
+    "mergeflow.state.uri",
+    "mergeflow.model.uri",
+    "mergeflow.model.id",
 }
 PNGS = {"plots/accuracy_per_step.png", "plots/lineage.png", "plots/accuracy_heatmap.png"}
 
@@ -74,12 +77,14 @@ def fold(
         state_uri=f"s3://mergeflow/lineages/{lineage}/states/{step}-{ckpt}",
         model_uri=f"s3://mergeflow/lineages/{lineage}/models/{step}-{ckpt}",
         status=status,
-        reason="" if status == "accepted" else "acc_avg 0.400 < champion 0.900 - 0.05",
+        reason="" if status == "accepted" else "test/avg 0.400 < champion 0.900 - 0.05",
         metrics={
-            "acc_avg": acc,
-            "acc/rot90": 0.9,
-            "acc/flip": acc,
-            "bwt": -0.02,
+            "test/avg": acc,
+            "test/rot90": 0.9,
+            "test/flip": acc,
+            "test/bwt": -0.02,
+            "val/flip": acc,
+            "val/avg": acc,
             "fold_seconds": 1.5,
         },
         accuracy_matrix=matrix,
@@ -133,8 +138,8 @@ def test_versions_tags_parent_chain_and_aliases(chain: dict[str, Any]) -> None:
     assert [v.status for v in versions] == ["accepted", "rejected", "accepted"]
     assert [v.checkpoint_id for v in versions] == ["01-rot90", "02-noise", "03-flip"]
     assert [v.parent_version for v in versions] == [None, "1", "1"]
-    assert versions[2].metrics["acc_avg"] == pytest.approx(0.85)
-    assert versions[1].reason.startswith("acc_avg 0.400")
+    assert versions[2].metrics["test/avg"] == pytest.approx(0.85)
+    assert versions[1].reason.startswith("test/avg 0.400")
     assert [v.aliases for v in versions] == [[], [], [CHAMPION_ALIAS, NEWEST_ALIAS]]
     # After each fold: champion stays on the last accepted version, newest moves every time.
     aliases_after = [{a: v.version for v in snap for a in v.aliases} for snap in chain["snaps"]]
@@ -152,19 +157,37 @@ def test_versions_tags_parent_chain_and_aliases(chain: dict[str, Any]) -> None:
     assert {r.checkpoint_id for r in recs} | {r.checkpoint_digest for r in recs} <= seen
 
     mv = reg.client.get_model_version(model, "2")
-    assert CONTRACT_TAGS <= set(mv.tags)
+    assert (
+        set(tags.VERSION_TAGS)
+        == CONTRACT_TAGS
+        == {k for k in mv.tags if k.startswith("mergeflow.")}
+    )
     assert mv.tags["mergeflow.status"] == "rejected"
-    assert mv.tags["mergeflow.parent_version"] == "1"
+    assert mv.tags["mergeflow.parent.version"] == "1"
     assert mv.tags["mergeflow.step"] == "2"
-    assert mv.tags["mergeflow.model_uri"] == recs[1].model_uri
-    assert mv.tags["mergeflow.state_uri"] == recs[1].state_uri
+    assert mv.tags["mergeflow.model.uri"] == recs[1].model_uri
+    assert mv.tags["mergeflow.state.uri"] == recs[1].state_uri
     assert mv.tags["mergeflow.method"] == "opcm"
+    assert mv.tags["mergeflow.model.id"] == versions[1].model_id
+    assert json.loads(mv.tags["mergeflow.metrics"])["test/avg"] == pytest.approx(0.4)
     assert "**REJECTED**" in mv.description and "step 2" in mv.description
-    assert "| acc_avg | 0.4000 |" in mv.description and "version 1" in mv.description
+    assert "| test/avg | 0.4000 |" in mv.description and "version 1" in mv.description
+    rows = [r for r in mv.description.splitlines() if r.startswith("| test/") or "| val/" in r]
+    assert [r.split()[1] for r in rows][:4] == ["test/avg", "test/bwt", "test/flip", "test/rot90"]
 
     table = format_chain(versions)
-    assert table.splitlines()[0].split()[:4] == ["version", "step", "status", "checkpoint"]
-    assert "champion,newest" in table.splitlines()[3] and "acc_avg 0.400" in table
+    assert table.splitlines()[0].split() == [
+        "version",
+        "step",
+        "status",
+        "checkpoint",
+        "parent",
+        "test/avg",
+        "test/bwt",
+        "aliases",
+        "reason",
+    ]
+    assert "champion,newest" in table.splitlines()[3] and "test/avg 0.400" in table
 
 
 def test_run_logged_model_and_artifacts_on_s3(chain: dict[str, Any], stack: RunningStack) -> None:
@@ -186,8 +209,9 @@ def test_run_logged_model_and_artifacts_on_s3(chain: dict[str, Any], stack: Runn
     assert run.data.params["param.svd.dtype"] == "float64"
     assert run.data.params["base"] == "s3://mergeflow/base"
     assert run.data.params["checkpoint"] == "s3://mergeflow/incoming/03-flip"
-    assert run.data.metrics["acc_avg"] == pytest.approx(0.85)
-    assert run.data.metrics["bwt"] == pytest.approx(-0.02)
+    assert run.data.metrics["test/avg"] == pytest.approx(0.85)
+    assert run.data.metrics["test/bwt"] == pytest.approx(-0.02)
+    assert run.data.metrics["val/avg"] == pytest.approx(0.85)
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["flip"]
     assert [o.model_id for o in run.outputs.model_outputs] == [v3.model_id]
     run_files = {f.path for f in client.list_artifacts(v3.run_id, "plots")}
@@ -196,12 +220,14 @@ def test_run_logged_model_and_artifacts_on_s3(chain: dict[str, Any], stack: Runn
     lm = client.get_logged_model(v3.model_id)
     assert str(lm.status) == "READY" and lm.source_run_id == v3.run_id
     assert lm.tags["mlflow.model.isExternal"] == "true"
-    assert lm.tags["mergeflow.model_uri"] == chain["recs"][2].model_uri
+    assert lm.tags["mergeflow.model.uri"] == chain["recs"][2].model_uri
+    assert lm.tags["mergeflow.model.id"] == v3.model_id
     assert {"name": model, "version": 3} in json.loads(lm.tags["mlflow.modelVersions"])
     assert lm.params["param.alpha"] == "0.5"
     linked = {m.key: m for m in lm.metrics}
-    assert linked["acc_avg"].value == pytest.approx(0.85)
-    assert linked["acc/flip"].dataset_name == "flip"
+    assert linked["test/avg"].value == pytest.approx(0.85)
+    assert linked["test/flip"].dataset_name == "flip"
+    assert not linked["test/avg"].dataset_name and not linked["val/flip"].dataset_name
     model_files = {f.path for f in client.list_logged_model_artifacts(v3.model_id)}
     assert {"MLmodel", "mergeflow.json", "description.md", "plots"} <= model_files
 
@@ -256,7 +282,7 @@ def test_mlflow_source_lists_upstream_versions(stack: RunningStack, chain: dict[
         )
         ids.append(lm.model_id)
 
-    source = source_from_uri(f"mlflow://models/{upstream}")
+    source = open_source(f"mlflow://models/{upstream}")
     assert isinstance(source, MlflowSource) and source.uri == f"mlflow://models/{upstream}"
     listed = source.list()
     assert [c.id for c in listed] == [f"{upstream}-v1", f"{upstream}-v2", f"{upstream}-v3"]

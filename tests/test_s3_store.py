@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import save
 
 from mergeflow.errors import CheckpointError, ConfigError
-from mergeflow.services.objectstore import ObjectStoreServer, is_healthy
+from mergeflow.services.s3_server import ObjectStoreServer, is_healthy
+from mergeflow.storage.objects import StoreSink
 from mergeflow.storage.s3 import S3Object, S3Settings, S3Store, make_s3_client
-from mergeflow.storage.safetensors_io import SafetensorsReader, ShardedWriter
-from mergeflow.storage.store import StoreSink, open_store
+from mergeflow.storage.safetensors_file import SafetensorsReader, ShardedWriter
+from mergeflow.storage.schemes import open_store
 
 pytestmark = pytest.mark.services
 

@@ -12,14 +12,10 @@ import torch
 from safetensors.torch import save
 
 from mergeflow.errors import ConfigError
+from mergeflow.storage.objects import LocalStore, ObjectStore
 from mergeflow.storage.s3 import S3Store
-from mergeflow.storage.sources import (
-    PublishedCheckpoint,
-    Source,
-    StoreSource,
-    source_from_uri,
-)
-from mergeflow.storage.store import LocalStore, ObjectStore
+from mergeflow.storage.schemes import open_source
+from mergeflow.storage.sources import CheckpointRef, Source, StoreSource
 
 
 def blob(seed: int, n: int = 2) -> bytes:
@@ -85,9 +81,7 @@ def test_completeness_order_and_digests(store: ObjectStore) -> None:
     assert [c.id for c in listed] == ["zeta", "alpha"]
     assert listed[0].published_at <= listed[1].published_at
     assert listed[1].uri == f"{store.uri}/alpha"
-    assert all(
-        isinstance(c, PublishedCheckpoint) and c.digest.startswith("sha256:") for c in listed
-    )
+    assert all(isinstance(c, CheckpointRef) and c.digest.startswith("sha256:") for c in listed)
     assert len({c.digest for c in listed}) == 2
 
     # Stable: a fresh source over the same objects gives the same ids, digests, times.
@@ -159,24 +153,24 @@ def test_local_file_written_in_place_counts_once_whole(tmp_path: Path) -> None:
     with open(target, "wb") as fh:  # a slow, non-atomic copy
         fh.write(data[: len(data) // 2])
         fh.flush()
-        assert source_from_uri(str(folder)).list() == []
+        assert open_source(str(folder)).list() == []
         fh.write(data[len(data) // 2 :])
-    (ck,) = source_from_uri(f"file://{folder}").list()
+    (ck,) = open_source(f"file://{folder}").list()
     assert ck.id == "run1" and ck.uri == f"{folder}/run1"
 
 
 @pytest.mark.services
-def test_source_from_uri_dispatch(
+def test_open_source_dispatch(
     s3_bucket: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    local = source_from_uri(str(tmp_path))
+    local = open_source(str(tmp_path))
     assert isinstance(local, StoreSource) and isinstance(local.store, LocalStore)
-    s3 = source_from_uri(s3_bucket.uri)
+    s3 = open_source(s3_bucket.uri)
     assert isinstance(s3, StoreSource) and isinstance(s3.store, S3Store) and s3.uri == s3_bucket.uri
     with pytest.raises(ConfigError, match="unsupported checkpoint source 'ftp://x/y'"):
-        source_from_uri("ftp://x/y")
+        open_source("ftp://x/y")
     from mergeflow.storage.hub import HubSource
     from mergeflow.storage.registry import MlflowSource
 
-    assert isinstance(source_from_uri("hf://org/repo"), HubSource)
-    assert isinstance(source_from_uri("mlflow://models/upstream"), MlflowSource)
+    assert isinstance(open_source("hf://org/repo"), HubSource)
+    assert isinstance(open_source("mlflow://models/upstream"), MlflowSource)

@@ -19,15 +19,13 @@ from typing import TYPE_CHECKING
 import pytest
 
 from mergeflow.cli import main
-from mergeflow.services import objectstore
+from mergeflow.services import s3_server
 from mergeflow.services.process import http_ok, pid_alive, read_records
 from mergeflow.services.stack import Stack, StackError
 from mergeflow.settings import Settings
 
 if TYPE_CHECKING:
     from fixtures_stack import RunningStack
-
-pytest_plugins = ["fixtures_stack"]
 
 
 @pytest.fixture
@@ -58,7 +56,7 @@ def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
 
 
 def _get_json(url: str) -> object:
-    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310
+    with urllib.request.urlopen(url, timeout=10) as response:
         return json.loads(response.read())
 
 
@@ -129,7 +127,7 @@ def test_up_status_down_keeps_data(
         # (Ports are shared with other programs on this machine, so ask the servers.)
         assert not http_ok(f"{settings.prefect_api_url}/health")
         assert not http_ok(f"{settings.mlflow_url}/health")
-        assert not objectstore.is_healthy(settings.local_s3_url, timeout=1.0)
+        assert not s3_server.is_healthy(settings.local_s3_url, timeout=1.0)
         code, out = _cli(capsys, "status")
         assert code == 1 and out.count("stopped") == 3, out
         code, out = _cli(capsys, "down")
@@ -205,7 +203,7 @@ def test_stack_fixture_points_in_process_clients_at_its_servers(
 
 
 # ----------------------------------------------------------------------------- helpers
-def _s3(env: dict[str, str]):  # noqa: ANN202
+def _s3(env: dict[str, str]):
     import boto3
     from botocore.config import Config
 
@@ -245,7 +243,7 @@ def _check_mlflow_run(tracking_uri: str, run_id: str, tmp_path: Path) -> None:
     assert Path(out).read_text() == "v1 <- base"
 
 
-def _prefect_create_flow(api_url: str):  # noqa: ANN202
+def _prefect_create_flow(api_url: str):
     from prefect.client.orchestration import SyncPrefectClient
 
     with SyncPrefectClient(api_url) as client:

@@ -17,13 +17,7 @@ from mergeflow.evaluation.evaluators import (
     load_tokenizer,
     load_user_evaluator,
 )
-from mergeflow.evaluation.gate import (
-    CandidateResult,
-    GateDecision,
-    decide,
-    evaluate_candidate,
-    select_candidate,
-)
+from mergeflow.evaluation.gate import GateChoice, GateDecision, choose, decide, select_candidate
 from mergeflow.evaluation.models import (
     ARCHITECTURES,
     instantiate,
@@ -35,11 +29,11 @@ from mergeflow.evaluation.spec import EvaluationSuite, GateSpec, Split, TaskSpec
 __all__ = [
     "ARCHITECTURES",
     "AccuracyMatrix",
-    "CandidateResult",
     "ClassificationEvaluator",
     "EvalContext",
     "EvaluationSuite",
     "Evaluator",
+    "GateChoice",
     "GateDecision",
     "GateSpec",
     "Heads",
@@ -50,7 +44,7 @@ __all__ = [
     "build_evaluator",
     "continual_metrics",
     "decide",
-    "evaluate_candidate",
+    "choose",
     "instantiate",
     "load_tokenizer",
     "load_user_evaluator",

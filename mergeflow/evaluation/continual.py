@@ -25,6 +25,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from mergeflow.errors import StateError
@@ -123,11 +124,12 @@ def plot_accuracy_matrix(
     Cells where a task was not scored yet are blank. ACC and BWT per step go in the
     column labels. When ``path`` is given the PNG is also written there.
     """
+    # matplotlib: only for plots
     import matplotlib
 
     matplotlib.use("Agg", force=False)
+    # matplotlib: only for plots
     import matplotlib.pyplot as plt
-    import numpy as np
 
     grid = np.full((len(matrix.tasks), max(matrix.t, 1)), np.nan)
     for j, row in enumerate(matrix.values):
@@ -180,13 +182,13 @@ def plot_accuracy_matrix(
 
 
 def continual_metrics(matrix: AccuracyMatrix, split: str = "test") -> dict[str, float]:
-    """MLflow-ready metrics for the last step: ``{split}/{task}``, ``{split}/acc``, ``{split}/bwt``.
+    """MLflow-ready metrics for the last step: ``{split}/{task}``, ``{split}/avg``, ``{split}/bwt``.
 
     ``{split}/bwt`` is left out at step 1, where BWT is undefined.
     """
     t = matrix.t
     out = {f"{split}/{name}": matrix.a(name, t) for name in matrix.tasks}
-    out[f"{split}/acc"] = matrix.acc(t)
+    out[f"{split}/avg"] = matrix.acc(t)
     b = matrix.bwt(t)
     if b is not None:
         out[f"{split}/bwt"] = b

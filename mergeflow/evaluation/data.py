@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import numpy as np
+from safetensors.numpy import load
 
 from mergeflow.errors import ConfigError
 
@@ -67,9 +68,8 @@ def parse_arrays(data: bytes, uri: str) -> dict[str, np.ndarray]:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
         if fmt == "safetensors":
-            from safetensors.numpy import load
-
             return dict(load(data))
+        # pyarrow: only for .parquet data
         import pyarrow.parquet as pq
 
         table = pq.read_table(io.BytesIO(data))
@@ -80,7 +80,7 @@ def parse_arrays(data: bytes, uri: str) -> dict[str, np.ndarray]:
         return out
     except ConfigError:
         raise
-    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad data file
+    except Exception as e:
         raise ConfigError(f"evaluation data {uri!r} is not a valid {fmt} file: {e}") from None
 
 

@@ -41,7 +41,7 @@ from mergeflow.evaluation.data import (
 )
 from mergeflow.evaluation.models import instantiate, load_weights, logits_of
 from mergeflow.evaluation.spec import EvaluationSuite, Split, TaskSpec
-from mergeflow.merging.io import TensorReader
+from mergeflow.merging.tensors import TensorReader
 
 Heads = Mapping[str, Mapping[str, torch.Tensor]]
 
@@ -161,11 +161,12 @@ class ClassificationEvaluator:
 
 def load_tokenizer(data: bytes) -> Any:
     """A ``tokenizers.Tokenizer`` from the bytes of a ``tokenizer.json``."""
+    # tokenizers: only for perplexity
     from tokenizers import Tokenizer
 
     try:
         return Tokenizer.from_str(data.decode("utf-8"))
-    except Exception as e:  # noqa: BLE001 - any parse failure is a bad tokenizer file
+    except Exception as e:
         raise ConfigError(f"not a valid tokenizer.json: {e}") from None
 
 
@@ -297,22 +298,24 @@ class SuiteEvaluator:
                 raise ConfigError(
                     f"metric {metric!r} builds the model from its config.json, but no config was given"
                 )
-            common = dict(
-                read_bytes=ctx.read_bytes,
-                max_examples=ctx.max_examples,
-                device=ctx.device,
-                architecture=self.architecture,
-            )
             if metric == "accuracy":
                 self._evaluators[metric] = ClassificationEvaluator(
-                    ctx.model_config, batch_size=ctx.batch_size, **common
+                    ctx.model_config,
+                    batch_size=ctx.batch_size,
+                    read_bytes=ctx.read_bytes,
+                    max_examples=ctx.max_examples,
+                    device=ctx.device,
+                    architecture=self.architecture,
                 )
             else:
                 self._evaluators[metric] = PerplexityEvaluator(
                     ctx.model_config,
                     self.tokenizer,
                     batch_size=max(1, ctx.batch_size // 32),
-                    **common,
+                    read_bytes=ctx.read_bytes,
+                    max_examples=ctx.max_examples,
+                    device=ctx.device,
+                    architecture=self.architecture,
                 )
         return self._evaluators[metric]
 

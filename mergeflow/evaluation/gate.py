@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from mergeflow.evaluation.evaluators import Evaluator, Heads
-from mergeflow.evaluation.spec import GateSpec, TaskSpec
-from mergeflow.merging.io import TensorReader
+from mergeflow.evaluation.spec import GateSpec
 
 
 class GateDecision(BaseModel):
@@ -105,42 +102,37 @@ def select_candidate(
     return best
 
 
-class CandidateResult(BaseModel):
-    """One candidate's validation scores, gate decision and (optionally) test scores."""
+class GateChoice(BaseModel):
+    """The candidate a fold keeps: the best that passes, or else the best failing one and why."""
 
     model_config = ConfigDict(frozen=True)
 
-    validation: dict[str, float]
-    decision: GateDecision
-    test: dict[str, float] | None = None
+    index: int
+    accepted: bool
+    reasons: list[str]
 
 
-def evaluate_candidate(
-    evaluator: Evaluator,
-    model: TensorReader,
-    heads: Heads,
-    tasks: Sequence[TaskSpec],
+def choose(
+    candidates_scores: Sequence[Mapping[str, float]],
     gate: GateSpec,
-    champion_validation: Mapping[str, float] | None,
+    champion_scores: Mapping[str, float] | None = None,
     *,
     higher_is_better: bool = True,
-    with_test: bool = True,
-) -> CandidateResult:
-    """Score one candidate (the per-candidate call the pipeline maps over).
-
-    Runs the validation split, applies the gate, and (``with_test``) scores the test split
-    for reporting. Feed ``[r.validation for r in results]`` to :func:`select_candidate`.
-    """
-    val = evaluator.evaluate(model, heads, tasks, "validation")
-    decision = decide(val, champion_validation, gate, higher_is_better=higher_is_better)
-    test = evaluator.evaluate(model, heads, tasks, "test") if with_test else None
-    return CandidateResult(validation=val, decision=decision, test=test)
-
-
-def describe(decision: GateDecision) -> dict[str, Any]:
-    """A small JSON-able summary (status + reasons) for tags and descriptions."""
-    return {
-        "status": "accepted" if decision.accepted else "rejected",
-        "reasons": list(decision.reasons),
-        "acc": decision.acc,
-    }
+) -> GateChoice:
+    """The candidate to register: :func:`select_candidate`'s pick, accepted; when none passes,
+    the best by validation ACC (first on ties), rejected with the reasons it failed."""
+    if not candidates_scores:
+        raise ValueError("choose needs at least one candidate")
+    best = select_candidate(
+        candidates_scores, gate, champion_scores, higher_is_better=higher_is_better
+    )
+    if best is not None:
+        return GateChoice(index=best, accepted=True, reasons=[])
+    decisions = [
+        decide(c, champion_scores, gate, higher_is_better=higher_is_better)
+        for c in candidates_scores
+    ]
+    worst = float("-inf") if higher_is_better else float("inf")
+    accs = [d.acc if d.acc is not None else worst for d in decisions]
+    i = max(range(len(accs)), key=lambda j: (accs[j] if higher_is_better else -accs[j], -j))
+    return GateChoice(index=i, accepted=False, reasons=list(decisions[i].reasons))

@@ -80,6 +80,7 @@ def instantiate(config: Mapping[str, Any], architecture: str | None = None) -> n
             )
         model = ARCHITECTURES[name](config)
     elif "model_type" in config:
+        # transformers: only for HF architectures
         import transformers
 
         cls_name = architecture or (config.get("architectures") or [None])[0]

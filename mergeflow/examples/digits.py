@@ -53,7 +53,10 @@ def _shift(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
 def _blur(x: np.ndarray) -> np.ndarray:
     p = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)], mode="constant")
     h, w = x.shape[-2:]
-    acc = sum(p[..., i : i + h, j : j + w] for i in range(3) for j in range(3))
+    acc = np.zeros_like(x, dtype=np.float64)
+    for i in range(3):
+        for j in range(3):
+            acc += p[..., i : i + h, j : j + w]
     return acc / 9.0
 
 
@@ -88,9 +91,10 @@ DigitsSuite = SuiteFiles
 
 def vit_config(num_labels: int = 10) -> dict:
     """The tiny ViT's HF config: 8x8 single channel, patch 2, hidden 64, 2 layers."""
+    # heavy: only when the suite is built
     from transformers import ViTConfig
 
-    cfg = ViTConfig(
+    cfg = ViTConfig(  # type: ignore[call-arg]  # num_labels is a PretrainedConfig kwarg
         image_size=8,
         patch_size=2,
         num_channels=1,
@@ -107,6 +111,7 @@ def vit_config(num_labels: int = 10) -> dict:
 
 
 def _model(config: dict) -> torch.nn.Module:
+    # heavy: only when the suite is built
     from transformers import ViTConfig, ViTForImageClassification
 
     cfg = ViTConfig.from_dict({k: v for k, v in config.items() if k != "transformers_version"})
@@ -162,6 +167,7 @@ def build_digits_suite(
     with the same arguments it is reused (``reuse=False`` rebuilds). N=6 takes about a
     minute on 2 CPU cores. Returns the paths (see :class:`DigitsSuite`).
     """
+    # heavy: only when the suite is built
     from sklearn.datasets import load_digits
 
     if not 1 <= n_tasks <= MAX_TASKS:

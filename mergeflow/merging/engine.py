@@ -3,7 +3,7 @@
 Every pass walks the base's tensor names once and holds one tensor of each input
 at a time, so memory depends on the largest tensor, not on the model size or the
 number of folded checkpoints. IO happens only through the reader/writer protocols
-of :mod:`mergeflow.merging.io`.
+of :mod:`mergeflow.merging.tensors`.
 """
 
 from __future__ import annotations
@@ -16,14 +16,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from mergeflow.errors import CheckpointError, ConfigError, StateError
-from mergeflow.merging.io import SAFETENSORS_DTYPES, TensorReader, TensorWriter
-from mergeflow.merging.methods import get_method, is_continual, parse_params
-from mergeflow.merging.methods.base import BatchMethod, ContinualMethod, FoldStats, TensorStep
+from mergeflow.merging.methods import get_batch, get_continual, validate_params
+from mergeflow.merging.methods.base import (
+    ContinualMethod,
+    FoldStats,
+    MethodParams,
+    MethodScalars,
+    TensorStep,
+)
 from mergeflow.merging.projection import ProjectionRule
 from mergeflow.merging.state import BaseRef, FoldedCheckpoint, FoldOptions, StateInfo
+from mergeflow.merging.tensors import SAFETENSORS_DTYPES, TensorReader, TensorWriter
 
 DTYPES = {
     "float32": torch.float32,
@@ -38,7 +45,7 @@ def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but no CUDA device is available")
+        raise ConfigError(f"device {device!r} was requested but no CUDA device is available")
     if device != "cpu" and not device.startswith("cuda"):
         raise ConfigError(f"unknown device {device!r}: use cpu or cuda")
     return torch.device(device)
@@ -79,7 +86,8 @@ def check_compatible(
         raise CheckpointError(
             checkpoint.source,
             f"{len(missing)} tensor(s) of the base are missing from the checkpoint ({few}{more}); "
-            "use --allow-missing (option missing=zero) to treat them as zero task vectors",
+            "allow missing tensors (CLI --allow-missing, lineage allow_missing: true) to treat "
+            "them as zero task vectors",
         )
     if len(missing) == len(merged_keys(base)):
         raise CheckpointError(checkpoint.source, "the checkpoint shares no tensor with the base")
@@ -110,16 +118,13 @@ def _task_vector(
 
 def new_state(
     method: str,
-    params: Mapping[str, Any],
+    params: Mapping[str, object],
     base: BaseRef,
     projection: ProjectionRule,
     options: FoldOptions | None = None,
 ) -> StateInfo:
     """An empty (step 0) state for a continual method; parameters are validated here."""
-    m = get_method(method)
-    if not is_continual(m):
-        raise ConfigError(f"method {method!r} is a batch method; a state needs a continual method")
-    p = parse_params(m, params)
+    p = validate_params(get_continual(method), params)
     return StateInfo(
         method=method,
         params=p.model_dump(),
@@ -142,15 +147,27 @@ class FoldPlan:
     step: int
     keys: tuple[str, ...]
     heads: tuple[str, ...]
-    prepared: dict[str, Any]
+    prepared: dict[str, float]
 
 
-def _continual(info: StateInfo) -> tuple[ContinualMethod, Any]:
-    method = get_method(info.method)
-    if not is_continual(method):
-        raise StateError(f"state method {info.method!r} is not a continual method")
-    cm: ContinualMethod = method  # type: ignore[assignment]
-    return cm, parse_params(cm, info.params)
+def _continual(info: StateInfo) -> tuple[ContinualMethod[Any, Any], MethodParams]:
+    """The state's method and its validated parameters."""
+    try:
+        cm = get_continual(info.method)
+    except ConfigError as e:
+        raise StateError(f"the state's method: {e}") from None
+    return cm, validate_params(cm, info.params)
+
+
+def _scalars(cm: ContinualMethod[Any, Any], info: StateInfo) -> MethodScalars:
+    """The state's scalars (JSON on disk) validated into the method's Scalars model."""
+    try:
+        return cm.Scalars.model_validate(info.scalars)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise StateError(
+            f"the state's scalars do not fit method {info.method!r}: {problems}"
+        ) from None
 
 
 def plan_fold(
@@ -164,6 +181,7 @@ def plan_fold(
 ) -> FoldPlan:
     """Validate a fold from headers (duplicates, names, shapes, dtypes) and run the method's pre-pass."""
     cm, params = _continual(info)
+    _scalars(cm, info)  # a state that does not fit its method fails before the pass
     done = info.folded(checkpoint_id, digest)
     if done is not None:
         raise StateError(
@@ -233,8 +251,8 @@ def finish_fold(
 ) -> StateInfo:
     """The method's scalar epilogue on the summed norms; returns the new state's JSON half."""
     cm, params = _continual(info)
-    scalars, coef = cm.finish(params, dict(info.scalars), FoldStats(plan.step, sq_state, sq_tau))
-    if not math.isfinite(coef):
+    scalars, scale = cm.finish(params, _scalars(cm, info), FoldStats(plan.step, sq_state, sq_tau))
+    if not math.isfinite(scale):
         raise CheckpointError(
             source, "the fold produced a non-finite scale; the checkpoint's values are too large"
         )
@@ -242,8 +260,8 @@ def finish_fold(
     return info.model_copy(
         update={
             "step": plan.step,
-            "coefficient": coef,
-            "scalars": scalars,
+            "scale": scale,
+            "scalars": scalars.model_dump(),
             "checkpoints": (
                 *info.checkpoints,
                 FoldedCheckpoint(id=cid, digest=plan.digest, step=plan.step),
@@ -305,7 +323,7 @@ def output_metadata(info: StateInfo) -> dict[str, str]:
         "mergeflow.method": info.method,
         "mergeflow.params": json.dumps(info.params, sort_keys=True),
         "mergeflow.step": str(info.step),
-        "mergeflow.coefficient": repr(info.coefficient),
+        "mergeflow.scale": repr(info.scale),
         "mergeflow.checkpoints": json.dumps([c.id for c in info.checkpoints]),
         "mergeflow.projection": json.dumps(
             {
@@ -335,7 +353,7 @@ def export(
     device: str | None = "cpu",
     progress: bool = False,
 ) -> None:
-    """Write the merged model ``θ₀ + c·D`` with the base's names (and dtype unless ``dtype``)."""
+    """Write the merged model ``θ₀ + s·D`` with the base's names (and dtype unless ``dtype``)."""
     dev = resolve_device(device)
     cdt = DTYPES[info.options.compute_dtype]
     merged = set(merged_keys(base)) if info.step > 0 else set()
@@ -351,7 +369,7 @@ def export(
             b = base.get(k)
             if k in merged:
                 assert state is not None
-                t = b.to(dev, cdt) + info.coefficient * state.get(k).to(dev, cdt)
+                t = b.to(dev, cdt) + info.scale * state.get(k).to(dev, cdt)
                 out.add(k, t.to(_out_dtype(b, dtype)).cpu())
             else:
                 out.add(k, b.to(_out_dtype(b, dtype)) if b.is_floating_point() else b)
@@ -363,7 +381,7 @@ def export(
 
 def batch_merge(
     method: str,
-    params: Mapping[str, Any],
+    params: Mapping[str, object],
     base: TensorReader,
     checkpoints: Sequence[TensorReader],
     out: TensorWriter,
@@ -374,11 +392,8 @@ def batch_merge(
     progress: bool = False,
 ) -> dict[str, str]:
     """One-shot merge of all checkpoints with a batch method, one tensor (of each input) at a time."""
-    m = get_method(method)
-    if is_continual(m):
-        raise ConfigError(f"method {method!r} is continual; use fold")
-    bm: BatchMethod = m  # type: ignore[assignment]
-    p = parse_params(bm, params)
+    bm = get_batch(method)
+    p = validate_params(bm, params)
     opts = options or FoldOptions()
     if not checkpoints:
         raise ConfigError("no checkpoints to merge")
@@ -407,8 +422,8 @@ def batch_merge(
                 _task_vector(c, p_, k, bc, dev, cdt)
                 for c, p_ in zip(checkpoints, presents, strict=True)
             ]
-            d, coef = bm.merge_tensor(p, k, taus)
-            out.add(k, (bc + coef * d).to(_out_dtype(b, dtype)).cpu())
+            d, scale = bm.merge_tensor(p, k, taus)
+            out.add(k, (bc + scale * d).to(_out_dtype(b, dtype)).cpu())
         meta = {
             "mergeflow.method": method,
             "mergeflow.params": json.dumps(p.model_dump(), sort_keys=True),

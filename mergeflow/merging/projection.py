@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from mergeflow.errors import ConfigError
-from mergeflow.merging.io import TensorMeta
+from mergeflow.merging.tensors import TensorMeta
 
 EMBEDDING_TOKENS = re.compile(r"embed|^emb$|^wte$|^wpe$|^shared$", re.IGNORECASE)
 NAME_RULE = (

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mergeflow.merging.methods.base import TauPass
+from mergeflow.merging.tensors import TauPass
 
 
 def tensor_threshold(tau: torch.Tensor, density: float) -> float:

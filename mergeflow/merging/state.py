@@ -2,7 +2,7 @@
 
 A state is a set of tensors (one float tensor per merged base tensor, same names as
 the base) plus this small JSON document. The merged model at any time is
-``base + coefficient * state`` for every merged tensor.
+``base + scale * state`` for every merged tensor.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mergeflow.merging.projection import ProjectionRule
 
-STATE_FORMAT = "mergeflow.state/1"
+STATE_FORMAT: Literal["mergeflow.state/1"] = "mergeflow.state/1"
 
 
 class FoldOptions(BaseModel):
@@ -58,8 +58,10 @@ class StateInfo(BaseModel):
     method: str
     params: dict[str, Any]
     step: int = 0
-    coefficient: float = 1.0
-    scalars: dict[str, float] = Field(default_factory=dict)
+    scale: float = 1.0
+    scalars: dict[str, float] = Field(
+        default_factory=dict, description="the method's Scalars model as JSON (see the methods)"
+    )
     checkpoints: tuple[FoldedCheckpoint, ...] = ()
     projection: ProjectionRule
     base: BaseRef

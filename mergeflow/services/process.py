@@ -138,7 +138,7 @@ def http_ok(url: str, max_status: int = 399, timeout: float = 3.0) -> bool:
     """GET `url` answers with a status <= `max_status`."""
     request = urllib.request.Request(url, method="GET")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status <= max_status
     except urllib.error.HTTPError as err:
         return err.code <= max_status
@@ -188,7 +188,7 @@ def spawn(
         log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} start {name}\n".encode())
         log.flush()
         try:
-            proc = subprocess.Popen(  # noqa: S603
+            proc = subprocess.Popen(
                 list(argv),
                 stdin=devnull,
                 stdout=log,

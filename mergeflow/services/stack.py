@@ -3,7 +3,7 @@
 Services (each detached in its own process group, recorded under ``<home>/run/``):
 
 =========  ===================================================================
-``s3``     SeaweedFS S3 server (:mod:`mergeflow.services.objectstore`), data under
+``s3``     SeaweedFS S3 server (:mod:`mergeflow.services.s3_server`), data under
            ``<home>/s3``. Only when :attr:`Settings.starts_s3`.
 ``prefect`` ``prefect server start`` on SQLite (``<home>/prefect/prefect.db``) or, in the
            production profile, on ``Settings.prefect_database_url``. UI on.
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mergeflow.services import objectstore
+from mergeflow.services import s3_server
 from mergeflow.services.process import (
     ProcessRecord,
     StackError,
@@ -119,7 +119,7 @@ class Stack:
         """The S3 endpoint clients use: the local server, the setting, or AWS_ENDPOINT_URL."""
         if self.settings.starts_s3:
             return self._recorded_url("s3", self.settings.local_s3_url)
-        return self.settings.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        return self.settings.s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
 
     @property
     def prefect_api_url(self) -> str:
@@ -142,7 +142,7 @@ class Stack:
 
     def _s3_credentials_env(self) -> dict[str, str]:
         if self.settings.starts_s3:
-            creds = objectstore.EMBEDDED_CREDENTIALS
+            creds = s3_server.EMBEDDED_CREDENTIALS
             return {
                 "AWS_ACCESS_KEY_ID": creds.access_key,
                 "AWS_SECRET_ACCESS_KEY": creds.secret_key,
@@ -151,7 +151,9 @@ class Stack:
         # Production: whatever the standard AWS chain has (env, profile, instance role).
         keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
         out = {k: os.environ[k] for k in keys if k in os.environ}
-        out["AWS_DEFAULT_REGION"] = os.environ.get("AWS_DEFAULT_REGION", self.settings.s3_region)
+        out["AWS_DEFAULT_REGION"] = os.environ.get(
+            "AWS_DEFAULT_REGION", self.settings.s3.region or "us-east-1"
+        )
         return out
 
     def _s3_env(self) -> dict[str, str]:
@@ -182,10 +184,10 @@ class Stack:
         out.update(self._s3_env())
         return out
 
-    def _server_env(self, extra: Mapping[str, str] = ()) -> dict[str, str]:
+    def _server_env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)
         env.update(TELEMETRY_OFF)
-        env.update(extra)
+        env.update(extra or {})
         return env
 
     # ------------------------------------------------------------------ specs
@@ -194,11 +196,11 @@ class Stack:
         data_dir = self.home / "s3"
         return ServiceSpec(
             name="s3",
-            argv=objectstore.weed_command(data_dir, port),
+            argv=s3_server.weed_command(data_dir, port),
             cwd=data_dir,  # weed reads ./master.toml
             url=self.settings.local_s3_url,
             health_url=None,  # authenticated ListBuckets instead, see _wait
-            ports=[port + i for i in range(objectstore.PORTS_PER_SERVER)],
+            ports=[port + i for i in range(s3_server.PORTS_PER_SERVER)],
             stop_grace_s=5.0,  # writes are acknowledged only once on disk
         )
 
@@ -319,7 +321,7 @@ class Stack:
             for spec in core:
                 self._wait(spec, timeout)
             if self.settings.starts_s3:
-                objectstore.ensure_bucket(self.s3_endpoint_url or "", self.settings.bucket)
+                s3_server.ensure_bucket(self.s3_endpoint_url or "", self.settings.bucket)
             for spec in extra:
                 if self._ensure_started(spec) is not None:
                     started.append(spec)
@@ -410,7 +412,7 @@ class Stack:
         )
 
     def _s3_ok(self, timeout: float = 2.0) -> bool:
-        return objectstore.is_healthy(self.s3_endpoint_url or "", timeout=timeout)
+        return s3_server.is_healthy(self.s3_endpoint_url or "", timeout=timeout)
 
     def _ensure_started(self, spec: ServiceSpec) -> ProcessRecord | None:
         """Start `spec` unless its recorded process runs; return the new record or None."""

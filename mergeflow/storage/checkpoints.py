@@ -1,66 +1,51 @@
-"""Open checkpoints by URI: HF folders, shards, bare files, PEFT LoRA adapters, opt-in pickle.
+"""Checkpoint readers over a store folder: shards, single files, PEFT LoRA adapters, opt-in pickle.
 
-Every reader is lazy: opening parses headers only; ``get`` reads one tensor.
+Every reader is lazy: opening parses headers only; ``get`` reads one tensor. Which files a
+folder's weights are is decided by :mod:`mergeflow.storage.hf_layout`; opening by URI is
+:func:`mergeflow.storage.schemes.open_checkpoint`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 
 from mergeflow.errors import CheckpointError
-from mergeflow.merging.io import TORCH_TO_SAFETENSORS, DictReader, TensorMeta, TensorReader
-from mergeflow.storage.safetensors_io import LocalFile, SafetensorsReader
-from mergeflow.storage.store import LocalStore, ObjectStore, open_store
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-INDEX = "model.safetensors.index.json"
-SMALL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "preprocessor_config.json",
+from mergeflow.merging.tensors import TORCH_TO_SAFETENSORS, DictReader, TensorMeta, TensorReader
+from mergeflow.storage.hf_layout import (
+    ADAPTER_CONFIG,
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    INDEX_FILE,
+    SMALL_FILES,
+    LayoutError,
+    parse_index,
+    weight_layout,
 )
+from mergeflow.storage.objects import LocalStore, ReadOnlyStore
+from mergeflow.storage.safetensors_file import SafetensorsReader
 
 
 class ShardedReader:
     """A reader over ``model.safetensors.index.json`` and its shards; one shard open at a time."""
 
-    def __init__(self, store: ObjectStore, prefix: str, label: str) -> None:
+    def __init__(
+        self, store: ReadOnlyStore, prefix: str, label: str, weight_map: Mapping[str, str]
+    ) -> None:
         self.source = label
         self._store = store
         self._prefix = prefix
-        index_path = f"{prefix}{INDEX}"
-        try:
-            index = json.loads(store.read_bytes(index_path))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(label, f"{INDEX} is not valid JSON ({e})") from None
-        wm = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
-            raise CheckpointError(label, f"{INDEX} has no usable weight_map")
+        wm = dict(weight_map)
         self._map: dict[str, str] = wm
         self._metas: dict[str, TensorMeta] = {}
         self._open: tuple[str, SafetensorsReader] | None = None
         for shard in dict.fromkeys(wm.values()):
-            if "/" in shard or shard.startswith("."):
-                raise CheckpointError(
-                    label, f"{INDEX} names shard {shard!r} outside the checkpoint folder"
-                )
-            if not store.exists(prefix + shard):
-                raise CheckpointError(label, f"shard {shard} listed in {INDEX} is missing")
             r = self._reader(shard)
             for k in r.keys():
                 if wm.get(k) == shard:
@@ -68,7 +53,8 @@ class ShardedReader:
         absent = [k for k, s in wm.items() if k not in self._metas]
         if absent:
             raise CheckpointError(
-                label, f"tensor {absent[0]!r} is listed in {INDEX} but not in shard {wm[absent[0]]}"
+                label,
+                f"tensor {absent[0]!r} is listed in {INDEX_FILE} but not in shard {wm[absent[0]]}",
             )
 
     def _reader(self, shard: str) -> SafetensorsReader:
@@ -211,13 +197,11 @@ class LoraReader:
         return b
 
 
-def _pickle_reader(store: ObjectStore, relpath: str, label: str) -> TensorReader:
-    if not isinstance(store, LocalStore):
-        raise CheckpointError(label, "pickle weights are only read from local files")
-    path = store.root / relpath if relpath else store.root
+def pickle_reader(data: bytes, label: str) -> TensorReader:
+    """Tensors of a pickle file, loaded with ``torch.load(weights_only=True)`` (never arbitrary code)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
         raise CheckpointError(
             label,
             f"cannot load pickle weights with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
@@ -238,13 +222,19 @@ def _pickle_reader(store: ObjectStore, relpath: str, label: str) -> TensorReader
     return DictReader({k: v.contiguous() for k, v in obj.items()}, label)
 
 
+PICKLE_REFUSED = (
+    "pickle weights are only loaded when allowed (the CLI's --allow-pickle, a lineage's "
+    "allow_pickle: true), and then with torch.load(weights_only=True)"
+)
+
+
 @dataclass
-class Checkpoint:
-    """An opened checkpoint: its lazy reader, where it lives, and its config."""
+class OpenedCheckpoint:
+    """An opened checkpoint: its lazy reader, the store folder it lives in, and its config."""
 
     uri: str
     reader: TensorReader
-    store: ObjectStore
+    store: ReadOnlyStore
     prefix: str = ""
     config: dict[str, Any] | None = None
     weight_files: list[str] = field(default_factory=list)
@@ -271,7 +261,7 @@ class Checkpoint:
         return [f for f in SMALL_FILES if self.store.exists(self.prefix + f)]
 
 
-def _read_json(store: ObjectStore, rel: str, label: str) -> dict[str, Any]:
+def _read_json(store: ReadOnlyStore, rel: str, label: str) -> dict[str, Any]:
     try:
         obj = json.loads(store.read_bytes(rel))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -281,8 +271,19 @@ def _read_json(store: ObjectStore, rel: str, label: str) -> dict[str, Any]:
     return obj
 
 
+def open_file(
+    store: ReadOnlyStore, name: str, label: str, *, allow_pickle: bool = False
+) -> TensorReader:
+    """A reader over one weight file of a store: safetensors, or (when allowed) pickle."""
+    if name.endswith(".safetensors"):
+        return SafetensorsReader(store.byte_source(name), label)
+    if not allow_pickle:
+        raise CheckpointError(label, f"pickle weights are refused; {PICKLE_REFUSED}")
+    return pickle_reader(store.read_bytes(name), label)
+
+
 def open_weights(
-    store: ObjectStore,
+    store: ReadOnlyStore,
     label: str,
     *,
     prefix: str = "",
@@ -290,121 +291,29 @@ def open_weights(
     allow_pickle: bool = False,
 ) -> tuple[TensorReader, list[str], dict[str, Any] | None]:
     """Open the weights in a store folder. Returns (reader, weight files, config.json or None)."""
-    config = (
-        _read_json(store, prefix + "config.json", label)
-        if store.exists(prefix + "config.json")
-        else None
-    )
-    if store.exists(prefix + INDEX):
-        r = ShardedReader(store, prefix, label)
-        shards = sorted(set(json.loads(store.read_bytes(prefix + INDEX))["weight_map"].values()))
-        return r, [INDEX, *shards], config
-    if store.exists(prefix + "model.safetensors"):
-        return (
-            SafetensorsReader(store.byte_source(prefix + "model.safetensors"), label),
-            ["model.safetensors"],
-            config,
-        )
-    if store.exists(prefix + "adapter_config.json"):
-        if not store.exists(prefix + "adapter_model.safetensors"):
-            raise CheckpointError(
-                label, "adapter folder has adapter_config.json but no adapter_model.safetensors"
-            )
-        if base is None:
-            raise CheckpointError(label, "a LoRA adapter can only be read against a base model")
-        acfg = _read_json(store, prefix + "adapter_config.json", label)
-        adapter = SafetensorsReader(store.byte_source(prefix + "adapter_model.safetensors"), label)
-        return (
-            LoraReader(base, adapter, acfg, label),
-            ["adapter_config.json", "adapter_model.safetensors"],
-            config,
-        )
-    top = [
+    names = [
         i.relpath[len(prefix) :]
         for i in store.list(prefix.rstrip("/"))
         if "/" not in i.relpath[len(prefix) :]
     ]
-    st = [f for f in top if f.endswith(".safetensors")]
-    if len(st) == 1:
-        return SafetensorsReader(store.byte_source(prefix + st[0]), label), st, config
-    if len(st) > 1:
+    config = _read_json(store, prefix + CONFIG_FILE, label) if CONFIG_FILE in names else None
+    try:
+        index = parse_index(store.read_bytes(prefix + INDEX_FILE)) if INDEX_FILE in names else None
+        layout = weight_layout(names, index)
+    except LayoutError as e:
+        raise CheckpointError(label, str(e)) from None
+    files = list(layout.files)
+    if layout.kind == "sharded":
+        assert index is not None
+        return ShardedReader(store, prefix, label, index), files, config
+    if layout.kind == "adapter":
+        if base is None:
+            raise CheckpointError(label, "a LoRA adapter can only be read against a base model")
+        acfg = _read_json(store, prefix + ADAPTER_CONFIG, label)
+        adapter = SafetensorsReader(store.byte_source(prefix + ADAPTER_FILE), label)
+        return LoraReader(base, adapter, acfg, label), files, config
+    if layout.kind == "pickle" and not allow_pickle:
         raise CheckpointError(
-            label,
-            f"folder has {len(st)} .safetensors files but no {INDEX} saying how they fit together",
+            label, f"only pickle weights found ({layout.weights[0]}); {PICKLE_REFUSED}"
         )
-    pick = [f for f in top if f.endswith(PICKLE_SUFFIXES)]
-    if pick:
-        if not allow_pickle:
-            raise CheckpointError(
-                label,
-                f"only pickle weights found ({', '.join(pick[:3])}); refusing to unpickle without --allow-pickle",
-            )
-        if len(pick) > 1:
-            raise CheckpointError(
-                label, f"several pickle files ({', '.join(pick[:3])}); convert to safetensors first"
-            )
-        return _pickle_reader(store, prefix + pick[0], label), pick, config
-    raise CheckpointError(
-        label,
-        "folder has no weights (expected model.safetensors, model.safetensors.index.json, adapter_model.safetensors or one .safetensors file)",
-    )
-
-
-def open_checkpoint(
-    uri: str, *, base: TensorReader | None = None, allow_pickle: bool = False
-) -> Checkpoint:
-    """Open a checkpoint (or base) by URI: local path, ``s3://``, ``hf://org/repo@rev`` or ``mlflow://models/NAME/VERSION``."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "hf":
-        from mergeflow.storage.hub import open_hub_store
-
-        store: ObjectStore = open_hub_store(uri)
-        reader, files, config = open_weights(store, uri, base=base)
-        return Checkpoint(uri, reader, store, "", config, files)
-    if parsed.scheme == "mlflow":
-        from mergeflow.storage.registry import resolve_model_uri
-
-        inner = resolve_model_uri(uri)
-        ck = open_checkpoint(inner, base=base, allow_pickle=allow_pickle)
-        ck.uri = uri
-        return ck
-    if parsed.scheme == "s3":
-        if parsed.path.endswith(".safetensors"):
-            parent, _, name = uri.rpartition("/")
-            store = open_store(parent)
-            if not store.exists(name):
-                raise CheckpointError(uri, "object does not exist")
-            return Checkpoint(
-                uri, SafetensorsReader(store.byte_source(name), uri), store, "", None, [name]
-            )
-        store = open_store(uri)
-        if not store.list():
-            raise CheckpointError(uri, "no objects under this prefix")
-        reader, files, config = open_weights(store, uri, base=base, allow_pickle=False)
-        return Checkpoint(uri, reader, store, "", config, files)
-    if parsed.scheme not in ("", "file"):
-        raise CheckpointError(
-            uri, f"unsupported URI scheme {parsed.scheme!r} (use a path, s3://, hf:// or mlflow://)"
-        )
-    path = Path(parsed.path if parsed.scheme == "file" else uri).expanduser()
-    if not path.exists():
-        raise CheckpointError(uri, "path does not exist")
-    if path.is_file():
-        store = LocalStore(path.parent)
-        if path.name.endswith(PICKLE_SUFFIXES):
-            if not allow_pickle:
-                raise CheckpointError(
-                    uri,
-                    "pickle weights are refused; pass --allow-pickle to load them with torch.load(weights_only=True)",
-                )
-            return Checkpoint(
-                uri, _pickle_reader(store, path.name, uri), store, "", None, [path.name]
-            )
-        if not path.name.endswith(".safetensors"):
-            raise CheckpointError(uri, "not a .safetensors file (or a folder holding a checkpoint)")
-        return Checkpoint(
-            uri, SafetensorsReader(LocalFile(path), uri), store, "", None, [path.name]
-        )
-    store = LocalStore(path)
-    reader, files, config = open_weights(store, uri, base=base, allow_pickle=allow_pickle)
-    return Checkpoint(uri, reader, store, "", config, files)
+    return open_file(store, prefix + layout.weights[0], label, allow_pickle=True), files, config

@@ -1,7 +1,8 @@
 """S3 object store and byte source (boto3), for any S3 API server.
 
 Credentials come from boto3's standard chain (``AWS_ACCESS_KEY_ID``, profiles, …);
-the endpoint from an explicit argument, ``MERGEFLOW_S3_ENDPOINT_URL``, or boto3's own
+the endpoint from an explicit argument, ``MERGEFLOW_S3_ENDPOINT_URL``
+(:class:`mergeflow.settings.S3Settings`), or boto3's own
 ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``. Path-style addressing, botocore's
 ``standard`` retry mode. Reads are ranged GETs: :class:`S3Object` reads a safetensors
 header with one GET of the first bytes and each tensor with one GET of its range,
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
@@ -31,30 +33,12 @@ from botocore.exceptions import (
     PartialCredentialsError,
     ReadTimeoutError,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mergeflow.errors import CheckpointError, ConfigError
-from mergeflow.storage.store import ObjectInfo
+from mergeflow.settings import S3Settings
+from mergeflow.storage.objects import ObjectInfo
 
 MiB = 1 << 20
-
-
-class S3Settings(BaseSettings):
-    """S3 client settings; every field reads ``MERGEFLOW_S3_<FIELD>`` from the environment."""
-
-    model_config = SettingsConfigDict(env_prefix="MERGEFLOW_S3_", frozen=True)
-
-    endpoint_url: str | None = None
-    """None: boto3 decides (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, or AWS itself)."""
-    region: str | None = None
-    """None: boto3's region (AWS_DEFAULT_REGION, AWS_REGION, profile), else us-east-1."""
-    addressing_style: str = "path"
-    max_attempts: int = 5
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
-    multipart_threshold: int = 8 * MiB
-    multipart_chunksize: int = 8 * MiB
-    max_concurrency: int = 4
 
 
 def s3_settings() -> S3Settings:
@@ -80,7 +64,6 @@ _clients_lock = threading.Lock()
 
 def make_s3_client(endpoint_url: str | None = None, settings: S3Settings | None = None) -> Any:
     """A new boto3 S3 client (thread-safe; reuse it). See the module doc for where settings come from."""
-    import boto3
 
     st = settings or s3_settings()
     session = boto3.session.Session()
@@ -180,7 +163,7 @@ def _join(*parts: str) -> str:
 
 
 class S3Object:
-    """A :class:`~mergeflow.storage.safetensors_io.ByteSource` over one S3 object, read by ranges.
+    """A :class:`~mergeflow.storage.safetensors_file.ByteSource` over one S3 object, read by ranges.
 
     ``size()`` costs one HEAD (cached), each ``read``/``read_prefix`` one ranged GET.
     After the HEAD, reads pin the object's ETag (``IfMatch``) so a concurrent overwrite
@@ -252,7 +235,7 @@ class S3Object:
 
 
 class S3Store:
-    """An :class:`~mergeflow.storage.store.ObjectStore` rooted at ``s3://bucket/prefix``."""
+    """An :class:`~mergeflow.storage.objects.ObjectStore` rooted at ``s3://bucket/prefix``."""
 
     def __init__(
         self,

@@ -4,15 +4,13 @@ A :class:`Source` lists the COMPLETE checkpoints it holds, in publication order,
 with a stable id and a content digest. The watch flow compares that list with what
 the lineage has folded or rejected.
 
-:class:`StoreSource` watches a folder of an :class:`~mergeflow.storage.store.ObjectStore`
+:class:`StoreSource` watches a folder of an :class:`~mergeflow.storage.objects.ObjectStore`
 (a local folder or an ``s3://`` prefix). Each immediate sub-folder is one checkpoint
 (id = folder name), and so is each top-level ``*.safetensors`` file (id = file name).
-A checkpoint counts only when it is complete:
-
-- ``model.safetensors.index.json`` whose every listed shard exists and is whole, or
-- ``model.safetensors`` that is whole, or
-- a PEFT adapter: ``adapter_config.json`` + a whole ``adapter_model.safetensors``, or
-- a top-level ``*.safetensors`` file that is whole.
+A checkpoint counts only when it is complete: its folder matches a layout of
+:mod:`mergeflow.storage.hf_layout` (safetensors layouts only: pickle files are never
+offered) and every safetensors file of it is whole; a top-level ``*.safetensors`` file
+counts when it is whole.
 
 "Whole" means the safetensors header parses and the object size equals
 ``8 + header_len + largest data end offset``. Anything else (index without all its
@@ -23,50 +21,51 @@ index (the object that completed it), ties broken by id. The digest is
 and config files: on S3 the etag is content-derived, on a local folder it is
 size + mtime, so a local digest changes when a file is rewritten.
 
-:func:`source_from_uri` is the one explicit dispatch point for URIs; ``hf://``
-(storage.hub) and ``mlflow://`` (storage.registry) are imported on first use.
+:func:`mergeflow.storage.schemes.open_source` opens a source by URI.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import struct
 from datetime import datetime, timezone
 from typing import Protocol, runtime_checkable
-from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict
 
-from mergeflow.errors import CheckpointError, ConfigError
-from mergeflow.storage.safetensors_io import MAX_HEADER_BYTES, parse_header
-from mergeflow.storage.store import LocalStore, ObjectInfo, ObjectStore
+from mergeflow.errors import CheckpointError
+from mergeflow.storage.hf_layout import (
+    DIGEST_CONFIG_FILES,
+    INDEX_FILE,
+    LayoutError,
+    parse_index,
+    weight_layout,
+)
+from mergeflow.storage.objects import ObjectInfo, ReadOnlyStore
+from mergeflow.storage.safetensors_file import MAX_HEADER_BYTES, parse_header
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_FILE = "adapter_model.safetensors"
-CONFIG_FILES = ("config.json", "generation_config.json", ADAPTER_CONFIG)
 HEADER_PROBE_BYTES = 256 * 1024
 """First GET when checking a header; a second GET fetches the rest of a larger header."""
 
 
-class PublishedCheckpoint(BaseModel):
-    """One complete checkpoint as a source sees it."""
+class CheckpointRef(BaseModel):
+    """A published checkpoint as a source lists it, and as events and tasks pass it on."""
 
     model_config = ConfigDict(frozen=True)
 
     id: str
     """Stable within the source (folder or file name); used in event resource ids."""
     uri: str
-    """What :func:`mergeflow.storage.checkpoints.open_checkpoint` opens."""
-    digest: str
+    """What :func:`mergeflow.storage.schemes.open_checkpoint` opens."""
+    digest: str = ""
     """``sha256:<hex>`` over the checkpoint's files; changes when any of them changes."""
-    published_at: datetime
+    published_at: datetime | None = None
     """When it became complete (UTC)."""
+    source: str | None = None
+    """The URI of the source that listed it."""
 
 
 @runtime_checkable
@@ -75,10 +74,10 @@ class Source(Protocol):
 
     uri: str
 
-    def list(self) -> list[PublishedCheckpoint]: ...
+    def list(self) -> list[CheckpointRef]: ...
 
 
-def safetensors_whole(store: ObjectStore, info: ObjectInfo) -> bool:
+def safetensors_whole(store: ReadOnlyStore, info: ObjectInfo) -> bool:
     """True when the object's header parses and its size is exactly header + data.
 
     Costs one ranged GET (two for headers over 256 KiB). Never raises for a partial
@@ -120,11 +119,11 @@ class StoreSource:
     an unchanged source cost one LIST and no GETs.
     """
 
-    def __init__(self, store: ObjectStore, uri_prefix: str | None = None) -> None:
+    def __init__(self, store: ReadOnlyStore, uri_prefix: str | None = None) -> None:
         self.store = store
         self.uri = (uri_prefix or store.uri).rstrip("/")
         self._whole: dict[tuple[str, int, str], bool] = {}
-        self._index: dict[tuple[str, int, str], list[str] | None] = {}
+        self._index: dict[tuple[str, int, str], dict[str, str] | None] = {}
 
     def __repr__(self) -> str:
         return f"StoreSource({self.uri!r})"
@@ -135,65 +134,52 @@ class StoreSource:
             self._whole[key] = safetensors_whole(self.store, info)
         return self._whole[key]
 
-    def _shards(self, info: ObjectInfo) -> list[str] | None:
-        """Shard file names listed by an index, or None if it is not a valid index (yet)."""
+    def _weight_map(self, info: ObjectInfo) -> dict[str, str] | None:
+        """An index's weight map, or None if it is not a valid index (yet)."""
         key = (info.relpath, info.size, info.etag)
         if key not in self._index:
             try:
-                doc = json.loads(self.store.read_bytes(info.relpath))
-                wm = doc["weight_map"]
-                ok = isinstance(wm, dict) and wm and all(isinstance(v, str) for v in wm.values())
-                shards = sorted(set(wm.values())) if ok else None
-            except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+                self._index[key] = parse_index(self.store.read_bytes(info.relpath))
+            except (FileNotFoundError, LayoutError) as e:
                 log.debug("index not readable (yet): %s: %s", info.relpath, e)
-                shards = None
-            self._index[key] = shards
+                self._index[key] = None
         return self._index[key]
 
-    def _folder_checkpoint(
-        self, folder: str, files: dict[str, ObjectInfo]
-    ) -> PublishedCheckpoint | None:
+    def _folder_checkpoint(self, folder: str, files: dict[str, ObjectInfo]) -> CheckpointRef | None:
         """``files`` maps names directly inside ``folder`` to their info."""
-        weights: list[ObjectInfo]
-        if INDEX_FILE in files:
-            shards = self._shards(files[INDEX_FILE])
-            if shards is None or any(s not in files for s in shards):
-                return None
-            weights = [files[s] for s in shards]
-            completing = [*weights, files[INDEX_FILE]]
-        elif SINGLE_FILE in files:
-            weights = [files[SINGLE_FILE]]
-            completing = weights
-        elif ADAPTER_CONFIG in files and ADAPTER_FILE in files:
-            weights = [files[ADAPTER_FILE]]
-            completing = [*weights, files[ADAPTER_CONFIG]]
-        else:
+        index = self._weight_map(files[INDEX_FILE]) if INDEX_FILE in files else None
+        if INDEX_FILE in files and index is None:
             return None
-        if not all(self._is_whole(w) for w in weights):
+        try:
+            layout = weight_layout(files, index)
+        except LayoutError:
             return None
-        configs = [files[c] for c in CONFIG_FILES if c in files]
+        if layout.kind == "pickle" or not all(self._is_whole(files[w]) for w in layout.weights):
+            return None
+        completing = [files[f] for f in layout.files]
+        configs = [files[c] for c in DIGEST_CONFIG_FILES if c in files]
         members = {f.relpath: f for f in [*completing, *configs]}
-        return PublishedCheckpoint(
+        return CheckpointRef(
             id=folder,
             uri=f"{self.uri}/{folder}",
             digest=_digest(list(members.values()), folder),
             published_at=datetime.fromtimestamp(max(f.mtime for f in completing), tz=timezone.utc),
         )
 
-    def _file_checkpoint(self, info: ObjectInfo) -> PublishedCheckpoint | None:
+    def _file_checkpoint(self, info: ObjectInfo) -> CheckpointRef | None:
         if not self._is_whole(info):
             return None
-        return PublishedCheckpoint(
+        return CheckpointRef(
             id=info.relpath,
             uri=f"{self.uri}/{info.relpath}",
             digest=_digest([info], ""),
             published_at=datetime.fromtimestamp(info.mtime, tz=timezone.utc),
         )
 
-    def list(self) -> list[PublishedCheckpoint]:
+    def list(self) -> list[CheckpointRef]:
         """Complete checkpoints in publication order (completion mtime, then id)."""
         folders: dict[str, dict[str, ObjectInfo]] = {}
-        out: list[PublishedCheckpoint] = []
+        out: list[CheckpointRef] = []
         for info in self.store.list(""):
             parts = info.relpath.split("/")
             if any(p.startswith(".") for p in parts):  # hidden files, temp uploads
@@ -211,25 +197,3 @@ class StoreSource:
                 out.append(ckpt)
         out.sort(key=lambda c: (c.published_at, c.id))
         return out
-
-
-def source_from_uri(uri: str) -> Source:
-    """Open a checkpoint source: a local folder, ``file://``, ``s3://bucket/prefix``, ``hf://…`` or ``mlflow://models/NAME``."""
-    scheme = urlparse(uri).scheme
-    if scheme in ("", "file"):
-        return StoreSource(LocalStore(urlparse(uri).path if scheme == "file" else uri))
-    if scheme == "s3":
-        from mergeflow.storage.s3 import S3Store  # boto3 is a pipeline extra
-
-        return StoreSource(S3Store.from_uri(uri))
-    if scheme == "hf":
-        from mergeflow.storage.hub import HubSource
-
-        return HubSource.from_uri(uri)
-    if scheme == "mlflow":
-        from mergeflow.storage.registry import MlflowSource
-
-        return MlflowSource.from_uri(uri)
-    raise ConfigError(
-        f"unsupported checkpoint source {uri!r}: use a local path, file://, s3://, hf:// or mlflow://"
-    )

@@ -5,12 +5,20 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from prefect import task
 
+from mergeflow.evaluation.evaluators import build_evaluator
+from mergeflow.evaluation.gate import GateChoice, choose
+from mergeflow.evaluation.spec import TaskSpec
 from mergeflow.lineage import LineageSpec
+from mergeflow.merging.engine import resolve_device
+from mergeflow.storage import states
+from mergeflow.storage.schemes import open_checkpoint
 from mergeflow.tasks import layout
-from mergeflow.tasks.models import EvalOutput, FoldOutput, ModelOutput
+from mergeflow.tasks.retry import io_task
+from mergeflow.tasks.values import EvalOutput, FoldOutput, ModelOutput
 
 
 @task(name="evaluate", task_run_name="evaluate-{fold.label}")
@@ -20,21 +28,16 @@ def evaluate_model(spec: LineageSpec, fold: FoldOutput, model: ModelOutput) -> E
     Validation scores feed the gate and the candidate selection; test scores are the
     only ones reported (MLflow metrics, accuracy matrix).
     """
-    from mergeflow.evaluation.evaluators import build_evaluator
-    from mergeflow.merging.engine import resolve_device
-    from mergeflow.storage import state_store
-    from mergeflow.storage.checkpoints import open_checkpoint
-
     suite = spec.evaluation
     if suite is None:
         return EvalOutput()
     t0 = time.perf_counter()
     tasks = suite.tasks_for(fold.folded)
     st = layout.store(fold.state_uri)
-    manifest = state_store.read_manifest(st)
+    manifest = states.read_manifest(st)
     heads = {}
     for cid in {t.checkpoint for t in tasks if t.checkpoint}:
-        r = state_store.heads_reader(st, manifest, cid)
+        r = states.heads_reader(st, manifest, cid)
         heads[cid] = {k: r.get(k) for k in r.keys()} if r is not None else {}
     merged = open_checkpoint(model.model_uri)
     evaluator = build_evaluator(
@@ -50,7 +53,7 @@ def evaluate_model(spec: LineageSpec, fold: FoldOutput, model: ModelOutput) -> E
     )
 
 
-def datasets(tasks: Sequence) -> list[dict[str, str]]:
+def datasets(tasks: Sequence[TaskSpec]) -> list[dict[str, str]]:
     """``{name, uri, split, digest}`` of each evaluation file (for MLflow ``log_input``)."""
     out = []
     for t in tasks:
@@ -58,7 +61,7 @@ def datasets(tasks: Sequence) -> list[dict[str, str]]:
             uri = t.data_uri(split)
             try:
                 digest = hashlib.sha256(layout.read_uri(uri)).hexdigest()[:16]
-            except Exception:  # noqa: BLE001 - a digest is informative only
+            except Exception:
                 digest = ""
             out.append({"name": f"{t.name}-{split}", "uri": uri, "split": split, "digest": digest})
     return out
@@ -67,26 +70,19 @@ def datasets(tasks: Sequence) -> list[dict[str, str]]:
 @task(name="gate")
 def gate(
     spec: LineageSpec, candidates: Sequence[EvalOutput], champion_validation: Mapping[str, float]
-) -> tuple[int, bool, list[str]]:
-    """Pick the best candidate that passes the gate on validation scores.
-
-    Returns ``(index, accepted, reasons)``: the winner, or when none passes the best by
-    validation ACC with the reasons it failed. Without an evaluation suite everything passes.
-    """
-    from mergeflow.evaluation.gate import decide, select_candidate
-
+) -> GateChoice:
+    """:func:`mergeflow.evaluation.gate.choose` on validation scores; all pass without a suite."""
     if spec.evaluation is None:
-        return 0, True, []
-    hib = spec.evaluation.higher_is_better
-    champion = dict(champion_validation) or None
-    best = select_candidate(
-        [c.validation for c in candidates], spec.gate, champion, higher_is_better=hib
+        return GateChoice(index=0, accepted=True, reasons=[])
+    return choose(
+        [c.validation for c in candidates],
+        spec.gate,
+        dict(champion_validation) or None,
+        higher_is_better=spec.evaluation.higher_is_better,
     )
-    if best is not None:
-        return best, True, []
-    decisions = [
-        decide(c.validation, champion, spec.gate, higher_is_better=hib) for c in candidates
-    ]
-    accs = [d.acc if d.acc is not None else float("-inf" if hib else "inf") for d in decisions]
-    i = max(range(len(accs)), key=lambda j: accs[j] if hib else -accs[j])
-    return i, False, list(decisions[i].reasons)
+
+
+@task(name="save-evaluation", **io_task)
+def save_evaluation(prefix: str, doc: dict[str, Any], name: str = layout.EVALUATION_FILE) -> None:
+    """Write a step's scores (and its chain's accuracy matrix) next to its state."""
+    layout.write_evaluation(prefix, doc, name)

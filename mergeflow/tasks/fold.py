@@ -5,14 +5,21 @@ from __future__ import annotations
 import json
 import resource
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from prefect import task
 
 from mergeflow.lineage import LineageSpec
+from mergeflow.merging import engine
+from mergeflow.merging.state import StateInfo
+from mergeflow.storage import states
+from mergeflow.storage.objects import ObjectStore, StoreSink
+from mergeflow.storage.safetensors_file import ShardedWriter
+from mergeflow.storage.schemes import open_checkpoint
 from mergeflow.tasks import layout
-from mergeflow.tasks.io import io_task
-from mergeflow.tasks.models import CheckpointRef, FoldOutput, ModelOutput, ParentState
+from mergeflow.tasks.retry import io_task
+from mergeflow.tasks.values import CheckpointRef, FoldOutput, ModelOutput, ParentState
 
 
 def peak_rss_mb() -> float:
@@ -20,11 +27,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _fold_options(spec: LineageSpec) -> Any:
-    from mergeflow.merging.state import FoldOptions
+def fold_source(parent: ParentState, params: dict[str, Any], prefix: str) -> ObjectStore:
+    """The state a fold reads: the parent's, or (a candidate with other parameters) a copy of
+    its manifest with those parameters at ``<prefix>/state``, still pointing at its tensors."""
+    src = layout.store(parent.state_uri)
+    if params == parent.params:
+        return src
+    return states.with_params(src, layout.store(layout.state_uri_of(prefix)), params)
 
-    return FoldOptions(
-        compute_dtype=spec.compute_dtype, missing="zero" if spec.allow_missing else "error"
+
+def fold_output(label: str, prefix: str, info: StateInfo, seconds: float) -> FoldOutput:
+    """What a fold task returns about the state it committed at ``<prefix>/state``."""
+    return FoldOutput(
+        label=label,
+        params=dict(info.params),
+        prefix=prefix,
+        state_uri=layout.state_uri_of(prefix),
+        step=info.step,
+        folded=tuple(c.id for c in info.checkpoints),
+        seconds=seconds,
+        peak_rss_mb=peak_rss_mb(),
     )
 
 
@@ -35,12 +57,9 @@ def validate_checkpoint(spec: LineageSpec, ck: CheckpointRef) -> CheckpointRef:
     Raises :class:`~mergeflow.errors.CheckpointError` for a bad checkpoint (never retried).
     Fills in the digest when the caller did not give one.
     """
-    from mergeflow.merging import engine
-    from mergeflow.storage.checkpoints import open_checkpoint
-
     base = layout.open_base(spec)
     checkpoint = open_checkpoint(ck.uri, base=base.reader, allow_pickle=spec.allow_pickle)
-    engine.check_compatible(base.reader, checkpoint.reader, _fold_options(spec))
+    engine.check_compatible(base.reader, checkpoint.reader, spec.fold_options())
     return ck if ck.digest else ck.model_copy(update={"digest": checkpoint.digest()})
 
 
@@ -53,65 +72,44 @@ def fold_checkpoint(
     params: dict[str, Any],
     prefix: str,
 ) -> FoldOutput:
-    """Fold ``ck`` into the parent state and write the new state at ``<prefix>/state``.
+    """Fold ``ck`` into the parent state and commit the new state at ``<prefix>/state``.
 
-    The parent state is never modified. A candidate with other parameters starts from a
-    copy of the parent's manifest (pointing at the parent's tensors) with its parameters.
+    The parent state is never modified (see :func:`fold_source` for candidates).
     """
-    from mergeflow.storage import state_store
-    from mergeflow.storage.checkpoints import open_checkpoint
-
     t0 = time.perf_counter()
     base = layout.open_base(spec)
     checkpoint = open_checkpoint(ck.uri, base=base.reader, allow_pickle=spec.allow_pickle)
-    src, dst = layout.store(parent.state_uri), layout.store(layout.state_uri_of(prefix))
-    if params != parent.params:
-        m = state_store.read_manifest(src)
-        tensors = m.tensors
-        state_store.write_manifest(
-            dst,
-            m.model_copy(
-                update={"info": m.info.model_copy(update={"params": params}), "tensors": tensors}
-            ),
-        )
-        src = dst
-    new = state_store.fold_checkpoint(
-        src,
-        dst,
+    new = states.fold_into(
+        fold_source(parent, params, prefix),
+        layout.store(layout.state_uri_of(prefix)),
         base.reader,
         checkpoint,
         checkpoint_id=ck.id,
         digest=ck.digest or None,
         device=spec.device,
     )
-    return FoldOutput(
-        label=label,
-        params=dict(new.info.params),
-        prefix=prefix,
-        state_uri=layout.state_uri_of(prefix),
-        step=new.info.step,
-        folded=tuple(c.id for c in new.info.checkpoints),
-        seconds=time.perf_counter() - t0,
-        peak_rss_mb=peak_rss_mb(),
-    )
+    return fold_output(label, prefix, new.info, time.perf_counter() - t0)
 
 
 @task(name="export-model", task_run_name="export-{fold.label}", **io_task)
 def export_model(spec: LineageSpec, fold: FoldOutput) -> ModelOutput:
-    """Write ``base + c·state`` to ``<prefix>/model`` in the HF layout (base's config.json kept)."""
-    from mergeflow.storage import state_store
-    from mergeflow.storage.safetensors_io import ShardedWriter
-    from mergeflow.storage.store import StoreSink
-
+    """Write ``θ₀ + scale·state`` to ``<prefix>/model`` in the HF layout (base's config kept)."""
     t0 = time.perf_counter()
     base = layout.open_base(spec)
     model_uri = layout.model_uri_of(fold.prefix)
     out, st = layout.store(model_uri), layout.store(fold.state_uri)
     for name in base.small_files():
         out.write_bytes(name, base.store.read_bytes(base.prefix + name))
-    state_store.export_state(
+    states.export_state(
         st, base.reader, ShardedWriter(StoreSink(out)), dtype=spec.export_dtype, device=spec.device
     )
-    summary = state_store.summary(state_store.read_manifest(st)) | {"lineage": spec.name}
+    summary = states.summary(states.read_manifest(st)) | {"lineage": spec.name}
     out.write_bytes("mergeflow.json", json.dumps(summary, indent=2, default=str).encode())
     return ModelOutput(model_uri=model_uri, seconds=time.perf_counter() - t0)
+
+
+@task(name="discard-prefixes", **io_task)
+def discard_prefixes(prefixes: Sequence[str]) -> None:
+    """Delete step prefixes that will never be registered (a rejected or losing candidate)."""
+    for p in prefixes:
+        layout.store(p).delete_prefix("")

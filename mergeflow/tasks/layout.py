@@ -1,6 +1,6 @@
 """Where a lineage keeps its states, models and evaluations (plain functions, no Prefect).
 
-Under the lineage's ``storage`` prefix::
+Under the lineage's ``store`` prefix::
 
     init/state/                   step-0 state (created on the first fold)
     steps/<NNNN>-<id>/state/      a fold's new state (fresh prefix per attempt)
@@ -20,18 +20,19 @@ from typing import Any
 from mergeflow.errors import StateError
 from mergeflow.evaluation.continual import AccuracyMatrix
 from mergeflow.lineage import LineageSpec
-from mergeflow.storage.checkpoints import Checkpoint, open_checkpoint
-from mergeflow.storage.store import ObjectStore, open_store
+from mergeflow.storage import schemes
+from mergeflow.storage.checkpoints import OpenedCheckpoint
+from mergeflow.storage.objects import ObjectStore
 
 EVALUATION_FILE = "evaluation.json"
 
 
-def open_base(spec: LineageSpec) -> Checkpoint:
-    return open_checkpoint(spec.base, allow_pickle=spec.allow_pickle)
+def open_base(spec: LineageSpec) -> OpenedCheckpoint:
+    return schemes.open_checkpoint(spec.base, allow_pickle=spec.allow_pickle)
 
 
 def init_prefix(spec: LineageSpec) -> str:
-    return f"{spec.storage}/init"
+    return f"{spec.store}/init"
 
 
 def state_uri_of(prefix: str) -> str:
@@ -52,7 +53,7 @@ def prefix_of(state_uri: str) -> str:
 def new_prefix(spec: LineageSpec, step: int, label: str | None = None) -> str:
     """A fresh prefix for one fold attempt."""
     tail = f"-{_safe(label)}" if label and label != "main" else ""
-    return f"{spec.storage}/steps/{step:04d}-{uuid.uuid4().hex[:8]}{tail}"
+    return f"{spec.store}/steps/{step:04d}-{uuid.uuid4().hex[:8]}{tail}"
 
 
 def _safe(label: str) -> str:
@@ -60,20 +61,19 @@ def _safe(label: str) -> str:
 
 
 def store(uri: str) -> ObjectStore:
-    return open_store(uri)
+    return schemes.open_store(uri)
 
 
 def read_uri(uri: str) -> bytes:
-    """Bytes of one object given by a full URI (local path or s3://)."""
-    parent, _, name = uri.rstrip("/").rpartition("/")
+    """Bytes of one object given by a full URI (local path, s3://, hf://)."""
     try:
-        return open_store(parent or ".").read_bytes(name)
+        return schemes.read_uri(uri)
     except FileNotFoundError:
         raise StateError(f"{uri} does not exist") from None
 
 
-def write_evaluation(prefix: str, doc: dict[str, Any]) -> None:
-    store(prefix).write_bytes(EVALUATION_FILE, json.dumps(doc, indent=2, sort_keys=True).encode())
+def write_evaluation(prefix: str, doc: dict[str, Any], name: str = EVALUATION_FILE) -> None:
+    store(prefix).write_bytes(name, json.dumps(doc, indent=2, sort_keys=True).encode())
 
 
 def read_evaluation(prefix: str) -> tuple[AccuracyMatrix, dict[str, float], dict[str, float]]:

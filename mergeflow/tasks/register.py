@@ -7,7 +7,9 @@ from typing import Any
 from prefect import task
 
 from mergeflow.evaluation.continual import AccuracyMatrix
-from mergeflow.tasks.io import io_task, registry
+from mergeflow.storage.registry import FoldRecord, VersionRecord
+from mergeflow.tasks.lineage import registry
+from mergeflow.tasks.retry import io_task
 
 
 def matrix_rows(matrix: AccuracyMatrix) -> tuple[list[list[float | None]], list[str]]:
@@ -17,16 +19,12 @@ def matrix_rows(matrix: AccuracyMatrix) -> tuple[list[list[float | None]], list[
 
 
 @task(name="register-version", **io_task)
-def register_fold(record: dict[str, Any]) -> Any:
+def register_fold(record: dict[str, Any]) -> VersionRecord:
     """``Registry.register_fold``: one MLflow run + model version; idempotent per digest."""
-    from mergeflow.storage.registry import FoldRecord
-
     return registry().register_fold(FoldRecord(**record))
 
 
 @task(name="record-rejection", **io_task)
-def record_rejection(record: dict[str, Any]) -> Any:
+def record_rejection(record: dict[str, Any]) -> VersionRecord:
     """``Registry.record_rejection``: a checkpoint that failed validation, never retried."""
-    from mergeflow.storage.registry import FoldRecord
-
     return registry().record_rejection(FoldRecord(**record))

@@ -1,48 +1,95 @@
-"""The explicit method registry: every method is listed here, nowhere else."""
+"""The explicit method registry: every method is listed in :data:`METHODS`, nowhere else."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, TypedDict, get_args, get_origin
 
 from pydantic import ValidationError
 
 from mergeflow.errors import ConfigError
 from mergeflow.merging.methods.base import BatchMethod, ContinualMethod, MethodParams
-from mergeflow.merging.methods.batch import Average, BatchTaskArithmetic, BatchTies, Dare
+from mergeflow.merging.methods.batch_dare import BatchDare
+from mergeflow.merging.methods.batch_task_arithmetic import BatchTaskArithmetic
+from mergeflow.merging.methods.batch_ties import BatchTies
+from mergeflow.merging.methods.batch_weight_average import BatchWeightAverage
 from mergeflow.merging.methods.magmax import MagMax
 from mergeflow.merging.methods.opcm import OPCM
 from mergeflow.merging.methods.task_arithmetic import TaskArithmetic
 from mergeflow.merging.methods.ties import Ties
 from mergeflow.merging.methods.weight_average import WeightAverage
 
-CONTINUAL: tuple[ContinualMethod, ...] = (
+# Each method has its own Params/Scalars types; a registry entry is any one of them.
+Method = ContinualMethod[Any, Any] | BatchMethod[Any]
+Kind = Literal["continual", "batch"]
+
+METHODS: tuple[Method, ...] = (
     OPCM(),
     TaskArithmetic(),
     WeightAverage(),
     MagMax(),
     Ties(),
+    BatchTaskArithmetic(),
+    BatchTies(),
+    BatchDare(),
+    BatchWeightAverage(),
 )
-BATCH: tuple[BatchMethod, ...] = (BatchTaskArithmetic(), BatchTies(), Dare(), Average())
 
 
-def method_names() -> list[str]:
-    return [m.name for m in CONTINUAL + BATCH]
+class ParamRow(TypedDict):
+    """One parameter of a method, as listed by ``mergeflow methods``."""
+
+    name: str
+    type: str
+    default: object
+    description: str
 
 
-def get_method(name: str) -> ContinualMethod | BatchMethod:
+class MethodRow(TypedDict):
+    """One method, as listed by ``mergeflow methods``."""
+
+    name: str
+    kind: Kind
+    summary: str
+    params: list[ParamRow]
+
+
+def method_names(kind: Kind | None = None) -> list[str]:
+    """Names of the registered methods (of one kind when ``kind`` is given)."""
+    return [m.name for m in METHODS if kind is None or m.kind == kind]
+
+
+def get_method(name: str) -> Method:
     """Look a method up by name; unknown names raise :class:`ConfigError` listing the known ones."""
-    for m in CONTINUAL + BATCH:
+    for m in METHODS:
         if m.name == name:
             return m
     raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(method_names())}")
 
 
-def is_continual(method: ContinualMethod | BatchMethod) -> bool:
-    return any(method is m for m in CONTINUAL)
+def get_continual(name: str) -> ContinualMethod[Any, Any]:
+    """A continual method by name; a batch method raises :class:`ConfigError`."""
+    m = get_method(name)
+    if not isinstance(m, ContinualMethod):
+        raise ConfigError(
+            f"method {name!r} is a batch method (a one-shot merge); folding into a state "
+            f"needs a continual method: {', '.join(method_names('continual'))}"
+        )
+    return m
 
 
-def parse_params(method: ContinualMethod | BatchMethod, raw: Mapping[str, Any]) -> MethodParams:
+def get_batch(name: str) -> BatchMethod[Any]:
+    """A batch method by name; a continual method raises :class:`ConfigError`."""
+    m = get_method(name)
+    if not isinstance(m, BatchMethod):
+        raise ConfigError(
+            f"method {name!r} is a continual method (it folds into a state); a one-shot "
+            f"merge needs a batch method: {', '.join(method_names('batch'))}"
+        )
+    return m
+
+
+def validate_params(method: Method, raw: Mapping[str, object]) -> MethodParams:
     """Validate raw parameters (strings from the CLI are coerced) into the method's frozen model."""
     try:
         return method.Params.model_validate(dict(raw))
@@ -53,24 +100,45 @@ def parse_params(method: ContinualMethod | BatchMethod, raw: Mapping[str, Any]) 
         raise ConfigError(f"invalid parameters for method {method.name!r}: {problems}") from None
 
 
-def describe() -> list[dict[str, Any]]:
+def _type_name(annotation: object) -> str:
+    if get_origin(annotation) is Literal:
+        return "|".join(map(str, get_args(annotation)))
+    return getattr(annotation, "__name__", None) or str(annotation)
+
+
+def method_table() -> list[MethodRow]:
     """Every method with its kind, summary and parameters (name, type, default, description)."""
-    rows = []
-    for kind, methods in (("continual", CONTINUAL), ("batch", BATCH)):
-        for m in methods:
-            params = []
-            for pname, f in m.Params.model_fields.items():
-                if get_origin(f.annotation) is Literal:
-                    ann = "|".join(map(str, get_args(f.annotation)))
-                else:
-                    ann = getattr(f.annotation, "__name__", None) or str(f.annotation)
-                params.append(
-                    {
-                        "name": pname,
-                        "type": ann,
-                        "default": f.default,
-                        "description": f.description or "",
-                    }
+    return [
+        MethodRow(
+            name=m.name,
+            kind=m.kind,
+            summary=m.summary,
+            params=[
+                ParamRow(
+                    name=pname,
+                    type=_type_name(f.annotation),
+                    default=f.default,
+                    description=f.description or "",
                 )
-            rows.append({"name": m.name, "kind": kind, "summary": m.summary, "params": params})
-    return rows
+                for pname, f in m.Params.model_fields.items()
+            ],
+        )
+        for m in METHODS
+    ]
+
+
+__all__ = [
+    "METHODS",
+    "BatchMethod",
+    "ContinualMethod",
+    "Kind",
+    "Method",
+    "MethodRow",
+    "ParamRow",
+    "get_batch",
+    "get_continual",
+    "get_method",
+    "method_names",
+    "method_table",
+    "validate_params",
+]

@@ -1,4 +1,4 @@
-"""OPCM: orthogonal-projection continual merging (Tang et al. 2025, arXiv:2501.09522).
+"""OPCM: orthogonal-projection continual merging (Tang et al. 2025, https://arxiv.org/abs/2501.09522).
 
 For a new checkpoint t ≥ 2 and each projected matrix, with the previous merged task
 vector ``M = W̄_{t−1} − W₀`` (thin SVD ``M = U Σ Vᵀ``, k = min(m, n)) and ``X = τ_t``:
@@ -12,8 +12,8 @@ zeroed (the full-SVD form of the paper). The update is ``S_t = λ_{t−1}·M + X
 ``θ̄_t = θ₀ + S_t·μ_t/‖S_t‖`` with ``μ_t`` the mean of ``‖τ_i‖``, ``λ_t = ‖S_t‖/μ_t``.
 
 Since ``λ_{t−1}·M = S_{t−1}``, the state keeps the unscaled ``S`` and the rescale is
-the scalar coefficient ``μ_t/‖S_t‖``: one pass per fold. Edge cases: ``M = 0``
-(frozen layer) skips the projection; all-zero task vectors give coefficient 1;
+the state's scale ``μ_t/‖S_t‖`` (= 1/λ_t): one pass per fold. Edge cases: ``M = 0``
+(frozen layer) skips the projection; all-zero task vectors give scale 1;
 ``α`` must lie in [0, 1) (at α ≥ 1 nothing would be protected).
 """
 
@@ -25,7 +25,13 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from mergeflow.merging.methods.base import FoldStats, MethodParams, TensorStep, no_prepare
+from mergeflow.merging.methods.base import (
+    ContinualMethod,
+    FoldStats,
+    MethodParams,
+    MethodScalars,
+    TensorStep,
+)
 
 
 class OPCMParams(MethodParams):
@@ -38,6 +44,15 @@ class OPCMParams(MethodParams):
     svd_dtype: Literal["float32", "float64"] = Field(
         "float32", description="precision of the SVD and projection (float64 is slower, steadier)"
     )
+
+
+class OPCMScalars(MethodScalars):
+    """Norms carried from fold to fold (float64 sums over all merged tensors)."""
+
+    tv_norm_sum: float = 0.0  # Σ_i ‖τ_i‖ over the folded checkpoints
+    mean_tv_norm: float = 0.0  # μ_t = tv_norm_sum / t
+    last_tv_norm: float = 0.0  # ‖τ_t‖ of the last folded checkpoint
+    unscaled_norm: float = 0.0  # ‖S_t‖; λ_t = unscaled_norm / mean_tv_norm
 
 
 def split_rank(s: torch.Tensor, alpha: float) -> int:
@@ -67,13 +82,14 @@ def project(
     return res.to(out_dtype)
 
 
-class OPCM:
+class OPCM(ContinualMethod[OPCMParams, OPCMScalars]):
     name: ClassVar[str] = "opcm"
     summary: ClassVar[str] = "orthogonal-projection continual merging with global norm rescale"
     Params = OPCMParams
-    prepare = staticmethod(no_prepare)
+    Scalars = OPCMScalars
 
     def fold_tensor(self, params: OPCMParams, s: TensorStep) -> torch.Tensor:
+        """S_t = S_{t−1} + X̃ for projected tensors, S_{t−1} + τ_t for the others."""
         if s.prev is None:
             return s.tau.clone()
         if not s.projected:
@@ -82,20 +98,20 @@ class OPCM:
         return s.prev + project(s.tau, s.prev, params.alpha, dt).to(s.prev.dtype)
 
     def finish(
-        self, params: OPCMParams, scalars: dict[str, float], stats: FoldStats
-    ) -> tuple[dict[str, float], float]:
-        tv_norm_sum = scalars.get("tv_norm_sum", 0.0) + math.sqrt(stats.tau_sq_norm)
+        self, params: OPCMParams, scalars: OPCMScalars, stats: FoldStats
+    ) -> tuple[OPCMScalars, float]:
+        """Scale ``μ_t/‖S_t‖`` (1 when either norm is 0) and the updated norms."""
+        last_tv_norm = math.sqrt(stats.tau_sq_norm)
+        tv_norm_sum = scalars.tv_norm_sum + last_tv_norm
         mean_tv_norm = tv_norm_sum / stats.step
-        merged_norm = math.sqrt(stats.state_sq_norm)
-        coef = mean_tv_norm / merged_norm if merged_norm > 0 and mean_tv_norm > 0 else 1.0
-        lam = merged_norm / mean_tv_norm if mean_tv_norm > 0 else 1.0
+        unscaled_norm = math.sqrt(stats.state_sq_norm)
+        scale = mean_tv_norm / unscaled_norm if unscaled_norm > 0 and mean_tv_norm > 0 else 1.0
         return (
-            {
-                "tv_norm_sum": tv_norm_sum,
-                "mean_tv_norm": mean_tv_norm,
-                "last_tv_norm": math.sqrt(stats.tau_sq_norm),
-                "unscaled_norm": merged_norm,
-                "lambda": lam,
-            },
-            coef,
+            OPCMScalars(
+                tv_norm_sum=tv_norm_sum,
+                mean_tv_norm=mean_tv_norm,
+                last_tv_norm=last_tv_norm,
+                unscaled_norm=unscaled_norm,
+            ),
+            scale,
         )

@@ -1,4 +1,4 @@
-"""Continual task arithmetic: θ̄_t = θ̄_{t−1} + s·τ_t (Ilharco et al. 2023, arXiv:2212.04089)."""
+"""Continual task arithmetic: θ̄_t = θ̄_{t−1} + s·τ_t (Ilharco et al. 2023, https://arxiv.org/abs/2212.04089)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,18 @@ from typing import ClassVar
 import torch
 from pydantic import Field
 
-from mergeflow.merging.methods.base import FoldStats, MethodParams, TensorStep, no_prepare
+from mergeflow.merging.methods.base import ContinualMethod, NoScalars, ScaledParams, TensorStep
 
 
-class TaskArithmeticParams(MethodParams):
-    scaling_factor: float = Field(0.3, description="s: weight of every task vector")
+class TaskArithmeticParams(ScaledParams):
+    scale: float = Field(0.3, description="s: weight of every task vector")
 
 
-class TaskArithmetic:
+class TaskArithmetic(ContinualMethod[TaskArithmeticParams, NoScalars]):
     name: ClassVar[str] = "task_arithmetic"
     summary: ClassVar[str] = "continual task arithmetic: θ̄_t = θ̄_{t−1} + s·τ_t"
     Params = TaskArithmeticParams
-    prepare = staticmethod(no_prepare)
 
     def fold_tensor(self, params: TaskArithmeticParams, s: TensorStep) -> torch.Tensor:
+        """D_t = D_{t−1} + τ_t."""
         return s.tau.clone() if s.prev is None else s.prev + s.tau
-
-    def finish(
-        self, params: TaskArithmeticParams, scalars: dict[str, float], stats: FoldStats
-    ) -> tuple[dict[str, float], float]:
-        return {}, params.scaling_factor

@@ -1,4 +1,4 @@
-"""Continual TIES (after Yadav et al. 2023, arXiv:2306.01708), without FusionBench's double counting.
+"""Continual TIES (after Yadav et al. 2023, https://arxiv.org/abs/2306.01708), without FusionBench's double counting.
 
 Each incoming τ_t is trimmed to its top ``density`` share of magnitudes (per tensor by
 default; ``trim=global`` uses the exact global top-k over the whole checkpoint). The
@@ -11,17 +11,23 @@ already contains it (T counted twice per step); here T_t replaces T_{t−1}.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 
-from mergeflow.merging.methods.base import FoldStats, MethodParams, TauPass, TensorStep
+from mergeflow.merging.methods.base import (
+    ContinualMethod,
+    NoScalars,
+    ScaledParams,
+    TauPass,
+    TensorStep,
+)
 from mergeflow.merging.sparsify import global_threshold, tensor_threshold, trim
 
 
-class TiesParams(MethodParams):
-    scaling_factor: float = Field(0.5, description="s: weight of the merged task vector")
+class TiesParams(ScaledParams):
+    scale: float = Field(0.5, description="s: weight of the merged task vector")
     density: float = Field(
         0.2,
         gt=0.0,
@@ -51,19 +57,21 @@ def disjoint_merge(vectors: list[torch.Tensor], merge_func: str) -> torch.Tensor
     return kept.gather(0, idx).squeeze(0)
 
 
-class Ties:
+class Ties(ContinualMethod[TiesParams, NoScalars]):
     name: ClassVar[str] = "ties"
     summary: ClassVar[str] = (
         "continual TIES: trim, elect sign with the running merge, disjoint merge"
     )
     Params = TiesParams
 
-    def prepare(self, params: TiesParams, taus: TauPass) -> dict[str, Any] | None:
+    def prepare(self, params: TiesParams, taus: TauPass) -> dict[str, float] | None:
+        """With ``trim=global``: the exact global top-k magnitude threshold (two passes)."""
         if params.trim == "global":
             return {"threshold": global_threshold(taus, params.density)}
         return None
 
     def fold_tensor(self, params: TiesParams, s: TensorStep) -> torch.Tensor:
+        """Trim τ_t, then disjoint-merge it with D_{t−1}."""
         thr = (
             s.prepared["threshold"]
             if "threshold" in s.prepared
@@ -73,8 +81,3 @@ class Ties:
         if s.prev is None:
             return trimmed
         return disjoint_merge([s.prev, trimmed], params.merge_func)
-
-    def finish(
-        self, params: TiesParams, scalars: dict[str, float], stats: FoldStats
-    ) -> tuple[dict[str, float], float]:
-        return {}, params.scaling_factor

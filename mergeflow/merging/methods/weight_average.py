@@ -6,25 +6,32 @@ from typing import ClassVar
 
 import torch
 
-from mergeflow.merging.methods.base import FoldStats, MethodParams, TensorStep, no_prepare
+from mergeflow.merging.methods.base import (
+    ContinualMethod,
+    FoldStats,
+    MethodParams,
+    NoScalars,
+    TensorStep,
+)
 
 
 class WeightAverageParams(MethodParams):
     pass
 
 
-class WeightAverage:
+class WeightAverage(ContinualMethod[WeightAverageParams, NoScalars]):
     name: ClassVar[str] = "weight_average"
     summary: ClassVar[str] = "continual weight average: running mean of all folded checkpoints"
     Params = WeightAverageParams
-    prepare = staticmethod(no_prepare)
 
     def fold_tensor(self, params: WeightAverageParams, s: TensorStep) -> torch.Tensor:
+        """D_t = ((t−1)·D_{t−1} + τ_t)/t, the mean task vector."""
         if s.prev is None:
             return s.tau.clone()
         return ((s.step - 1) * s.prev + s.tau) / s.step
 
     def finish(
-        self, params: WeightAverageParams, scalars: dict[str, float], stats: FoldStats
-    ) -> tuple[dict[str, float], float]:
-        return {}, 1.0
+        self, params: WeightAverageParams, scalars: NoScalars, stats: FoldStats
+    ) -> tuple[NoScalars, float]:
+        """The mean task vector is added unscaled: s = 1."""
+        return scalars, 1.0

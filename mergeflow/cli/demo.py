@@ -25,6 +25,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prefect.context import refresh_global_settings_context
+
+from mergeflow.cli.tables import LiveTable
+from mergeflow.evaluation.spec import GateSpec, TaskSpec
+from mergeflow.examples.digits import build_digits_suite
+from mergeflow.flows.watch import active_fold_targets
+from mergeflow.lineage import LineageSpec, save_lineage
+from mergeflow.services.process import log_tail
+from mergeflow.services.stack import Stack
+from mergeflow.settings import Settings
+from mergeflow.storage.registry import Registry
+from mergeflow.storage.schemes import open_store
+
 LINEAGE = "digits-demo"
 SERVE_PROCESS = "deployments"
 WATCH_SECONDS = 10
@@ -45,41 +58,6 @@ def _upload_folder(store: Any, folder: Path, weights_last: bool = True) -> None:
         store.put_file(p, p.name)
 
 
-def _short(name: str) -> str:
-    return name[:10]
-
-
-class Table:
-    """Prints one row per new version: step, checkpoint, per-task test accuracy, average, status."""
-
-    def __init__(self, tasks: list[str], say: Callable[[str], None]) -> None:
-        self.tasks = tasks
-        self.say = say
-        self.shown: set[str] = set()
-        cols = "".join(f"{_short(t):>11}" for t in tasks)
-        self.say(f"{'ver':>4} {'step':>4}  {'checkpoint':<14}{cols}{'ACC':>8}{'BWT':>8}  status")
-
-    def update(self, versions: list[Any]) -> None:
-        for v in versions:
-            if v.version in self.shown:
-                continue
-            self.shown.add(v.version)
-            cells = "".join(
-                f"{v.metrics[f'acc/{t}']:>11.3f}" if f"acc/{t}" in v.metrics else f"{'':>11}"
-                for t in self.tasks
-            )
-            acc = f"{v.metrics['acc_avg']:>8.3f}" if "acc_avg" in v.metrics else f"{'-':>8}"
-            bwt = f"{v.metrics['bwt']:>+8.3f}" if "bwt" in v.metrics else f"{'-':>8}"
-            status = (
-                v.status
-                + (f" ({v.reason})" if v.reason else "")
-                + (f" [{', '.join(v.aliases)}]" if v.aliases else "")
-            )
-            self.say(
-                f"{v.version:>4} {v.step:>4}  {v.checkpoint_id:<14}{cells}{acc}{bwt}  {status}"
-            )
-
-
 def run_demo(
     checkpoints: int = 6,
     *,
@@ -89,14 +67,12 @@ def run_demo(
     say: Callable[[str], None] = _say,
 ) -> int:
     """Run the demo (see the module docstring); returns the process exit code."""
-    from mergeflow.services.stack import Stack
-    from mergeflow.settings import Settings
 
     if not 1 <= checkpoints <= 8:
         say("mergeflow: error: --checkpoints must be between 1 and 8")
         return 2
     t_start = time.monotonic()
-    settings = Settings(**({"home": home} if home else {}))
+    settings = Settings(home=Path(home)) if home else Settings()
     stack = Stack(settings)
     started_stack = not stack.is_up()
     say(f"mergeflow demo: {checkpoints} checkpoints, home {settings.home}")
@@ -131,14 +107,8 @@ def run_demo(
 
 
 def _run(stack: Any, n: int, budget: float, say: Callable[[str], None]) -> tuple[int, bool]:
-    from prefect.context import refresh_global_settings_context
 
     refresh_global_settings_context()
-    from mergeflow.evaluation.spec import GateSpec, TaskSpec
-    from mergeflow.examples.digits import build_digits_suite
-    from mergeflow.lineage import LineageSpec, save_lineage
-    from mergeflow.storage.registry import Registry
-    from mergeflow.storage.store import open_store
 
     deadline = time.monotonic() + budget
     settings = stack.settings
@@ -173,14 +143,14 @@ def _run(stack: Any, n: int, budget: float, say: Callable[[str], None]) -> tuple
         sources=(source,),
         evaluation=suite_spec,
         gate=GateSpec(min_acc=0.2),
-        storage=f"{bucket}/lineages/{LINEAGE}",
+        store=f"{bucket}/lineages/{LINEAGE}",
         device="cpu",
         schedule=WATCH_SECONDS,
     )
     save_lineage(
         spec, replace=True
     )  # the same spec on a second run; base/method/storage never change
-    say(f"lineage {LINEAGE}: OPCM on {base_uri}, watching {source}, storing under {spec.storage}")
+    say(f"lineage {LINEAGE}: OPCM on {base_uri}, watching {source}, storing under {spec.store}")
 
     status = stack.start_process(
         stack.command(
@@ -192,16 +162,16 @@ def _run(stack: Any, n: int, budget: float, say: Callable[[str], None]) -> tuple
     say(f"served deployments running (pid {status.pid}, log {status.log})")
     say(f"Prefect UI:  {s.prefect_ui_url}/deployments   (flow runs: {s.prefect_ui_url}/runs)")
     say(
-        f"MLflow UI:   {s.mlflow_url}/#/models/{spec.model_name}   (runs: experiment mergeflow/{LINEAGE})"
+        f"MLflow UI:   {s.mlflow_url}/#/models/{spec.registered_model}   (runs: experiment mergeflow/{LINEAGE})"
     )
 
     registry = Registry()
-    table = Table(list(suite.task_names), say)
+    table = LiveTable(list(suite.task_names), say)
     published = open_store(source)
     ids = list(suite.checkpoint_ids)
 
     def registered() -> list[Any]:
-        vs = registry.versions(spec.model_name)
+        vs = registry.versions(spec.registered_model)
         table.update(vs)
         return [v for v in vs if v.checkpoint_id in ids]
 
@@ -222,20 +192,19 @@ def _run(stack: Any, n: int, budget: float, say: Callable[[str], None]) -> tuple
         time.sleep(1.0)
         versions = registered()
     _settle(LINEAGE, deadline)
-    champion = registry.champion(spec.model_name)
+    champion = registry.champion(spec.registered_model)
     say(
-        f"done: {n} versions of {spec.model_name} registered; champion = version {champion.version if champion else '-'}"
+        f"done: {n} versions of {spec.registered_model} registered; champion = version {champion.version if champion else '-'}"
     )
     say(
         "scores are test-split accuracies (the gate and any candidate selection read only the validation split)"
     )
-    say(f"see the lineage in MLflow: {s.mlflow_url}/#/models/{spec.model_name}")
+    say(f"see the lineage in MLflow: {s.mlflow_url}/#/models/{spec.registered_model}")
     return 0, started_serve
 
 
 def _settle(lineage: str, deadline: float) -> None:
     """Wait until no fold run of ``lineage`` is queued or running, so stopping serve cuts none short."""
-    from mergeflow.flows.watch import active_fold_targets
 
     end = min(deadline, time.monotonic() + 60)
     while active_fold_targets(lineage) and time.monotonic() < end:
@@ -243,7 +212,6 @@ def _settle(lineage: str, deadline: float) -> None:
 
 
 def _timeout(stack: Any, versions: list[Any], n: int, say: Callable[[str], None]) -> int:
-    from mergeflow.services.process import log_tail
 
     got = len({v.checkpoint_id for v in versions})
     say(f"mergeflow: error: timed out with {got} of {n} versions registered")

@@ -1,7 +1,9 @@
-"""Object stores: one interface over local folders and S3 prefixes.
+"""Object stores: one interface over local folders, S3 prefixes and (read-only) Hub repos.
 
 Everything mergeflow persists (states, merged models, heads) goes through an
-:class:`ObjectStore`, so the same code writes to ``/tmp/x`` and ``s3://bucket/x``.
+:class:`ObjectStore`, so the same code writes to ``/tmp/x`` and ``s3://bucket/x``; what it
+only reads (a Hub repo) is a :class:`ReadOnlyStore`. Stores are opened by URI with
+:func:`mergeflow.storage.schemes.open_store`.
 """
 
 from __future__ import annotations
@@ -11,10 +13,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
-from urllib.parse import urlparse
 
 from mergeflow.errors import ConfigError
-from mergeflow.storage.safetensors_io import ByteSource, LocalFile
+from mergeflow.storage.safetensors_file import ByteSource, LocalFile
 
 
 @dataclass(frozen=True)
@@ -28,29 +29,40 @@ class ObjectInfo:
 
 
 @runtime_checkable
-class ObjectStore(Protocol):
-    """A flat key space of byte objects under a root URI.
+class ReadOnlyStore(Protocol):
+    """A flat key space of byte objects under a root URI, for reading.
 
-    Contract: ``relpath`` uses ``/`` separators and never starts with ``/``;
-    ``write_bytes`` and ``put_file`` are atomic per object (readers see the whole
-    object or nothing); ``list`` returns objects under a relative prefix sorted by path.
+    Contract: ``relpath`` uses ``/`` separators and never starts with ``/`` (a path that
+    leaves the root is refused); ``list`` returns objects under a relative prefix sorted
+    by path; ``exists`` is true for an object or a non-empty folder.
     """
 
     uri: str
 
-    def child(self, relpath: str) -> ObjectStore: ...
+    def child(self, relpath: str) -> ReadOnlyStore: ...
 
     def byte_source(self, relpath: str) -> ByteSource: ...
 
     def read_bytes(self, relpath: str) -> bytes: ...
 
-    def write_bytes(self, relpath: str, data: bytes) -> None: ...
-
-    def put_file(self, local_path: Path, relpath: str) -> None: ...
-
     def exists(self, relpath: str) -> bool: ...
 
     def list(self, relprefix: str = "") -> list[ObjectInfo]: ...
+
+
+@runtime_checkable
+class ObjectStore(ReadOnlyStore, Protocol):
+    """A :class:`ReadOnlyStore` that can also be written.
+
+    ``write_bytes`` and ``put_file`` are atomic per object (readers see the whole object
+    or nothing); ``delete_prefix`` removes everything under a relative prefix.
+    """
+
+    def child(self, relpath: str) -> ObjectStore: ...
+
+    def write_bytes(self, relpath: str, data: bytes) -> None: ...
+
+    def put_file(self, local_path: Path, relpath: str) -> None: ...
 
     def delete_prefix(self, relprefix: str = "") -> None: ...
 
@@ -122,20 +134,8 @@ class LocalStore:
             p.unlink()
 
 
-def open_store(uri: str) -> ObjectStore:
-    """Open a store by URI: a local path, ``file://``, or ``s3://bucket/prefix``."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3":
-        from mergeflow.storage.s3 import S3Store  # boto3 is a pipeline extra
-
-        return S3Store.from_uri(uri)
-    if parsed.scheme in ("", "file"):
-        return LocalStore(parsed.path if parsed.scheme == "file" else uri)
-    raise ConfigError(f"unsupported store URI {uri!r}: use a local path or s3://bucket/prefix")
-
-
 class StoreSink:
-    """A :class:`~mergeflow.storage.safetensors_io.ShardSink` that puts shards into a store prefix."""
+    """A :class:`~mergeflow.storage.safetensors_file.ShardSink` that puts shards into a store prefix."""
 
     def __init__(self, store: ObjectStore, prefix: str = "") -> None:
         self.store = store

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -43,6 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
 
 from mergeflow.errors import ConfigError
 from mergeflow.services.process import pid_alive as _alive
@@ -114,7 +119,6 @@ def _port_free(port: int) -> bool:
 
 def free_port_block(n: int = PORTS_PER_SERVER, start: int = 20000, stop: int = 60000) -> int:
     """First port ``p`` such that ``p .. p+n-1`` are all free on 127.0.0.1 (randomised start)."""
-    import random
 
     base = random.randrange(start, stop - n, n)
     for p in list(range(base, stop - n, n)) + list(range(start, base, n)):
@@ -218,8 +222,6 @@ def _child_env() -> dict[str, str]:
 
 
 def _client(endpoint: str, creds: S3Credentials, timeout: float = 2.0) -> Any:
-    import boto3
-    from botocore.config import Config
 
     return boto3.session.Session().client(
         "s3",
@@ -276,7 +278,6 @@ def is_healthy(
 
 def ensure_bucket(endpoint: str, bucket: str, creds: S3Credentials = EMBEDDED_CREDENTIALS) -> None:
     """Create ``bucket`` if missing and check that it accepts a write (retries while volumes start)."""
-    from botocore.exceptions import ClientError
 
     client = _client(endpoint, creds, timeout=10.0)
     deadline = time.monotonic() + 30

@@ -140,7 +140,10 @@ def use_stack_env() -> None:
     if os.environ.get("PREFECT_API_URL"):
         return
     try:
+        # pipeline extra: loaded on use, the light CLI runs without it
         from mergeflow.services.stack import Stack
+
+        # pipeline extra: loaded on use, the light CLI runs without it
         from mergeflow.settings import Settings
     except ImportError as err:
         raise ConfigError(
@@ -153,19 +156,21 @@ def use_stack_env() -> None:
         )
     os.environ.update(stack.env())
     if "prefect" in sys.modules:
+        # pipeline extra: loaded on use, the light CLI runs without it
         from prefect.context import refresh_global_settings_context
 
         refresh_global_settings_context()
 
 
 def cmd_lineage_create(args: argparse.Namespace) -> int:
+    # pipeline extra: loaded on use, the light CLI runs without it
     from mergeflow.lineage import LineageSpec, save_lineage
 
     spec = LineageSpec.from_yaml(args.spec)
     use_stack_env()
     save_lineage(spec, replace=args.replace)
     print(
-        f"lineage {spec.name}: {spec.method} on {spec.base}, storage {spec.storage}, registered model {spec.model_name}"
+        f"lineage {spec.name}: {spec.method} on {spec.base}, store {spec.store}, registered model {spec.registered_model}"
     )
     print(
         f"watching {', '.join(spec.sources)} every {spec.schedule}{'s' if isinstance(spec.schedule, int) else ''}; restart `mergeflow serve` to schedule it"
@@ -174,12 +179,18 @@ def cmd_lineage_create(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage_show(args: argparse.Namespace) -> int:
+    # pipeline extra: loaded on use, the light CLI runs without it
+    from mergeflow.cli.tables import format_chain
+
+    # pipeline extra: loaded on use, the light CLI runs without it
     from mergeflow.lineage import load_lineage
-    from mergeflow.storage.registry import Registry, format_chain
+
+    # pipeline extra: loaded on use, the light CLI runs without it
+    from mergeflow.storage.registry import Registry
 
     use_stack_env()
     spec = load_lineage(args.name)
-    versions = Registry().versions(spec.model_name)
+    versions = Registry().versions(spec.registered_model)
     if args.json:
         print(
             json.dumps(
@@ -192,12 +203,13 @@ def cmd_lineage_show(args: argparse.Namespace) -> int:
         )
         return 0
     print(spec.to_yaml().rstrip())
-    print(f"\nversions of {spec.model_name} (newest last):")
+    print(f"\nversions of {spec.registered_model} (newest last):")
     print(format_chain(versions))
     return 0
 
 
 def cmd_lineage_list(args: argparse.Namespace) -> int:
+    # pipeline extra: loaded on use, the light CLI runs without it
     from mergeflow.lineage import list_lineages
 
     use_stack_env()
@@ -210,7 +222,10 @@ def cmd_lineage_list(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # pipeline extra: loaded on use, the light CLI runs without it
     from mergeflow.flows.deployments import serve
+
+    # pipeline extra: loaded on use, the light CLI runs without it
     from mergeflow.lineage import list_lineages, load_lineage
 
     use_stack_env()
@@ -233,6 +248,7 @@ def _print_outcomes(outcomes: Any) -> None:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    # pipeline extra: loaded on use, the light CLI runs without it
     from mergeflow.flows.watch import watch_flow
 
     use_stack_env()
@@ -242,6 +258,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
+    # pipeline extra: loaded on use, the light CLI runs without it
     from mergeflow.flows.fold import backfill_flow
 
     use_stack_env()
@@ -250,6 +267,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def cmd_reevaluate(args: argparse.Namespace) -> int:
+    # pipeline extra: loaded on use, the light CLI runs without it
     from mergeflow.flows.maintenance import reevaluate_flow
 
     use_stack_env()
@@ -259,6 +277,7 @@ def cmd_reevaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    # pipeline extra: loaded on use, the light CLI runs without it
     from mergeflow.flows.maintenance import gc_flow
 
     use_stack_env()
@@ -268,7 +287,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mergeflow.demo import run_demo
+    # pipeline extra: loaded on use, the light CLI runs without it
+    from mergeflow.cli.demo import run_demo
 
     return run_demo(
         checkpoints=args.checkpoints,

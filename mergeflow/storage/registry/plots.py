@@ -11,6 +11,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+from mergeflow.storage.registry.tags import CHAMPION_ALIAS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 MAX_NODES = 30
 """The lineage picture shows at most this many (the newest) versions."""
@@ -29,7 +39,8 @@ class PlotNode:
     status: str
     checkpoint_id: str
     parent_version: str | None
-    acc_avg: float | None = None
+    test_avg: float | None = None
+    """The version's ``test/avg`` metric."""
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -37,8 +48,7 @@ def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
-def _figure(width: float, height: float):  # noqa: ANN202 - matplotlib types stay local
-    from matplotlib.figure import Figure
+def _figure(width: float, height: float) -> Figure:
 
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
@@ -64,12 +74,12 @@ def plot_accuracy_per_step(
         if xs:
             label = task_names[i] if i < len(task_names) else f"task {i}"
             ax.plot(xs, ys, marker=".", linewidth=1, alpha=0.6, label=label)
-    acc = [n for n in nodes if n.status == "accepted" and _finite(n.acc_avg)]
-    rej = [n for n in nodes if n.status != "accepted" and _finite(n.acc_avg)]
+    acc = [n for n in nodes if n.status == "accepted" and _finite(n.test_avg)]
+    rej = [n for n in nodes if n.status != "accepted" and _finite(n.test_avg)]
     if acc:
         ax.plot(
             [n.step for n in acc],
-            [n.acc_avg for n in acc],
+            [float(n.test_avg or 0.0) for n in acc],
             color="black",
             linewidth=2.5,
             marker="o",
@@ -78,7 +88,7 @@ def plot_accuracy_per_step(
         for n in acc:
             ax.annotate(
                 f"v{n.version}",
-                (n.step, n.acc_avg),
+                (n.step, n.test_avg),
                 textcoords="offset points",
                 xytext=(0, 7),
                 ha="center",
@@ -87,7 +97,7 @@ def plot_accuracy_per_step(
     if rej:
         ax.scatter(
             [n.step for n in rej],
-            [n.acc_avg for n in rej],
+            [float(n.test_avg or 0.0) for n in rej],
             color="grey",
             marker="x",
             s=60,
@@ -118,7 +128,6 @@ def plot_lineage(nodes: Sequence[PlotNode], out: Path, *, title: str = "") -> Pa
     Accepted versions sit on the top row, rejected ones (grey, dashed) below their column;
     the ``champion`` has a gold border. Only the newest :data:`MAX_NODES` are drawn.
     """
-    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
     shown = list(nodes)[-MAX_NODES:]
     hidden = len(nodes) - len(shown)
@@ -132,7 +141,7 @@ def plot_lineage(nodes: Sequence[PlotNode], out: Path, *, title: str = "") -> Pa
         x, y = 2.2 * i, 0.0 if node.status == "accepted" else -1.25
         pos[node.version] = (x, y)
         accepted = node.status == "accepted"
-        champion = "champion" in node.aliases
+        champion = CHAMPION_ALIAS in node.aliases
         box = FancyBboxPatch(
             (x - w / 2, y - h / 2),
             w,
@@ -144,7 +153,7 @@ def plot_lineage(nodes: Sequence[PlotNode], out: Path, *, title: str = "") -> Pa
             linestyle="-" if accepted else "--",
         )
         ax.add_patch(box)
-        acc = f"acc {node.acc_avg:.3f}" if _finite(node.acc_avg) else "acc -"
+        acc = f"acc {node.test_avg:.3f}" if _finite(node.test_avg) else "acc -"
         ckpt = (
             node.checkpoint_id if len(node.checkpoint_id) <= 20 else node.checkpoint_id[:19] + "…"
         )
@@ -209,7 +218,6 @@ def plot_accuracy_heatmap(
     title: str = "",
 ) -> Path:
     """Heatmap of a_i(θ̄_j): rows tasks i, columns steps j; blank where not scored."""
-    import numpy as np
 
     rows = len(accuracy_matrix)
     cols = max((len(r) for r in accuracy_matrix), default=0)

@@ -290,7 +290,7 @@ class _Handler(BaseHTTPRequestHandler):
     hub: HubStandIn
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence stderr
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     # -- helpers ---------------------------------------------------------------------
@@ -337,10 +337,10 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     # -- dispatch --------------------------------------------------------------------
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._dispatch()
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._dispatch()
 
     def _dispatch(self) -> None:

@@ -14,7 +14,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mergeflow.errors import ConfigError, MergeflowError
+from mergeflow.architecture import resolve_projection
+from mergeflow.errors import ConfigError, MergeflowError, StateError
+from mergeflow.merging import engine
+from mergeflow.merging.engine import resolve_device
+from mergeflow.merging.methods import get_method, method_table
+from mergeflow.merging.state import BaseRef, FoldOptions
+from mergeflow.storage import states
+from mergeflow.storage.objects import LocalStore, StoreSink
+from mergeflow.storage.safetensors_file import ShardedWriter
+from mergeflow.storage.schemes import open_checkpoint, open_store
 
 SIZE_UNITS = {
     "": 1,
@@ -41,7 +50,7 @@ def parse_size(text: str) -> int:
     return n
 
 
-def parse_params(items: Sequence[str] | None) -> dict[str, str]:
+def parse_key_values(items: Sequence[str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -193,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = st.add_parser(
         "export",
         help="write the merged model of a state",
-        description="Write base + coefficient * state to OUT_DIR.",
+        description="Write base + scale * state to OUT_DIR.",
     )
     p.add_argument("--state", required=True, help="state folder or s3:// prefix")
     p.add_argument("--base", help="the base model (default: the URI recorded in the state)")
@@ -208,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", required=True)
     p.set_defaults(func=cmd_state_show)
 
-    for mod in ("mergeflow.services_cli", "mergeflow.pipeline_cli"):
+    for mod in ("mergeflow.cli.services", "mergeflow.cli.pipeline"):
         try:
             module = __import__(mod, fromlist=["register"])
         except ImportError:
@@ -222,27 +231,21 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _device(args: argparse.Namespace) -> str:
-    from mergeflow.merging.engine import resolve_device
 
     return str(resolve_device(args.device))
 
 
 def _open_base(uri: str):
-    from mergeflow.storage.checkpoints import open_checkpoint
 
     return open_checkpoint(uri)
 
 
 def _open_checkpoints(uris: Sequence[str], base, allow_pickle: bool):
-    from mergeflow.storage.checkpoints import open_checkpoint
 
     return [open_checkpoint(u, base=base.reader, allow_pickle=allow_pickle) for u in uris]
 
 
 def _new_info(args: argparse.Namespace, base):
-    from mergeflow.merging import engine
-    from mergeflow.merging.state import BaseRef, FoldOptions
-    from mergeflow.storage.architecture import resolve_projection
 
     projection = resolve_projection(base.reader, base.config, args.project_regex)
     options = FoldOptions(
@@ -250,7 +253,7 @@ def _new_info(args: argparse.Namespace, base):
     )
     return engine.new_state(
         args.method,
-        parse_params(args.param),
+        parse_key_values(args.param),
         BaseRef(uri=base.uri, digest=base.digest()),
         projection,
         options,
@@ -285,8 +288,6 @@ class _Output:
 
 def _write_model(out_dir: Path, base, write, max_shard_size: int) -> None:
     """Copy the base's small files, then stream the model through ``write(writer)``."""
-    from mergeflow.storage.safetensors_io import ShardedWriter
-    from mergeflow.storage.store import LocalStore, StoreSink
 
     store = LocalStore(out_dir)
     for name in base.small_files():
@@ -295,19 +296,13 @@ def _write_model(out_dir: Path, base, write, max_shard_size: int) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from mergeflow.merging import engine
-    from mergeflow.merging.methods import get_method, is_continual
-    from mergeflow.storage import state_store
-    from mergeflow.storage.store import LocalStore
 
     method = get_method(args.method)
     device = _device(args)
     base = _open_base(args.base)
     cks = _open_checkpoints(args.checkpoints, base, args.allow_pickle)
     with _Output(args.out, args.overwrite) as out:
-        if not is_continual(method):
-            from mergeflow.merging.state import FoldOptions
-
+        if method.kind == "batch":
             options = FoldOptions(
                 compute_dtype=args.compute_dtype, missing="zero" if args.allow_missing else "error"
             )
@@ -316,7 +311,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 base,
                 lambda w: engine.batch_merge(
                     args.method,
-                    parse_params(args.param),
+                    parse_key_values(args.param),
                     base.reader,
                     [c.reader for c in cks],
                     w,
@@ -334,21 +329,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
         work = out.tmp.parent / f".{out.final.name}.state-{os.getpid()}"
         try:
             store = LocalStore(work)
-            state_store.init_state(store, info)
+            states.init_state(store, info)
             for c in cks:
-                state_store.fold_checkpoint(
+                states.fold_into(
                     store, store, base.reader, c, device=device, progress=_progress(args)
                 )
 
             def write(w):
-                return state_store.export_state(
+                return states.export_state(
                     store, base.reader, w, dtype=args.dtype, device=device, progress=_progress(args)
                 )
 
             _write_model(out.tmp, base, write, args.max_shard_size)
-            manifest = state_store.read_manifest(store)
+            manifest = states.read_manifest(store)
             (out.tmp / "mergeflow.json").write_text(
-                json.dumps(state_store.summary(manifest) | {"tensors": None, "heads": {}}, indent=2)
+                json.dumps(states.summary(manifest) | {"tensors": None, "heads": {}}, indent=2)
             )
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -356,9 +351,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from mergeflow.merging.methods import describe
 
-    rows = describe()
+    rows = method_table()
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
@@ -374,31 +368,26 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _state_store(uri: str):
-    from mergeflow.storage.store import open_store
+def _open_state(uri: str):
 
     return open_store(uri)
 
 
 def cmd_state_init(args: argparse.Namespace) -> int:
-    from mergeflow.storage import state_store
 
-    store = _state_store(args.state)
-    if state_store.has_state(store):
+    store = _open_state(args.state)
+    if states.has_state(store):
         raise ConfigError(f"a merge state already exists at {args.state}")
     base = _open_base(args.base)
-    state_store.init_state(store, _new_info(args, base))
+    states.init_state(store, _new_info(args, base))
     print(f"initialised {args.method} state at {args.state}", file=sys.stderr)
     return 0
 
 
 def cmd_state_fold(args: argparse.Namespace) -> int:
-    from mergeflow.errors import StateError
-    from mergeflow.merging import engine
-    from mergeflow.storage import state_store
 
-    store = _state_store(args.state)
-    manifest = state_store.read_manifest(store)
+    store = _open_state(args.state)
+    manifest = states.read_manifest(store)
     device = _device(args)
     base = _open_base(args.base or manifest.info.base.uri)
     if base.digest() != manifest.info.base.digest:
@@ -409,7 +398,7 @@ def cmd_state_fold(args: argparse.Namespace) -> int:
     for c in cks:
         engine.check_compatible(base.reader, c.reader, manifest.info.options)
     for c in cks:
-        m = state_store.fold_checkpoint(
+        m = states.fold_into(
             store,
             store,
             base.reader,
@@ -423,33 +412,27 @@ def cmd_state_fold(args: argparse.Namespace) -> int:
 
 
 def cmd_state_export(args: argparse.Namespace) -> int:
-    from mergeflow.storage import state_store
 
-    store = _state_store(args.state)
-    manifest = state_store.read_manifest(store)
+    store = _open_state(args.state)
+    manifest = states.read_manifest(store)
     device = _device(args)
     base = _open_base(args.base or manifest.info.base.uri)
     with _Output(args.out, args.overwrite) as out:
         _write_model(
             out.tmp,
             base,
-            lambda w: state_store.export_state(
+            lambda w: states.export_state(
                 store, base.reader, w, dtype=args.dtype, device=device, progress=_progress(args)
             ),
             args.max_shard_size,
         )
-        (out.tmp / "mergeflow.json").write_text(json.dumps(state_store.summary(manifest), indent=2))
+        (out.tmp / "mergeflow.json").write_text(json.dumps(states.summary(manifest), indent=2))
     return 0
 
 
 def cmd_state_show(args: argparse.Namespace) -> int:
-    from mergeflow.storage import state_store
 
-    print(
-        json.dumps(
-            state_store.summary(state_store.read_manifest(_state_store(args.state))), indent=2
-        )
-    )
+    print(json.dumps(states.summary(states.read_manifest(_open_state(args.state))), indent=2))
     return 0
 
 

@@ -6,19 +6,20 @@ from typing import Any
 
 import torch
 
-from mergeflow.merging.io import TensorReader
 from mergeflow.merging.projection import ProjectionRule, by_module_types, by_name_rules, by_regex
+from mergeflow.merging.tensors import TensorReader
 
 
 def linear_weight_names(config: dict[str, Any]) -> tuple[list[str], str]:
     """Instantiate the config's architecture on the meta device; return nn.Linear weight names and class."""
+    # transformers: only when a base has a config.json
     import transformers
 
     cfg = transformers.AutoConfig.for_model(
         **{k: v for k, v in config.items() if k != "transformers_version"}
     )
     archs = config.get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if archs else None
+    cls: Any = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         cls = transformers.AutoModel._model_mapping[type(cfg)]
     with torch.device("meta"):
@@ -55,7 +56,7 @@ def resolve_projection(
     if config:
         try:
             names, cls = linear_weight_names(config)
-        except Exception as e:  # noqa: BLE001 - any failure falls back to name rules, and says so
+        except Exception as e:
             rule = by_name_rules(metas)
             return rule.model_copy(
                 update={

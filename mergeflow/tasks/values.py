@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from mergeflow.evaluation.continual import AccuracyMatrix
+from mergeflow.storage.sources import CheckpointRef
 
-
-class CheckpointRef(BaseModel):
-    """A checkpoint to fold: id (stable within its source), URI, content digest."""
-
-    model_config = ConfigDict(frozen=True)
-
-    id: str
-    uri: str
-    digest: str = ""
-    published_at: datetime | None = None
-    source: str | None = None
+__all__ = ["CheckpointRef", "EvalOutput", "FoldOutcome", "FoldOutput", "ModelOutput", "ParentState"]
 
 
 class ParentState(BaseModel):

@@ -14,12 +14,12 @@ import struct
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import torch
 
 from mergeflow.errors import CheckpointError
-from mergeflow.merging.io import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, TensorMeta
+from mergeflow.merging.tensors import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, TensorMeta
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 """Headers larger than this are refused (safetensors' own limit is the same)."""
@@ -54,14 +54,14 @@ class LocalFile:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.name = str(path)
-        self._fh = None
+        self._fh: BinaryIO | None = None
 
     def size(self) -> int:
         return self.path.stat().st_size
 
     def read(self, offset: int, length: int) -> bytes:
         if self._fh is None:
-            self._fh = open(self.path, "rb")  # noqa: SIM115 - kept open across reads
+            self._fh = open(self.path, "rb")
         self._fh.seek(offset)
         data = self._fh.read(length)
         if len(data) != length:
@@ -171,7 +171,7 @@ def tensor_from_bytes(data: bytes | bytearray, meta: TensorMeta) -> torch.Tensor
 
 
 class SafetensorsReader:
-    """A :class:`~mergeflow.merging.io.TensorReader` over one safetensors byte source."""
+    """A :class:`~mergeflow.merging.tensors.TensorReader` over one safetensors byte source."""
 
     SPECULATIVE_PREFIX = 1 << 20
 
@@ -240,14 +240,14 @@ class ShardedWriter:
         self._spool = Path(tempfile.mkdtemp(prefix="mergeflow-spool-", dir=spool_dir))
         self._shards: list[tuple[Path, dict[str, dict]]] = []
         self._cur_header: dict[str, dict] = {}
-        self._cur_fh = None
+        self._cur_fh: BinaryIO | None = None
         self._cur_size = 0
         self._keys: set[str] = set()
         self.total_size = 0
 
     def _open_shard(self) -> None:
         path = self._spool / f"shard-{len(self._shards):05d}.data"
-        self._cur_fh = open(path, "wb")  # noqa: SIM115
+        self._cur_fh = open(path, "wb")
         self._cur_header = {}
         self._cur_size = 0
         self._shards.append((path, self._cur_header))

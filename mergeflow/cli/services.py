@@ -74,7 +74,10 @@ def _home_option(p: argparse.ArgumentParser) -> None:
 
 def _stack(args: argparse.Namespace) -> Stack:
     try:
+        # pipeline extra: loaded on use, the light CLI runs without it
         from mergeflow.services.stack import Stack
+
+        # pipeline extra: loaded on use, the light CLI runs without it
         from mergeflow.settings import Settings
     except ImportError as err:
         raise ConfigError(

@@ -6,7 +6,7 @@ tensor at a time by name and hands results to a :class:`TensorWriter`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -27,6 +27,9 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+
+# One pass over named tensors (e.g. the incoming task vectors): each call streams them anew.
+TauPass = Callable[[], Iterator[tuple[str, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class TensorWriter(Protocol):
 
     def add(self, key: str, tensor: torch.Tensor) -> None: ...
 
-    def commit(self, metadata: Mapping[str, str] | None = None) -> None: ...
+    def commit(self, metadata: Mapping[str, str] | None = None) -> object: ...
 
     def abort(self) -> None: ...
 

@@ -1,0 +1,194 @@
+"""What a fold registers (:class:`FoldRecord`), what a version reads back (:class:`VersionRecord`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mergeflow.errors import MergeflowError
+from mergeflow.storage.registry.tags import (
+    T_CHECKPOINT_DIGEST,
+    T_CHECKPOINT_ID,
+    T_CHECKPOINT_URI,
+    T_LINEAGE,
+    T_METHOD,
+    T_METRICS,
+    T_MODEL_ID,
+    T_MODEL_URI,
+    T_PARENT_VERSION,
+    T_REASON,
+    T_STATE_URI,
+    T_STATUS,
+    T_STEP,
+)
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+
+__all__ = [
+    "FoldRecord",
+    "RegistryError",
+    "VersionRecord",
+    "aliases_of",
+    "created_at",
+    "finite_metrics",
+    "run_params",
+    "version_from_mlflow",
+    "version_tags",
+]
+
+_MAX_PARAM_VALUE = 6000
+_MAX_REASON = 4000
+
+
+class RegistryError(MergeflowError):
+    """The tracking server refused a request or holds something mergeflow cannot use."""
+
+
+class FoldRecord(BaseModel):
+    """Everything one fold registers (see the package doc for where each field goes)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    lineage: str
+    registered_model: str
+    step: int = Field(ge=0)
+    checkpoint_id: str
+    checkpoint_uri: str
+    checkpoint_digest: str
+    parent_version: str | None
+    """The version this fold built on (the last accepted one); None for the first fold."""
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    base_uri: str
+    state_uri: str
+    """URI of the new state prefix (``state.json`` inside); "" when nothing was written."""
+    model_uri: str
+    """URI of the merged weights folder (HF layout, on S3); "" when rejected at validation."""
+    status: Literal["accepted", "rejected"]
+    reason: str = ""
+    """Gate reason or validation error."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """``test/<task>``, ``test/avg``, ``test/bwt``, ``val/<task>``, ``val/avg``, ``fold_seconds``..."""
+    accuracy_matrix: list[list[float | None]] = Field(default_factory=list)
+    """a_i(θ̄_j) for the heatmap: rows tasks i, columns steps j."""
+    task_names: list[str] = Field(default_factory=list)
+    eval_datasets: list[dict[str, Any]] = Field(default_factory=list)
+    """For ``log_inputs``: ``{name, uri, split, digest}`` each (digest optional)."""
+
+
+class VersionRecord(BaseModel):
+    """One registered version as mergeflow reads it back from its tags."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: str
+    step: int
+    status: str
+    checkpoint_id: str
+    checkpoint_digest: str
+    parent_version: str | None
+    state_uri: str
+    model_uri: str
+    metrics: dict[str, float]
+    run_id: str | None
+    aliases: list[str]
+    # Additions to the contract (all defaulted):
+    checkpoint_uri: str = ""
+    reason: str = ""
+    method: str = ""
+    lineage: str = ""
+    model_id: str | None = None
+    created_at: datetime | None = None
+
+
+def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The metrics MLflow can store: finite floats only."""
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+
+
+def _flatten(params: Mapping[str, Any], prefix: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, name))
+        else:
+            text = (
+                value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+            )
+            out[name] = text[:_MAX_PARAM_VALUE]
+    return out
+
+
+def run_params(rec: FoldRecord) -> dict[str, str]:
+    """Run and LoggedModel params: ``method``, ``param.<k>`` (flattened), ``base``, ``checkpoint``."""
+    return {
+        "method": rec.method,
+        **_flatten(rec.params, "param"),
+        "base": rec.base_uri[:_MAX_PARAM_VALUE],
+        "checkpoint": rec.checkpoint_uri[:_MAX_PARAM_VALUE],
+    }
+
+
+def version_tags(rec: FoldRecord, model_id: str) -> dict[str, str]:
+    """The version's tags (also on its LoggedModel); :func:`version_from_mlflow` reads them."""
+    return {
+        T_LINEAGE: rec.lineage,
+        T_STEP: str(rec.step),
+        T_CHECKPOINT_ID: rec.checkpoint_id,
+        T_CHECKPOINT_URI: rec.checkpoint_uri,
+        T_CHECKPOINT_DIGEST: rec.checkpoint_digest,
+        T_PARENT_VERSION: rec.parent_version or "",
+        T_STATE_URI: rec.state_uri,
+        T_MODEL_URI: rec.model_uri,
+        T_STATUS: rec.status,
+        T_REASON: rec.reason[:_MAX_REASON],
+        T_METHOD: rec.method,
+        T_METRICS: json.dumps(finite_metrics(rec.metrics), sort_keys=True, separators=(",", ":")),
+        T_MODEL_ID: model_id,
+    }
+
+
+def created_at(ms: int | None) -> datetime | None:
+    """An MLflow timestamp (milliseconds) as an aware UTC datetime."""
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc) if ms else None
+
+
+def aliases_of(version: str, aliases: Mapping[str, str]) -> list[str]:
+    """The aliases (sorted) that point at ``version`` in an alias -> version map."""
+    return sorted(a for a, v in aliases.items() if str(v) == str(version))
+
+
+def version_from_mlflow(mv: ModelVersion, aliases: Mapping[str, str]) -> VersionRecord:
+    """Read a model version back from its tags (missing tags read as empty)."""
+    tags = dict(mv.tags or {})
+    try:
+        metrics = {k: float(v) for k, v in json.loads(tags.get(T_METRICS) or "{}").items()}
+    except (ValueError, TypeError, AttributeError):
+        metrics = {}
+    step_text = tags.get(T_STEP, "")
+    return VersionRecord(
+        version=str(mv.version),
+        step=int(step_text) if step_text.lstrip("-").isdigit() else 0,
+        status=tags.get(T_STATUS, ""),
+        checkpoint_id=tags.get(T_CHECKPOINT_ID, ""),
+        checkpoint_digest=tags.get(T_CHECKPOINT_DIGEST, ""),
+        parent_version=tags.get(T_PARENT_VERSION) or None,
+        state_uri=tags.get(T_STATE_URI, ""),
+        model_uri=tags.get(T_MODEL_URI, ""),
+        metrics=metrics,
+        run_id=mv.run_id or None,
+        aliases=aliases_of(str(mv.version), aliases),
+        checkpoint_uri=tags.get(T_CHECKPOINT_URI, ""),
+        reason=tags.get(T_REASON, ""),
+        method=tags.get(T_METHOD, ""),
+        lineage=tags.get(T_LINEAGE, ""),
+        model_id=getattr(mv, "model_id", None) or tags.get(T_MODEL_ID) or None,
+        created_at=created_at(mv.creation_timestamp),
+    )

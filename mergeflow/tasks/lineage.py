@@ -1,0 +1,88 @@
+"""Lineage tasks: load a spec, what it has seen, list its sources, the state a fold builds on."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from mergeflow.architecture import resolve_projection
+from mergeflow.lineage import LineageSpec, load_lineage
+from mergeflow.merging import engine
+from mergeflow.merging.state import BaseRef
+from mergeflow.storage import states
+from mergeflow.storage.registry import Registry
+from mergeflow.storage.schemes import open_source
+from mergeflow.tasks import layout
+from mergeflow.tasks.retry import io_task
+from mergeflow.tasks.values import CheckpointRef, ParentState
+
+
+def registry() -> Registry:
+    """The MLflow registry of the environment (``MLFLOW_TRACKING_URI`` or the embedded stack)."""
+    return Registry()
+
+
+@task(name="load-lineage", **io_task)
+def load_spec(name: str) -> LineageSpec:
+    """The lineage's spec from the catalog (Prefect Variable -> lineage.yaml on its store)."""
+    return load_lineage(name)
+
+
+@task(name="seen-checkpoints", **io_task)
+def seen_checkpoints(spec: LineageSpec) -> set[str]:
+    """Ids and digests of every checkpoint this lineage folded or rejected."""
+    return set(registry().seen_checkpoints(spec.registered_model))
+
+
+@task(name="list-source", **io_task)
+def list_source(uri: str) -> list[CheckpointRef]:
+    """Complete checkpoints of one source, oldest publication first."""
+    return [c.model_copy(update={"source": uri}) for c in open_source(uri).list()]
+
+
+@task(name="checkpoint-by-uri", **io_task)
+def checkpoint_by_uri(uri: str) -> CheckpointRef:
+    """The checkpoint as its parent folder's source lists it (same id and digest as ``watch``)."""
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    try:
+        for c in open_source(parent).list():
+            if c.id == name:
+                return c.model_copy(update={"source": parent})
+    except Exception:
+        pass
+    return CheckpointRef(id=name or uri, uri=uri)
+
+
+@task(name="load-parent", **io_task)
+def load_parent(spec: LineageSpec) -> ParentState:
+    """The last accepted version's state, or the step-0 state (created on first use)."""
+    last = registry().last_accepted(spec.registered_model)
+    state_uri = last.state_uri if last is not None else ensure_init_state(spec)
+    manifest = states.read_manifest(layout.store(state_uri))
+    matrix, validation, _ = layout.read_evaluation(layout.prefix_of(state_uri))
+    return ParentState(
+        version=last.version if last is not None else None,
+        state_uri=state_uri,
+        step=manifest.info.step,
+        folded=tuple(c.id for c in manifest.info.checkpoints),
+        params=dict(manifest.info.params),
+        matrix=matrix,
+        validation=validation,
+    )
+
+
+def ensure_init_state(spec: LineageSpec) -> str:
+    """Create ``<store>/init/state`` (method, params, base digest, projection rule) once."""
+    uri = layout.state_uri_of(layout.init_prefix(spec))
+    st = layout.store(uri)
+    if states.has_state(st):
+        return uri
+    base = layout.open_base(spec)
+    info = engine.new_state(
+        spec.method,
+        spec.params,
+        BaseRef(uri=base.uri, digest=base.digest()),
+        resolve_projection(base.reader, base.config, spec.project_regex),
+        spec.fold_options(),
+    )
+    states.init_state(st, info)
+    return uri
