@@ -1,6 +1,6 @@
 """Seconds from publishing a checkpoint to its registered MLflow version, and where they go.
 
-    python benchmarks/latency.py [--checkpoints 4] [--watch-seconds 5] [--home DIR]
+    python benchmarks/latency.py [--checkpoints 4] [--watch-seconds 5] [--home DIR] [--push]
 
 Starts the embedded stack in its own home (default ``benchmarks/_work/latency``, free
 ports), builds the digits suite there (tiny HF ViT, cached), creates a fresh lineage
@@ -9,7 +9,9 @@ publishes the checkpoints one at a time, each after the previous one is register
 For each it reads the Prefect runs and task runs and splits publish -> version into:
 
 - ``detect``: publish -> the fold run is created (watch tick on its schedule + event +
-  automation); on average about half the watch interval plus one watch run;
+  automation); on average about half the watch interval plus one watch run. With
+  ``--push`` the watch never runs: SeaweedFS calls the webhook receiver (started by
+  ``mergeflow serve``) for each written file, and the receiver's push flow emits the event;
 - ``start``: fold run created -> running (runner poll + a fresh Python process);
 - ``lock``: running -> the fold-checkpoint subflow starts (lineage lock, registry, source listing);
 - ``load``: load the parent state + validate the checkpoint;
@@ -120,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         "--home", default=str(REPO / "benchmarks" / "_work" / "latency"), help="stack home"
     )
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each version")
+    ap.add_argument(
+        "--push",
+        action="store_true",
+        help="detect by push (SeaweedFS -> webhook receiver) instead of the watch schedule",
+    )
     args = ap.parse_args(argv)
 
     from mergeflow.services.stack import Stack
@@ -127,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     home = Path(args.home).absolute()
     stack = Stack(Settings(home=home, **_free_ports()))
+    _configure_push(stack, args.push)
     print(f"starting the stack under {home} ...", flush=True)
     stack.up()
     os.environ.update(stack.env())
@@ -135,6 +143,27 @@ def main(argv: list[str] | None = None) -> int:
         return _run(stack, args)
     finally:
         print(f"stopped: {', '.join(stack.down())}")
+
+
+def _configure_push(stack: Any, push: bool) -> None:
+    """With ``push``: SeaweedFS notifies a receiver on a free port (its ``notification.toml``,
+    read when it starts) and ``serve`` starts that receiver; without: no notifications."""
+    from mergeflow.services import s3_server
+
+    toml = stack.home / "s3" / "notification.toml"
+    if stack.is_up():
+        stack.down()  # SeaweedFS reads notification.toml at start
+    if not push:
+        toml.unlink(missing_ok=True)
+        return
+    port = s3_server.free_port_block(n=1)
+    token = uuid.uuid4().hex
+    toml.parent.mkdir(parents=True, exist_ok=True)
+    toml.write_text(
+        "[notification.webhook]\nenabled = true\n"
+        f'endpoint = "http://127.0.0.1:{port}/webhooks/seaweedfs"\nbearer_token = "{token}"\n'
+    )
+    os.environ.update(MERGEFLOW_RECEIVER_PORT=str(port), MERGEFLOW_RECEIVER_SEAWEEDFS_TOKEN=token)
 
 
 def _run(stack: Any, args: argparse.Namespace) -> int:
@@ -171,7 +200,7 @@ def _run(stack: Any, args: argparse.Namespace) -> int:
             gate=GateSpec(),
             store=f"{bucket}/lineage",
             device="cpu",
-            schedule=args.watch_seconds,
+            schedule="0 0 1 1 *" if args.push else args.watch_seconds,  # push: watch never runs
         )
     )
     st = stack.start_process(
@@ -180,7 +209,7 @@ def _run(stack: Any, args: argparse.Namespace) -> int:
             [sys.executable, "-m", "mergeflow", "serve", "--lineage", spec.name, "--poll", "1"],
         )
     )
-    time.sleep(3 * args.watch_seconds)  # let the scheduler start the watch ticks
+    time.sleep(3 * args.watch_seconds)  # let the scheduler start the watch ticks (and the receiver)
     registry = Registry()
     rows: list[tuple[str, dict[str, float]]] = []
     for folder in suite.checkpoints:
@@ -208,8 +237,9 @@ def _run(stack: Any, args: argparse.Namespace) -> int:
         rows.append((folder.name, measure(spec.name, folder.name, t_publish, version)))
         print(f"  {folder.name}: {rows[-1][1]['total']:.1f}s", flush=True)
 
+    how = "push (SeaweedFS -> receiver)" if args.push else f"watch every {args.watch_seconds}s"
     print(
-        f"\nseconds from publish to registered version ({n} checkpoints, watch every {args.watch_seconds}s, tiny ViT on digits)"
+        f"\nseconds from publish to registered version ({n} checkpoints, {how}, tiny ViT on digits)"
     )
     print(f"| checkpoint | {' | '.join(PHASES)} |")
     print(f"|---|{'---|' * len(PHASES)}")

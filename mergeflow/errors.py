@@ -16,9 +16,19 @@ class CheckpointError(MergeflowError):
         super().__init__(f"checkpoint {source}: {problem}")
 
 
+class CheckpointChanged(CheckpointError):
+    """A checkpoint's files changed between listing and reading. Not a bad checkpoint: it is
+    skipped, and listed again with its new digest."""
+
+
 class StateError(MergeflowError):
     """A saved merge state is missing, corrupt or does not fit the request."""
 
 
 class ConfigError(MergeflowError):
     """A method, parameter or lineage setting is invalid."""
+
+
+class ServiceUnavailable(ConfigError):
+    """A service (S3, MLflow, Prefect) did not answer. Maybe a wrong endpoint, maybe a restart:
+    IO tasks retry it (``tasks/retry.py``), and it fails with the same message after that."""

@@ -19,6 +19,7 @@ A lineage is declared in YAML and validated once by :class:`LineageSpec`::
     device: auto                            # auto | cpu | cuda | cuda:N
     dask: {n_workers: 4, groups: 8}         # optional: fold tensor groups on a Dask cluster
     schedule: 60                            # watch every 60 s, or a cron string "*/5 * * * *"
+    max_task_vector_ratio: 1.0              # refuse ‖τ‖/‖θ₀‖ above this (another base); null: off
 
 Layout under ``store``::
 
@@ -99,6 +100,23 @@ class DaskSpec(BaseModel):
     groups: int = Field(4, ge=1)
 
 
+class LineageOrigin(BaseModel):
+    """Where a lineage made by ``mergeflow lineage branch|rebuild`` came from.
+
+    ``branch``: it continues the state of ``lineage``'s ``version``. ``rebuild``: it refolded
+    ``lineage``'s checkpoints (up to ``version``, the newest then) with another method. Either
+    way the checkpoints ``lineage`` had seen up to ``version`` (folded, rejected, dropped) count
+    as seen here too, so watch never offers them again.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["branch", "rebuild"]
+    lineage: str
+    registered_model: str
+    version: str
+
+
 class LineageSpec(BaseModel):
     """A lineage (see the module docstring for the YAML form). Frozen; validated once."""
 
@@ -118,6 +136,12 @@ class LineageSpec(BaseModel):
     )
     export_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     allow_pickle: bool = False
+    max_task_vector_ratio: float | None = Field(
+        1.0,
+        gt=0,
+        description="refuse a checkpoint whose task vector is this large relative to the base, "
+        "‖τ‖/‖θ₀‖ (one that was not fine-tuned from this base); null: no check, no extra read",
+    )
     sources: tuple[str, ...] = Field(min_length=1)
     evaluation: EvaluationSuite | None = None
     gate: GateSpec = GateSpec()
@@ -127,6 +151,9 @@ class LineageSpec(BaseModel):
     device: str = "auto"
     dask: DaskSpec | None = None
     schedule: int | str = Field(60, description="watch interval in seconds, or a cron string")
+    origin: LineageOrigin | None = Field(
+        None, description="set by `lineage branch|rebuild`: the lineage and version it came from"
+    )
 
     @field_validator("name")
     @classmethod
@@ -261,6 +288,7 @@ IMMUTABLE = (
     "compute_dtype",
     "project_regex",
     "allow_missing",
+    "origin",
 )
 """Fields that cannot change once a lineage exists (its states depend on them)."""
 
@@ -351,3 +379,54 @@ def delete_lineage(name: str) -> bool:
     """Forget a lineage in the catalog (its store and MLflow versions stay)."""
 
     return bool(Variable.unset(variable_name(name)))
+
+
+def derive_lineage(
+    origin: LineageSpec,
+    kind: Literal["branch", "rebuild"],
+    name: str,
+    version: str,
+    *,
+    method: str | None = None,
+    params: dict[str, Any] | None = None,
+    sources: tuple[str, ...] = (),
+    store: str | None = None,
+) -> LineageSpec:
+    """The spec of lineage ``name``, branched or rebuilt from ``origin`` at ``version``.
+
+    Same base, sources (unless ``sources``), suite, gate and options; its own registered
+    model (``name``) and store (default: ``name`` beside ``origin``'s store). A branch keeps
+    the method and takes ``params`` over the origin's; it refuses another method, since one
+    method's state does not continue another's. A rebuild takes ``method`` (and only
+    ``params``, and no candidates, when the method changes). Raises :class:`ConfigError`.
+    """
+    if kind == "branch" and method not in (None, origin.method):
+        raise ConfigError(
+            f"a branch continues the {origin.method} state of {origin.name} and one method's "
+            f"state does not continue another's ({origin.method} -> {method}); refold the same "
+            f"checkpoints with {method} instead: "
+            f"mergeflow lineage rebuild {origin.name} --as {name} --method {method}"
+        )
+    if find_lineage(name) is not None:
+        raise ConfigError(f"lineage {name!r} already exists; choose another name")
+    same = method in (None, origin.method)
+    data = origin.model_dump(mode="json")
+    parent_dir = origin.store.rpartition("/")[0]
+    data.update(
+        name=name,
+        registered_model=name,
+        store=store or (f"{parent_dir}/{name}" if parent_dir else name),
+        method=method or origin.method,
+        params={**(origin.params if same else {}), **(params or {})},
+        candidates=data["candidates"] if same else [],
+        sources=list(sources) or data["sources"],
+        origin={
+            "kind": kind,
+            "lineage": origin.name,
+            "registered_model": origin.registered_model,
+            "version": str(version),
+        },
+    )
+    if data["store"].rstrip("/") == origin.store:
+        raise ConfigError(f"{kind} {name}: give it its own --store (not {origin.store})")
+    return LineageSpec.from_mapping(data, f"{kind} {name} of {origin.name}")

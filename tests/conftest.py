@@ -6,7 +6,8 @@ once, through ``pytest_plugins``.
 
 Tiers (markers): ``unit`` (fast, in-process, no servers), ``services`` (real local servers:
 S3, Prefect, MLflow), ``slow`` (more than a few seconds), ``postgres`` (the local PostgreSQL;
-implies ``services``). A test marked neither ``services`` nor ``slow`` is ``unit``. Plain
+implies ``services``), ``reliability`` (long runs: fuzzing, kill matrix, load; in no default
+tier, ``./scripts/reliability.sh`` runs them). A test marked neither ``services`` nor ``slow`` is ``unit``. Plain
 ``pytest`` runs the unit tier (``-m unit`` in ``addopts``); ``./scripts/test.sh`` runs all tiers.
 """
 
@@ -40,8 +41,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("postgres") and not item.get_closest_marker("services"):
             item.add_marker(pytest.mark.services)
-        if not (item.get_closest_marker("services") or item.get_closest_marker("slow")):
+        if not (
+            item.get_closest_marker("services")
+            or item.get_closest_marker("slow")
+            or item.get_closest_marker("reliability")  # long runs: scripts/reliability.sh only
+        ):
             item.add_marker(pytest.mark.unit)
+    # Long reliability runs only when asked for by name (-m reliability), whatever else marks them.
+    if "reliability" not in (config.getoption("markexpr") or ""):
+        long_runs = [i for i in items if i.get_closest_marker("reliability")]
+        if long_runs:
+            config.hook.pytest_deselected(items=long_runs)
+            items[:] = [i for i in items if not i.get_closest_marker("reliability")]
 
 
 @pytest.fixture

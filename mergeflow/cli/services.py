@@ -38,6 +38,12 @@ def register(subparsers: Any) -> None:
         default=None,
         help="seconds to wait for each server to answer (default: MERGEFLOW_HEALTH_TIMEOUT_S, 180)",
     )
+    p.add_argument(
+        "--receiver",
+        action="store_true",
+        help="also start the webhook receiver (push-triggered folds; see `mergeflow receive`) and "
+        "register its MLflow webhook",
+    )
     p.set_defaults(func=cmd_up)
 
     p = subparsers.add_parser(
@@ -98,6 +104,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"  {st.name:<10} pid {st.pid or '-':<8} {st.url or '-'}")
     print(f"Prefect UI:  {stack.prefect_ui_url}")
     print(f"MLflow UI:   {stack.mlflow_url}")
+    if args.receiver:
+        from mergeflow.cli.receive import start_service
+
+        print(f"Receiver:    {start_service(stack)} (/webhooks/mlflow, /hub, /seaweedfs)")
     if stack.s3_endpoint_url:
         print(f"S3 endpoint: {stack.s3_endpoint_url} (bucket {s.bucket})")
     print('Point clients at it with:  eval "$(mergeflow status --env)"')

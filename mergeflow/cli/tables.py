@@ -11,6 +11,9 @@ from collections.abc import Callable, Sequence
 from mergeflow.storage.registry import VersionRecord
 from mergeflow.storage.registry.tags import TEST_AVG, TEST_BWT, TEST_PREFIX
 
+TEST_NORM_AVG = TEST_PREFIX + "norm_avg"
+"""Normalized ACC (the fold flow's ``test/norm_avg``)."""
+
 __all__ = ["LiveTable", "format_chain"]
 
 
@@ -58,19 +61,33 @@ def _short(name: str) -> str:
 
 
 class LiveTable:
-    """Prints one row per new version: step, checkpoint, per-task test score, ACC, BWT, status."""
+    """Prints one row per new version: step, checkpoint, the version it built on, per-task test
+    score, ACC, normalized ACC, BWT, status; a rejected version gets a second line with its
+    reason and the version the champion stays on."""
 
     def __init__(self, tasks: list[str], say: Callable[[str], None]) -> None:
         self.tasks = tasks
         self.say = say
         self.shown: set[str] = set()
+        self._waited: dict[str, int] = {}
+        self.width = 24
         cols = "".join(f"{_short(t):>11}" for t in tasks)
-        self.say(f"{'ver':>4} {'step':>4}  {'checkpoint':<14}{cols}{'ACC':>8}{'BWT':>8}  status")
+        self.say(
+            f"{'ver':>4} {'step':>4}  {'checkpoint':<{self.width}}{'on':>4}{cols}"
+            f"{'ACC':>8}{'nACC':>8}{'BWT':>8}  status"
+        )
 
     def update(self, versions: Sequence[VersionRecord]) -> None:
         """Print the versions not shown yet."""
+        champion = None
         for v in versions:
+            if v.status == "accepted":
+                champion = v
             if v.version in self.shown:
+                continue
+            if v is versions[-1] and not v.aliases and self._waited.get(v.version, 0) < 5:
+                # just registered: its aliases are being set, show it at a later poll
+                self._waited[v.version] = self._waited.get(v.version, 0) + 1
                 continue
             self.shown.add(v.version)
             m = v.metrics
@@ -79,12 +96,20 @@ class LiveTable:
                 for t in self.tasks
             )
             avg = f"{m[TEST_AVG]:>8.3f}" if TEST_AVG in m else f"{'-':>8}"
+            norm = f"{m[TEST_NORM_AVG]:>8.3f}" if TEST_NORM_AVG in m else f"{'-':>8}"
             bwt = f"{m[TEST_BWT]:>+8.3f}" if TEST_BWT in m else f"{'-':>8}"
-            status = (
-                v.status
-                + (f" ({v.reason})" if v.reason else "")
-                + (f" [{', '.join(v.aliases)}]" if v.aliases else "")
-            )
+            status = v.status + (f" [{', '.join(v.aliases)}]" if v.aliases else "")
+            ck = v.checkpoint_id
+            ck = ck if len(ck) <= self.width - 1 else ck[: self.width - 2] + "…"
             self.say(
-                f"{v.version:>4} {v.step:>4}  {v.checkpoint_id:<14}{cells}{avg}{bwt}  {status}"
+                f"{v.version:>4} {v.step:>4}  {ck:<{self.width}}{v.parent_version or '-':>4}"
+                f"{cells}{avg}{norm}{bwt}  {status}"
             )
+            if v.status == "rejected":
+                stays = (
+                    f"champion stays on version {champion.version}, the next fold builds on it"
+                    if champion is not None
+                    else "no champion yet"
+                )
+                self.say(f"{'':>11}rejected: {v.reason or 'no reason recorded'}")
+                self.say(f"{'':>11}{stays}")

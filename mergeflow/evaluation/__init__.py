@@ -3,7 +3,10 @@
 from mergeflow.evaluation.continual import (
     AccuracyMatrix,
     continual_metrics,
+    forgetting,
+    gate_metrics,
     matrix_from_rows,
+    normalized,
     plot_accuracy_matrix,
 )
 from mergeflow.evaluation.evaluators import (
@@ -11,6 +14,7 @@ from mergeflow.evaluation.evaluators import (
     EvalContext,
     Evaluator,
     Heads,
+    LmEvalEvaluator,
     PerplexityEvaluator,
     SuiteEvaluator,
     build_evaluator,
@@ -18,6 +22,7 @@ from mergeflow.evaluation.evaluators import (
     load_user_evaluator,
 )
 from mergeflow.evaluation.gate import GateChoice, GateDecision, choose, decide, select_candidate
+from mergeflow.evaluation.harness import load_hf_tokenizer
 from mergeflow.evaluation.models import (
     ARCHITECTURES,
     instantiate,
@@ -37,6 +42,7 @@ __all__ = [
     "GateDecision",
     "GateSpec",
     "Heads",
+    "LmEvalEvaluator",
     "PerplexityEvaluator",
     "Split",
     "SuiteEvaluator",
@@ -45,11 +51,15 @@ __all__ = [
     "continual_metrics",
     "decide",
     "choose",
+    "forgetting",
+    "gate_metrics",
     "instantiate",
+    "load_hf_tokenizer",
     "load_tokenizer",
     "load_user_evaluator",
     "load_weights",
     "matrix_from_rows",
+    "normalized",
     "plot_accuracy_matrix",
     "register_architecture",
     "select_candidate",

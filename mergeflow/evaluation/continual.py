@@ -12,6 +12,12 @@ on θ̄_j. Task i *enters* at the step s_i that folds its checkpoint (headless t
   ``None`` and nothing should be logged for it.
 - Scores are taken as given: for a lower-is-better metric (perplexity) a positive BWT means
   the old tasks got *worse*.
+- Normalized score of task i: a_i(θ̄_t)/a_i(θ_i), where a_i(θ_i) is the score of task i's
+  own checkpoint alone (its *own score*); lower-is-better metrics use a_i(θ_i)/a_i(θ̄_t), so
+  1 always means "as good as the checkpoint alone" (:func:`normalized`).
+- Forgetting of task i against the champion θ̄_c: a_i(θ̄_c) − a_i(θ̄_t), sign-flipped for
+  lower-is-better metrics, so a positive value always means the task got worse
+  (:func:`forgetting`).
 
 :class:`AccuracyMatrix` is a small frozen, JSON-serialisable value: the pipeline keeps the
 matrix of the last accepted version and ``append``s a candidate's scores to it, so a
@@ -192,4 +198,54 @@ def continual_metrics(matrix: AccuracyMatrix, split: str = "test") -> dict[str, 
     b = matrix.bwt(t)
     if b is not None:
         out[f"{split}/bwt"] = b
+    return out
+
+
+def normalized(
+    scores: Mapping[str, float], own: Mapping[str, float], *, higher_is_better: bool = True
+) -> dict[str, float]:
+    """Normalized score per task that has an own score (see the module docstring).
+
+    A task whose ratio is undefined (own score 0 for higher-is-better, a score of 0 for
+    lower-is-better) is left out.
+    """
+    out: dict[str, float] = {}
+    for name, v in scores.items():
+        if name not in own:
+            continue
+        num, den = (v, own[name]) if higher_is_better else (own[name], v)
+        if den > 0 and math.isfinite(num):
+            out[name] = num / den
+    return out
+
+
+def forgetting(
+    scores: Mapping[str, float], champion: Mapping[str, float], *, higher_is_better: bool = True
+) -> dict[str, float]:
+    """Per task the champion was scored on: how much worse the candidate does (> 0: worse)."""
+    sign = 1.0 if higher_is_better else -1.0
+    return {n: sign * (champion[n] - v) for n, v in scores.items() if n in champion}
+
+
+def gate_metrics(
+    split: str,
+    scores: Mapping[str, float],
+    own: Mapping[str, float],
+    champion: Mapping[str, float] | None = None,
+    *,
+    higher_is_better: bool = True,
+) -> dict[str, float]:
+    """MLflow-ready ``{split}/norm/<task>``, ``{split}/norm_avg`` (mean over the tasks that
+    have an own score) and, with a champion, ``{split}/forgetting/<task>`` and
+    ``{split}/forgetting_avg`` (mean over the champion's tasks)."""
+    out: dict[str, float] = {}
+    norm = normalized(scores, own, higher_is_better=higher_is_better)
+    out.update({f"{split}/norm/{n}": v for n, v in norm.items()})
+    if norm:
+        out[f"{split}/norm_avg"] = sum(norm.values()) / len(norm)
+    if champion:
+        f = forgetting(scores, champion, higher_is_better=higher_is_better)
+        out.update({f"{split}/forgetting/{n}": v for n, v in f.items()})
+        if f:
+            out[f"{split}/forgetting_avg"] = sum(f.values()) / len(f)
     return out

@@ -12,7 +12,8 @@ Contract (:class:`Evaluator`)::
 - ``split``: ``"validation"`` (selection and the gate) or ``"test"`` (every reported score).
 
 Built in: ``accuracy`` (:class:`ClassificationEvaluator`), ``perplexity``
-(:class:`PerplexityEvaluator`). A task whose metric is ``module:function`` is scored by
+(:class:`PerplexityEvaluator`), ``lm_eval`` (:class:`~mergeflow.evaluation.harness.LmEvalEvaluator`,
+lm-evaluation-harness tasks; optional extra ``mergeflow[lmeval]``). A task whose metric is ``module:function`` is scored by
 that function, called as ``function(model, heads, tasks, split)`` (plus ``context=`` an
 :class:`EvalContext` when the function has a ``context`` parameter) with the tasks that
 name it; it must return a finite float for each of them.
@@ -39,11 +40,23 @@ from mergeflow.evaluation.data import (
     read_local_bytes,
     split_inputs,
 )
-from mergeflow.evaluation.models import instantiate, load_weights, logits_of
+from mergeflow.evaluation.harness import LmEvalEvaluator, load_hf_tokenizer
+from mergeflow.evaluation.models import Heads, ModelCache, head_for, logits_of
 from mergeflow.evaluation.spec import EvaluationSuite, Split, TaskSpec
 from mergeflow.merging.tensors import TensorReader
 
-Heads = Mapping[str, Mapping[str, torch.Tensor]]
+__all__ = [
+    "ClassificationEvaluator",
+    "EvalContext",
+    "Evaluator",
+    "Heads",
+    "LmEvalEvaluator",
+    "PerplexityEvaluator",
+    "SuiteEvaluator",
+    "build_evaluator",
+    "load_tokenizer",
+    "load_user_evaluator",
+]
 
 
 @runtime_checkable
@@ -57,50 +70,18 @@ class Evaluator(Protocol):
 
 @dataclass(frozen=True)
 class EvalContext:
-    """What a user evaluator may need besides the model: config, data access, device."""
+    """What a user evaluator may need besides the model: config, data access, device.
+
+    ``model_uri``: the HF folder of the model being scored (or of its base), where
+    tokenizer files are read from (``lm_eval`` tasks); None when unknown.
+    """
 
     model_config: Mapping[str, Any] | None
     read_bytes: ReadBytes
     device: str
     batch_size: int
     max_examples: int | None
-
-
-class _ModelCache:
-    """Keeps the module built for the last reader, so validation then test build it once."""
-
-    def __init__(self, config: Mapping[str, Any], architecture: str | None, device: str) -> None:
-        self.config = dict(config)
-        self.architecture = architecture
-        self.device = device
-        self._reader: TensorReader | None = None
-        self._base: dict[str, torch.Tensor] = {}
-        self._model: torch.nn.Module | None = None
-
-    def get(self, reader: TensorReader, head: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-        if self._reader is not reader or self._model is None:
-            self._model = None
-            self._base = {k: reader.get(k) for k in reader.keys()}
-            self._model = instantiate(self.config, self.architecture)
-            self._reader = reader
-        overlap = set(head) & set(self._base)
-        if overlap:
-            raise ConfigError(
-                f"head tensors {sorted(overlap)[:4]} are also in the merged model; heads hold only tensors the base lacks"
-            )
-        load_weights(self._model, {**self._base, **head}, reader.source)
-        return self._model.to(self.device)
-
-
-def _head_for(task: TaskSpec, heads: Heads) -> Mapping[str, torch.Tensor]:
-    if task.checkpoint is None:
-        return {}
-    if task.checkpoint not in heads:
-        raise ConfigError(
-            f"task {task.name!r} is scored with the head of checkpoint {task.checkpoint!r}, which is not among "
-            f"the heads given ({sorted(heads)}); has that checkpoint been folded?"
-        )
-    return heads[task.checkpoint]
+    model_uri: str | None = None
 
 
 class ClassificationEvaluator:
@@ -120,7 +101,7 @@ class ClassificationEvaluator:
         device: str = "cpu",
         architecture: str | None = None,
     ) -> None:
-        self._models = _ModelCache(model_config, architecture, device)
+        self._models = ModelCache(model_config, architecture, device)
         self._read = read_bytes
         self.batch_size = batch_size
         self.max_examples = max_examples
@@ -138,7 +119,7 @@ class ClassificationEvaluator:
     ) -> dict[str, float]:
         out: dict[str, float] = {}
         for task in tasks:
-            head = _head_for(task, heads)
+            head = head_for(task, heads)
             x, kwargs, labels = self._load(task.data_uri(split))
             n = len(labels) if self.max_examples is None else min(len(labels), self.max_examples)
             if n == 0:
@@ -204,7 +185,7 @@ class PerplexityEvaluator:
             raise ConfigError(
                 "perplexity needs the model's tokenizer (tokenizer.json beside the base, or the suite's 'tokenizer')"
             )
-        self._models = _ModelCache(model_config, architecture, device)
+        self._models = ModelCache(model_config, architecture, device)
         self.tokenizer = tokenizer
         self._read = read_bytes
         self.batch_size = batch_size
@@ -242,7 +223,7 @@ class PerplexityEvaluator:
                 raise ConfigError(
                     f"task {task.name!r}: {split} text {task.data_uri(split)!r} has fewer than 2 tokens"
                 )
-            module = self._models.get(model, _head_for(task, heads))
+            module = self._models.get(model, head_for(task, heads))
             nll, count = 0.0, 0
             with torch.inference_mode():
                 full = [b for b in blocks if len(b) == block]
@@ -307,6 +288,21 @@ class SuiteEvaluator:
                     device=ctx.device,
                     architecture=self.architecture,
                 )
+            elif metric == "lm_eval":
+                tokenizer = self.tokenizer if callable(self.tokenizer) else None
+                if tokenizer is None:
+                    if ctx.model_uri is None:
+                        raise ConfigError(
+                            "lm_eval tasks need the model's tokenizer: pass the model's HF folder (model_uri)"
+                        )
+                    tokenizer = load_hf_tokenizer(ctx.model_uri, ctx.read_bytes)
+                self._evaluators[metric] = LmEvalEvaluator(
+                    ctx.model_config,
+                    tokenizer,
+                    max_examples=ctx.max_examples,
+                    device=ctx.device,
+                    architecture=self.architecture,
+                )
             else:
                 self._evaluators[metric] = PerplexityEvaluator(
                     ctx.model_config,
@@ -327,7 +323,7 @@ class SuiteEvaluator:
             by_metric.setdefault(t.metric, []).append(t)
         scores: dict[str, float] = {}
         for metric, group in by_metric.items():
-            if metric in ("accuracy", "perplexity"):
+            if metric in ("accuracy", "perplexity", "lm_eval"):
                 scores.update(self._builtin(metric).evaluate(model, heads, group, split))
                 continue
             fn = load_user_evaluator(metric)
@@ -365,16 +361,19 @@ def build_evaluator(
     tokenizer: Any = None,
     device: str = "cpu",
     architecture: str | None = None,
+    model_uri: str | None = None,
 ) -> SuiteEvaluator:
     """The evaluator for a lineage's suite.
 
     ``model_config``: the base's ``config.json`` as a dict (None only when every task uses a
     user evaluator). ``read_bytes``: fetches data URIs (default: local files). ``tokenizer``:
     for perplexity, a ``tokenizers.Tokenizer`` / HF tokenizer (default: ``suite.tokenizer``
-    read through ``read_bytes``). ``device``: where the model runs.
+    read through ``read_bytes``); for ``lm_eval``, an HF tokenizer (default: the one in
+    ``model_uri``). ``device``: where the model runs. ``model_uri``: the scored model's HF
+    folder (see :class:`EvalContext`).
     """
     reader = read_bytes or read_local_bytes
     if tokenizer is None and suite.tokenizer is not None:
         tokenizer = load_tokenizer(reader(suite.tokenizer))
-    ctx = EvalContext(model_config, reader, device, suite.batch_size, suite.max_examples)
+    ctx = EvalContext(model_config, reader, device, suite.batch_size, suite.max_examples, model_uri)
     return SuiteEvaluator(ctx, tokenizer=tokenizer, architecture=architecture)

@@ -22,8 +22,12 @@ import torch
 from torch import nn
 
 from mergeflow.errors import CheckpointError, ConfigError
+from mergeflow.evaluation.spec import TaskSpec
+from mergeflow.merging.tensors import TensorReader
 
 ModelFactory = Callable[[Mapping[str, Any]], nn.Module]
+Heads = Mapping[str, Mapping[str, torch.Tensor]]
+"""Checkpoint id -> that checkpoint's task-specific tensors (those the base lacks)."""
 ARCHITECTURES: dict[str, ModelFactory] = {}
 
 
@@ -150,3 +154,41 @@ def logits_of(output: Any) -> torch.Tensor:
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise ConfigError(f"the model's forward returned {type(output).__name__}; expected logits")
+
+
+class ModelCache:
+    """Keeps the module built for the last reader, so validation then test build it once."""
+
+    def __init__(self, config: Mapping[str, Any], architecture: str | None, device: str) -> None:
+        self.config = dict(config)
+        self.architecture = architecture
+        self.device = device
+        self._reader: TensorReader | None = None
+        self._base: dict[str, torch.Tensor] = {}
+        self._model: torch.nn.Module | None = None
+
+    def get(self, reader: TensorReader, head: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+        if self._reader is not reader or self._model is None:
+            self._model = None
+            self._base = {k: reader.get(k) for k in reader.keys()}
+            self._model = instantiate(self.config, self.architecture)
+            self._reader = reader
+        overlap = set(head) & set(self._base)
+        if overlap:
+            raise ConfigError(
+                f"head tensors {sorted(overlap)[:4]} are also in the merged model; heads hold only tensors the base lacks"
+            )
+        load_weights(self._model, {**self._base, **head}, reader.source)
+        return self._model.to(self.device)
+
+
+def head_for(task: TaskSpec, heads: Heads) -> Mapping[str, torch.Tensor]:
+    """The head that scores ``task``: its checkpoint's tensors ({} for a headless task)."""
+    if task.checkpoint is None:
+        return {}
+    if task.checkpoint not in heads:
+        raise ConfigError(
+            f"task {task.name!r} is scored with the head of checkpoint {task.checkpoint!r}, which is not among "
+            f"the heads given ({sorted(heads)}); has that checkpoint been folded?"
+        )
+    return heads[task.checkpoint]

@@ -15,8 +15,18 @@ Example (the ``evaluation:`` and ``gate:`` blocks of a lineage spec)::
           options: {block_size: 128}
     gate:
       min_acc: 0.5          # candidate ACC must be >= this
-      max_drop: 0.05        # candidate ACC >= champion ACC - max_drop
+      max_forgetting: 0.05  # each task the champion covers may lose at most this
+      max_drop: 0.03        # ... and their mean at most this
+      min_retention: 0.9    # the new task keeps >= 90 % of its own checkpoint's score
       task_floors: {rot90: 0.6}
+
+An lm-evaluation-harness task (``pip install 'mergeflow[lmeval]'``) names the harness task
+per split in ``data`` (its data come from the task's YAML)::
+
+        - name: qa
+          metric: lm_eval
+          data: {validation: qa_val, test: qa_test}    # or qa_{split}
+          options: {include_path: ./lm_tasks, metric: acc, limit: 200, batch_size: 8}
 
 Splits: selection and the gate read ``validation``; every reported score reads ``test``.
 """
@@ -30,8 +40,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Split = Literal["validation", "test"]
 SPLITS: tuple[Split, ...] = ("validation", "test")
-BUILTIN_METRICS: dict[str, bool] = {"accuracy": True, "perplexity": False}
-"""Built-in metric name -> higher is better."""
+BUILTIN_METRICS: dict[str, bool] = {"accuracy": True, "perplexity": False, "lm_eval": True}
+"""Built-in metric name -> higher is better (``lm_eval``: see :attr:`TaskSpec.higher_is_better`)."""
+LM_EVAL_LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "ter")
+"""lm-eval metric names (``word_perplexity`` ... by suffix) where lower is better."""
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-/ ]+$")
 _USER_METRIC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -54,9 +66,12 @@ class TaskSpec(BaseModel):
       ``.parquet`` holding ``labels`` (or ``y``) plus inputs: ``x`` (passed positionally) or
       model keyword arrays (``pixel_values``, ``input_ids``, ``attention_mask``,
       ``token_type_ids``). Perplexity data: a UTF-8 text file.
-    - ``metric``: ``accuracy`` (higher is better), ``perplexity`` (lower is better) or a user
-      evaluator ``module:function`` (see :mod:`mergeflow.evaluation.evaluators`).
-    - ``options``: metric options (``perplexity``: ``block_size``; user metrics: anything,
+    - ``metric``: ``accuracy`` (higher is better), ``perplexity`` (lower is better),
+      ``lm_eval`` (an lm-evaluation-harness task; ``data`` then names the harness task of
+      each split) or a user evaluator ``module:function`` (see
+      :mod:`mergeflow.evaluation.evaluators`).
+    - ``options``: metric options (``perplexity``: ``block_size``; ``lm_eval``: see
+      :class:`~mergeflow.evaluation.lm_eval.LmEvalEvaluator`; user metrics: anything,
       ``higher_is_better`` defaults to true).
     """
 
@@ -104,9 +119,17 @@ class TaskSpec(BaseModel):
 
     @property
     def higher_is_better(self) -> bool:
+        """The metric's direction; ``higher_is_better`` in ``options`` overrides it for
+        ``lm_eval`` and user metrics (``lm_eval`` defaults by the harness metric's name:
+        perplexities, ``bits_per_byte`` and ``ter`` are lower-is-better)."""
+        if "higher_is_better" in self.options and self.metric not in ("accuracy", "perplexity"):
+            return bool(self.options["higher_is_better"])
+        if self.metric == "lm_eval":
+            name = str(self.options.get("metric", "acc"))
+            return not name.endswith(LM_EVAL_LOWER_IS_BETTER)
         if self.metric in BUILTIN_METRICS:
             return BUILTIN_METRICS[self.metric]
-        return bool(self.options.get("higher_is_better", True))
+        return True
 
     def data_uri(self, split: Split) -> str:
         """The URI of one split's data."""
@@ -167,22 +190,37 @@ class EvaluationSuite(BaseModel):
 
 
 class GateSpec(BaseModel):
-    """When a fold is accepted. Every check runs on **validation** scores.
+    """When a fold is accepted. Every check is optional and runs on **validation** scores.
+
+    The champion is the last accepted version (the fold's parent); the *old* tasks are the
+    ones it was scored on, the *new* tasks the ones scored for the first time (the tasks of
+    the checkpoint being folded). Old tasks are compared with the champion's scores on the
+    same tasks, never with a mean over another set of tasks.
 
     - ``min_acc``: the candidate's ACC (mean over its scored tasks) must be at least this
       (for a lower-is-better suite: at most this).
-    - ``max_drop``: the candidate's ACC may be at most this much below the champion's ACC
-      (lower-is-better: above). Ignored while there is no champion.
+    - ``max_forgetting``: **forgetting**, per task: on each old task the candidate may score
+      at most this much below the champion (lower-is-better: above). Ignored while there
+      is no champion.
+    - ``max_drop``: the same on average: the candidate's mean over the old tasks may be at
+      most this much below the champion's ACC over them (lower-is-better: above).
+    - ``min_retention``: **plasticity**: each new task must keep at least this share of its
+      own checkpoint's score, i.e. the normalized score a_t(θ̄_t)/a_t(θ_t) (lower-is-better:
+      a_t(θ_t)/a_t(θ̄_t)) must be at least this. Tasks without an own score (headless
+      tasks) are not checked.
     - ``task_floors``: task name -> minimum score (lower-is-better: maximum). A floor for a
       task not scored yet (its checkpoint not folded) does not apply.
 
-    An empty gate accepts everything that has finite scores.
+    Differences are in the metric's units (accuracy points, perplexity). An empty gate
+    accepts everything that has finite scores.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     min_acc: float | None = None
     max_drop: float | None = Field(None, ge=0)
+    max_forgetting: float | None = Field(None, ge=0)
+    min_retention: float | None = Field(None, gt=0)
     task_floors: dict[str, float] = Field(default_factory=dict)
 
     @field_validator("min_acc")

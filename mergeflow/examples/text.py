@@ -8,12 +8,21 @@ providers, so all text is real data from a package, not generated:
 - ``name_gender``: whether an en_US first name is in the male or the female list;
 - ``surname_origin``: which locale's surname list a surname comes from (de, fr, es, it);
 - ``entity_type``: whether a string is a job title, a colour name, a German city or an
-  English word.
+  English word;
+- ``city_country``: which country's city list a city comes from (de, it, nl, cz, pl);
+- ``job_language``: which language a job title is written in (en, fr, es, cs, pt);
+- ``colour_language``: which language a colour name is written in (en, de, fr, es);
+- ``first_name_origin``: which locale's first-name list a first name comes from (de, fr,
+  it, es, nl).
 
 Strings that occur under more than one label are dropped, then each task's unique strings
-are split into disjoint train / validation / test sets. Each checkpoint is the whole model
-(backbone + a new classifier head) fine-tuned on its task with AdamW, seeded.
-Layout: as :mod:`mergeflow.examples.digits` (``base/`` also holds the tokenizer files).
+are split into disjoint train / validation / test sets (the same split whichever
+checkpoints are built). Each checkpoint is the whole model (backbone + a new classifier
+head) fine-tuned on its task with AdamW, seeded; a :class:`TextCheckpoint` may set its own
+learning rate (the demo's checkpoint with a learning rate high enough to wreck the shared
+backbone). Checkpoints are built on demand and cached one by one, so asking for more
+reuses the ones built. Layout: as :mod:`mergeflow.examples.digits` (``base/`` also holds
+the tokenizer files).
 """
 
 from __future__ import annotations
@@ -23,17 +32,45 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mergeflow.examples.suite import SuiteFiles, reuse_or_clear, save_tensors
+from mergeflow.examples.suite import SuiteFiles, save_tensors
 
-SUITE_FORMAT = "mergeflow.text/1"
+SUITE_FORMAT = "mergeflow.text/2"
 task_names: list[str] = ["word_language", "name_gender", "surname_origin", "entity_type"]
+"""The default checkpoints (the quality benchmark's text suite), in publication order."""
+all_task_names: list[str] = [
+    *task_names,
+    "city_country",
+    "job_language",
+    "colour_language",
+    "first_name_origin",
+]
+"""Every task the builder knows, in the order their splits are drawn."""
+
+
+@dataclass(frozen=True)
+class TextCheckpoint:
+    """One checkpoint to build: a fine-tune on ``task``.
+
+    ``lr``: its learning rate (None: the suite's); ``tag``: appended to its folder name
+    (``03-city_country-hot``), to tell variants apart.
+    """
+
+    task: str
+    lr: float | None = None
+    tag: str = ""
+
+    def folder(self, position: int) -> str:
+        return f"{position:02d}-{self.task}" + (f"-{self.tag}" if self.tag else "")
+
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -59,6 +96,11 @@ def _provider(module: str):
     return importlib.import_module(f"faker.providers.{module}").Provider
 
 
+def _words(name: str) -> str:
+    """``MediumTurquoise`` -> ``Medium Turquoise`` (faker's colour names are CamelCase)."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name)
+
+
 def _task_pools() -> dict[str, tuple[list[str], dict[str, list[str]]]]:
     """task -> (label names, {label: unique strings})."""
     langs = ["en_US", "de_DE", "fr_FR", "it_IT", "es_ES"]
@@ -67,19 +109,35 @@ def _task_pools() -> dict[str, tuple[list[str], dict[str, list[str]]]]:
     gender = {"male": list(names_us.first_names_male), "female": list(names_us.first_names_female)}
     origins = ["de_DE", "fr_FR", "es_ES", "it_IT"]
     surnames = {o: list(_provider(f"person.{o}").last_names) for o in origins}
-    colours = [re.sub(r"(?<=[a-z])(?=[A-Z])", " ", c) for c in _provider("color.en_US").all_colors]
+    colours = [_words(c) for c in _provider("color.en_US").all_colors]
     entity = {
         "job": list(_provider("job.en_US").jobs),
         "colour": colours,
         "german_city": list(_provider("address.de_DE").cities),
         "english_word": list(_provider("lorem.en_US").word_list),
     }
+    cities = {c: list(_provider(f"address.{c}").cities) for c in _CITY_LOCALES}
+    jobs = {j: list(_provider(f"job.{j}").jobs) for j in _JOB_LOCALES}
+    colour_names = {
+        c: [_words(n) for n in _provider(f"color.{c}").all_colors] for c in _COLOUR_LOCALES
+    }
+    first = {f: list(_provider(f"person.{f}").first_names) for f in _FIRST_NAME_LOCALES}
     return {
         "word_language": (langs, words),
         "name_gender": (["male", "female"], gender),
         "surname_origin": (origins, surnames),
         "entity_type": (list(entity), entity),
+        "city_country": (list(_CITY_LOCALES), cities),
+        "job_language": (list(_JOB_LOCALES), jobs),
+        "colour_language": (list(_COLOUR_LOCALES), colour_names),
+        "first_name_origin": (list(_FIRST_NAME_LOCALES), first),
     }
+
+
+_CITY_LOCALES = ("de_DE", "it_IT", "nl_NL", "cs_CZ", "pl_PL")
+_JOB_LOCALES = ("en_US", "fr_FR", "es_ES", "cs_CZ", "pt_PT")
+_COLOUR_LOCALES = ("en_US", "de_DE", "fr_FR", "es_ES")  # cs_CZ lists the English names
+_FIRST_NAME_LOCALES = ("de_DE", "fr_FR", "it_IT", "es_ES", "nl_NL")
 
 
 def _examples(
@@ -155,6 +213,7 @@ def build_text_suite(
     out_dir: str | Path,
     seed: int = 0,
     *,
+    checkpoints: Sequence[str | TextCheckpoint] | None = None,
     n_train: int = 320,
     n_val: int = 120,
     n_test: int = 200,
@@ -164,14 +223,27 @@ def build_text_suite(
     reuse: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> SuiteFiles:
-    """Build the base (packaged MiniLM backbone) and one fine-tuned checkpoint per text task.
+    """Build the base (packaged MiniLM backbone) and one fine-tuned checkpoint per entry of
+    ``checkpoints`` (task names or :class:`TextCheckpoint`; default :data:`task_names`), in
+    that publication order; each checkpoint's task must differ.
 
-    Reuses ``out_dir`` when it holds a suite built with the same arguments.
+    Everything built in ``out_dir`` with the same arguments (seed, sizes, epochs, lr,
+    max_length) is reused, checkpoint by checkpoint; other arguments clear it first.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # heavy: only when the suite is built
     import transformers
 
+    wanted = [
+        c if isinstance(c, TextCheckpoint) else TextCheckpoint(c)
+        for c in (checkpoints or task_names)
+    ]
+    names = [c.task for c in wanted]
+    unknown = [n for n in names if n not in all_task_names]
+    if unknown:
+        raise ValueError(f"unknown text tasks {unknown}; known: {all_task_names}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"each checkpoint needs its own task, got {names}")
     root = Path(out_dir)
     key = {
         "format": SUITE_FORMAT,
@@ -183,84 +255,146 @@ def build_text_suite(
         "lr": lr,
         "max_length": max_length,
     }
-    built = reuse_or_clear(root, key, reuse)
-    if built is not None:
-        return built
+    manifest = _manifest(root, key, reuse)
     say = log or (lambda _m: None)
+    folders = [c.folder(i + 1) for i, c in enumerate(wanted)]
+    recipes = {f: {"task": c.task, "lr": c.lr or lr} for f, c in zip(folders, wanted, strict=True)}
+    todo = [f for f in folders if manifest["built"].get(f) != recipes[f]]
+    if todo or not (root / "base" / "model.safetensors").exists():
+        src = minilm_path()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(src))
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        base_cfg, backbone = _base(root, src, seed, transformers)
+        enc = _splits(tokenizer, seed, n_train, n_val, n_test, max_length)
+        for f, c in zip(folders, wanted, strict=True):
+            if f not in todo:
+                continue
+            score = _finetune(
+                root, f, c, enc[c.task], base_cfg, backbone, seed, epochs, c.lr or lr, transformers
+            )
+            manifest["built"][f] = recipes[f]
+            manifest["finetuned_validation"][f] = score
+            (root / "suite.json").write_text(json.dumps(manifest, indent=2))
+            n = {s: len(enc[c.task][1][s][1]) for s in ("train", "validation", "test")}
+            say(
+                f"checkpoint {f}: {n['train']} train / {n['validation']} val / {n['test']} test, "
+                f"lr {c.lr or lr:g}, validation accuracy {score:.3f}"
+            )
+    return SuiteFiles.from_manifest(root, {"task_names": names, "checkpoints": folders})
 
-    src = minilm_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(src))
+
+def _manifest(root: Path, key: dict[str, Any], reuse: bool) -> dict[str, Any]:
+    """The suite.json of what ``root`` holds for these arguments (cleared when they differ)."""
+    try:
+        manifest = json.loads((root / "suite.json").read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if reuse and manifest is not None and all(manifest.get(k) == v for k, v in key.items()):
+        manifest.setdefault("built", {})
+        manifest.setdefault("finetuned_validation", {})
+        return manifest
+    for sub in ("base", "checkpoints", "data", "suite.json"):
+        p = root / sub
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    return dict(key, built={}, finetuned_validation={})
+
+
+def _base(
+    root: Path, src: Path, seed: int, transformers: Any
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The base config and backbone tensors; written to ``base/`` (with the tokenizer) once."""
     torch.manual_seed(seed)
-    transformers.logging.set_verbosity_error()
     pre = transformers.BertForSequenceClassification.from_pretrained(str(src), num_labels=2)
     base_cfg = pre.config.to_dict()
     base_cfg["architectures"] = ["BertForSequenceClassification"]
     backbone = {
         k: v.clone() for k, v in pre.state_dict().items() if not k.startswith("classifier.")
     }
-    save_tensors(root / "base", base_cfg, backbone)
-    for f in TOKENIZER_FILES:
-        if (src / f).exists():
-            shutil.copy(src / f, root / "base" / f)
-    del pre
+    if not (root / "base" / "model.safetensors").exists():
+        save_tensors(root / "base", base_cfg, backbone)
+        for f in TOKENIZER_FILES:
+            if (src / f).exists():
+                shutil.copy(src / f, root / "base" / f)
+    return base_cfg, backbone
 
+
+Encoded = dict[str, tuple[dict[str, np.ndarray], np.ndarray]]
+"""split -> (model inputs, labels)."""
+
+
+def _splits(
+    tokenizer: Any, seed: int, n_train: int, n_val: int, n_test: int, max_length: int
+) -> dict[str, tuple[list[str], Encoded]]:
+    """Every task's encoded train / validation / test split, drawn in :data:`all_task_names` order."""
     rng = np.random.default_rng(seed)
-    folders: list[str] = []
-    scores: dict[str, float] = {}
-    for i, (name, (labels, pools)) in enumerate(_task_pools().items()):
+    out: dict[str, tuple[list[str], Encoded]] = {}
+    total_n = n_train + n_val + n_test
+    for name, (labels, pools) in _task_pools().items():
         ex = _examples(labels, pools, rng)
-        total = min(len(ex), n_train + n_val + n_test)
-        ntr = int(round(total * n_train / (n_train + n_val + n_test)))
-        nva = int(round(total * n_val / (n_train + n_val + n_test)))
+        total = min(len(ex), total_n)
+        ntr = int(round(total * n_train / total_n))
+        nva = int(round(total * n_val / total_n))
         parts = {
             "train": ex[:ntr],
             "validation": ex[ntr : ntr + nva],
             "test": ex[ntr + nva : total],
         }
-        enc = {
-            s: (
-                _encode(tokenizer, [t for t, _ in p], max_length),
-                np.array([y for _, y in p], dtype=np.int64),
-            )
-            for s, p in parts.items()
-        }
-        cfg = dict(
-            base_cfg,
-            num_labels=len(labels),
-            id2label={str(j): lab for j, lab in enumerate(labels)},
-            label2id={lab: j for j, lab in enumerate(labels)},
+        out[name] = (
+            list(labels),
+            {
+                s: (
+                    _encode(tokenizer, [t for t, _ in p], max_length),
+                    np.array([y for _, y in p], dtype=np.int64),
+                )
+                for s, p in parts.items()
+            },
         )
-        hf_cfg = transformers.BertConfig.from_dict(
-            {k: v for k, v in cfg.items() if k != "transformers_version"}
-        )
-        torch.manual_seed(seed * 1000 + i + 1)
-        model = transformers.BertForSequenceClassification(hf_cfg)
-        sd = dict(backbone)
-        sd.update({k: v for k, v in model.state_dict().items() if k.startswith("classifier.")})
-        model.load_state_dict(sd)
-        _train(
-            model, enc["train"][0], enc["train"][1], epochs=epochs, lr=lr, seed=seed * 1000 + i + 1
-        )
-        folder = f"{i + 1:02d}-{name}"
-        save_tensors(
-            root / "checkpoints" / folder,
-            hf_cfg.to_dict() | {"architectures": ["BertForSequenceClassification"]},
-            model.state_dict(),
-        )
-        d = root / "data" / name
-        d.mkdir(parents=True, exist_ok=True)
-        for split in ("validation", "test"):
-            arrays, y = enc[split]
-            payload: dict[str, Any] = {"labels": y, **arrays}
-            np.savez(d / f"{split}.npz", **payload)
-        scores[name] = _accuracy(model, *enc["validation"])
-        say(
-            f"checkpoint {folder}: {len(parts['train'])} train / {len(parts['validation'])} val / {len(parts['test'])} test, validation accuracy {scores[name]:.3f}"
-        )
-        folders.append(folder)
+    return out
 
-    manifest = dict(
-        key, task_names=list(task_names), checkpoints=folders, finetuned_validation=scores
+
+def _finetune(
+    root: Path,
+    folder: str,
+    ck: TextCheckpoint,
+    task: tuple[list[str], Encoded],
+    base_cfg: dict[str, Any],
+    backbone: dict[str, torch.Tensor],
+    seed: int,
+    epochs: int,
+    lr: float,
+    transformers: Any,
+) -> float:
+    """Fine-tune the backbone and a new head on one task; write the checkpoint and the task's data."""
+    labels, enc = task
+    cfg = dict(
+        base_cfg,
+        num_labels=len(labels),
+        id2label={str(j): lab for j, lab in enumerate(labels)},
+        label2id={lab: j for j, lab in enumerate(labels)},
     )
-    (root / "suite.json").write_text(json.dumps(manifest, indent=2))
-    return SuiteFiles.from_manifest(root, manifest)
+    hf_cfg = transformers.BertConfig.from_dict(
+        {k: v for k, v in cfg.items() if k != "transformers_version"}
+    )
+    task_seed = seed * 1000 + all_task_names.index(ck.task) + 1
+    torch.manual_seed(task_seed)
+    model = transformers.BertForSequenceClassification(hf_cfg)
+    sd = dict(backbone)
+    sd.update({k: v for k, v in model.state_dict().items() if k.startswith("classifier.")})
+    model.load_state_dict(sd)
+    _train(model, enc["train"][0], enc["train"][1], epochs=epochs, lr=lr, seed=task_seed)
+    save_tensors(
+        root / "checkpoints" / folder,
+        hf_cfg.to_dict() | {"architectures": ["BertForSequenceClassification"]},
+        model.state_dict(),
+    )
+    d = root / "data" / ck.task
+    d.mkdir(parents=True, exist_ok=True)
+    for split in ("validation", "test"):
+        arrays, y = enc[split]
+        payload: dict[str, Any] = {"labels": y, **arrays}
+        np.savez(d / f"{split}.npz", **payload)
+    return _accuracy(model, *enc["validation"])

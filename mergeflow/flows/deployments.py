@@ -4,13 +4,28 @@
 ``mergeflow-watch/<lineage>``               schedule: the lineage's ``schedule`` (seconds
                                             or cron); emits published events; 1 at a time
                                             (CANCEL_NEW: an overlapping tick is dropped)
-``mergeflow-fold/fold``                     trigger: ``mergeflow.checkpoint.published``;
-                                            deployment concurrency ``fold_limit`` (ENQUEUE),
-                                            plus the per-lineage global limit inside the flow
+``mergeflow-fold/<lineage>``                trigger: ``mergeflow.checkpoint.published`` of
+                                            that lineage; deployment concurrency 1 (ENQUEUE)
+``mergeflow-fold/fold``                     trigger: the same event of every lineage this
+                                            process does not serve by name; deployment
+                                            concurrency ``fold_limit`` (ENQUEUE)
 ``mergeflow-backfill/backfill``             manual: fold a list of URIs in order
 ``mergeflow-reevaluate/reevaluate``         manual: score a version again
 ``mergeflow-gc/gc``                         manual (or ``--gc-cron``): delete orphans
+``mergeflow-replay/replay``                 manual: drop a checkpoint, replay what followed it
+``mergeflow-rebuild/rebuild``               manual: refold a lineage's checkpoints (another method)
 =========================================  =============================================
+
+**Concurrency.** Each served lineage has its own fold deployment with one slot, so its
+queued fold runs wait on the Prefect server (``AwaitingConcurrencySlot``), holding no
+process and no slot another lineage needs: a lineage whose fold is slow, or crashed, delays
+no other lineage (the old single fold deployment let one lineage's waiting runs take every
+slot). Prefect frees a deployment slot as soon as the run ends, Crashed included. Inside
+the flow the lineage lock (:mod:`mergeflow.flows.lock`) serialises folds with manual
+backfill and gc runs, and one of ``fold_limit`` slots of the global limit ``mergeflow-folds``
+caps folds across lineages (memory). Run one ``serve`` per Prefect server: the shared
+``mergeflow-fold/fold`` deployment's trigger lists the lineages served by name, and a second
+process serving other lineages would overwrite it.
 
 Entry points are module paths (``mergeflow.flows.fold:fold_flow``), so runs work from
 any working directory of an environment where mergeflow is installed. The same set is
@@ -28,11 +43,20 @@ from prefect.types.entrypoint import EntrypointType
 
 from mergeflow.flows.events import fold_trigger
 from mergeflow.flows.fold import backfill_flow, fold_flow
+from mergeflow.flows.lock import ensure_fold_slots
 from mergeflow.flows.maintenance import gc_flow, reevaluate_flow
+from mergeflow.flows.replay import rebuild_flow, replay_flow
 from mergeflow.flows.watch import watch_flow
 from mergeflow.lineage import LineageSpec
 
 FOLD_DEPLOYMENT = "mergeflow-fold/fold"
+"""The shared fold deployment: lineages no running ``serve`` serves by name (``fold-shared``
+when a served lineage is itself named ``fold``)."""
+
+
+def fold_deployment_name(lineage: str) -> str:
+    """The fold deployment of a lineage that ``serve`` serves by name."""
+    return f"mergeflow-fold/{lineage}"
 
 
 def watch_deployment_name(lineage: str) -> str:
@@ -67,15 +91,27 @@ def build_deployments(
         )
         for spec in lineages
     ]
+    enqueue = ConcurrencyLimitStrategy.ENQUEUE
+    out += [
+        fold_flow.to_deployment(
+            name=spec.name,
+            triggers=[fold_trigger(spec.name)],
+            paused=False,
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=enqueue),
+            description=f"Fold checkpoints published for {spec.name}, one run at a time, in publication order",
+            tags=["mergeflow", f"lineage:{spec.name}"],
+            entrypoint_type=module,
+        )
+        for spec in lineages
+    ]
+    shared = "fold" if all(spec.name != "fold" for spec in lineages) else "fold-shared"
     out.append(
         fold_flow.to_deployment(
-            name="fold",
-            triggers=[fold_trigger()],
+            name=shared,
+            triggers=[fold_trigger(exclude=[spec.name for spec in lineages])],
             paused=False,
-            concurrency_limit=ConcurrencyLimitConfig(
-                limit=fold_limit, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
-            ),
-            description="Fold a published checkpoint into its lineage (one fold per lineage at a time, in publication order)",
+            concurrency_limit=ConcurrencyLimitConfig(limit=fold_limit, collision_strategy=enqueue),
+            description="Fold a published checkpoint of a lineage not served by name (one fold per lineage at a time, in publication order)",
             tags=["mergeflow"],
             entrypoint_type=module,
         )
@@ -90,6 +126,12 @@ def build_deployments(
             name="reevaluate", paused=False, tags=["mergeflow"], entrypoint_type=module
         )
     )
+    for history_flow, name in ((replay_flow, "replay"), (rebuild_flow, "rebuild")):
+        out.append(
+            history_flow.to_deployment(
+                name=name, paused=False, tags=["mergeflow"], entrypoint_type=module
+            )
+        )
     gc_kwargs: dict[str, Any] = {"cron": gc_cron} if gc_cron else {}
     out.append(
         gc_flow.to_deployment(
@@ -110,6 +152,7 @@ def serve(
     """Serve every deployment from this process until interrupted (blocking)."""
 
     deployments = build_deployments(lineages, fold_limit=fold_limit, gc_cron=gc_cron)
+    ensure_fold_slots(fold_limit)
     # pause_on_shutdown=False: several serve processes may share the fold deployment, and fold
     # runs triggered while none serves wait as scheduled runs for the next one.
     prefect_serve(

@@ -17,6 +17,7 @@ The trigger passes ``lineage``, ``checkpoint_id``, ``checkpoint_uri`` and
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 from prefect.events import DeploymentEventTrigger, emit_event
@@ -70,15 +71,25 @@ def emit_published(lineage: str, ck: CheckpointRef) -> Any:
     return emit_event(event=EVENT, resource=resource, related=related, payload=payload)
 
 
-def fold_trigger(lineage: str | None = None) -> Any:
-    """The ``DeploymentEventTrigger`` of the fold deployment (all lineages, or one)."""
+def fold_trigger(lineage: str | None = None, exclude: Sequence[str] = ()) -> Any:
+    """The ``DeploymentEventTrigger`` of a fold deployment: one lineage's, or every lineage's
+    but those in ``exclude`` (which have their own fold deployment).
+
+    Exclusion uses the related lineage resource: one negated ``match_related`` spec per
+    excluded lineage, all of which must match (Prefect ANDs a list of them).
+    """
 
     match: dict[str, str] = {"prefect.resource.id": RESOURCE_PREFIX + "*"}
     if lineage:
         match["mergeflow.lineage"] = lineage
+    related: list[dict[str, str]] = [
+        {"prefect.resource.role": "lineage", "prefect.resource.id": f"!mergeflow.lineage.{name}"}
+        for name in sorted(set(exclude))
+    ]
     return DeploymentEventTrigger(
         name=f"mergeflow fold on publish{f' ({lineage})' if lineage else ''}",
         expect={EVENT},
         match=match,
+        match_related=related,
         parameters=dict(FOLD_PARAMETERS),
     )

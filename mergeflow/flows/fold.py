@@ -27,20 +27,28 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
-from prefect.client.orchestration import get_client
-from prefect.concurrency.sync import concurrency
 
-from mergeflow.errors import CheckpointError, ConfigError
+from mergeflow.errors import CheckpointChanged, CheckpointError, ConfigError
+from mergeflow.evaluation.continual import gate_metrics
 from mergeflow.flows.dask import dask_fold
+from mergeflow.flows.lock import LOCK_LEASE_S as LOCK_LEASE_S  # re-exported
+from mergeflow.flows.lock import ensure_fold_lock as ensure_fold_lock  # re-exported
+from mergeflow.flows.lock import fence, lineage_lock, reap_crashed_run
 from mergeflow.flows.queue import order_pending, target_index
 from mergeflow.lineage import LineageSpec
 from mergeflow.tasks import layout
-from mergeflow.tasks.evaluate import evaluate_model, gate, save_evaluation
+from mergeflow.tasks.evaluate import evaluate_model, gate, own_scores, save_evaluation
 from mergeflow.tasks.fold import (
     discard_prefixes,
     export_model,
     fold_checkpoint,
     validate_checkpoint,
+)
+from mergeflow.tasks.guard import (
+    confirm_commit,
+    identify_checkpoint,
+    repair_aliases,
+    screen_checkpoint,
 )
 from mergeflow.tasks.lineage import (
     checkpoint_by_uri,
@@ -56,17 +64,9 @@ from mergeflow.tasks.values import (
     FoldOutcome,
     FoldOutput,
     ModelOutput,
+    OwnScores,
     ParentState,
 )
-
-LOCK_LEASE_S = 600.0
-
-
-def ensure_fold_lock(spec: LineageSpec) -> None:
-    """Create the lineage's 1-slot global concurrency limit if it does not exist."""
-
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(spec.concurrency_name, 1)
 
 
 def pending_checkpoints(spec: LineageSpec, seen: set[str]) -> list[CheckpointRef]:
@@ -95,15 +95,22 @@ def _record(
 
 
 @flow(name="mergeflow-fold-checkpoint", flow_run_name="{spec.name}-{ck.id}", log_prints=True)
-def fold_one(spec: LineageSpec, ck: CheckpointRef) -> FoldOutcome:
-    """Fold one checkpoint (see the module docstring). Call with the lineage's lock held."""
+def fold_one(spec: LineageSpec, ck: CheckpointRef, replaces: str | None = None) -> FoldOutcome:
+    """Fold one checkpoint (see the module docstring). Call with the lineage's lock held.
+
+    ``replaces``: this fold replays that version after a dropped checkpoint (flows/replay.py).
+    """
     log = get_run_logger()
     t0 = time.perf_counter()
-    parent = load_parent(spec)
+    parent = load_parent(spec, replaying=replaces is not None)
+    ck = identify_checkpoint(ck)
     try:
         ck = validate_checkpoint(spec, ck)
+        screen_checkpoint(spec, ck)
+    except CheckpointChanged as e:
+        return _skip(ck, e)
     except CheckpointError as e:
-        return _reject(spec, parent, ck, str(e))
+        return _reject(spec, parent, ck, str(e), replaces)
     load_s = time.perf_counter() - t0
     cands = spec.candidate_params()
     labels = [label for label, _ in cands]
@@ -129,14 +136,18 @@ def fold_one(spec: LineageSpec, ck: CheckpointRef) -> FoldOutcome:
             mf = export_model.map(unmapped(spec), ff)
             ef = evaluate_model.map(unmapped(spec), ff, mf)
             folds, models, evals = ff.result(), mf.result(), ef.result()
+    except CheckpointChanged as e:
+        discard_prefixes(prefixes)
+        return _skip(ck, e)
     except CheckpointError as e:  # e.g. NaN values found while streaming the tensors
         discard_prefixes(prefixes)
-        return _reject(spec, parent, ck, str(e))
-    choice = gate(spec, evals, parent.validation)
+        return _reject(spec, parent, ck, str(e), replaces)
+    own = own_scores(spec, ck, parent)
+    choice = gate(spec, evals, parent.validation, own)
     best, accepted, reasons = choice.index, choice.accepted, choice.reasons
     discard_prefixes([p for i, p in enumerate(prefixes) if i != best])
     fold, model, ev = folds[best], models[best], evals[best]
-    metrics, matrix = _metrics(parent, ck, fold, model, ev, load_s)
+    metrics, matrix = _metrics(spec, parent, ck, fold, model, ev, own, load_s)
     for label, cand in zip(labels, evals, strict=True):
         if len(evals) > 1 and cand.validation:
             metrics[f"candidate/{label}/val/avg"] = sum(cand.validation.values()) / len(
@@ -158,6 +169,7 @@ def fold_one(spec: LineageSpec, ck: CheckpointRef) -> FoldOutcome:
         spec,
         parent,
         ck,
+        replaces=replaces,
         params=fold.params,
         state_uri=fold.state_uri,
         model_uri=model.model_uri,
@@ -168,6 +180,11 @@ def fold_one(spec: LineageSpec, ck: CheckpointRef) -> FoldOutcome:
         task_names=names,
         eval_datasets=ev.datasets,
     )
+    try:
+        _confirm(spec, parent, ck, replaces)
+    except CheckpointChanged as e:
+        discard_prefixes([fold.prefix])
+        return _skip(ck, e)
     version = register_fold(record)
     status = "accepted" if accepted else "rejected"
     log.info(
@@ -184,14 +201,19 @@ def fold_one(spec: LineageSpec, ck: CheckpointRef) -> FoldOutcome:
 
 
 def _metrics(
+    spec: LineageSpec,
     parent: ParentState,
     ck: CheckpointRef,
     fold: FoldOutput,
     model: ModelOutput,
     ev: EvalOutput,
+    own: OwnScores,
     load_s: float,
 ) -> tuple[dict[str, float], Any]:
-    """Test scores per task, ACC/BWT of the chain plus this fold, validation scores, timings."""
+    """Test scores per task, ACC/BWT of the chain plus this fold, normalized scores
+    (``test/norm/<task>``, ``test/norm_avg``, the same on ``val/``), validation scores,
+    forgetting against the champion on validation (``val/forgetting/<task>``,
+    ``val/forgetting_avg``), timings."""
     m: dict[str, float] = {
         "load_seconds": load_s,
         "fold_seconds": fold.seconds,
@@ -211,12 +233,25 @@ def _metrics(
     if ev.validation:
         m.update({f"val/{k}": v for k, v in ev.validation.items()})
         m["val/avg"] = sum(ev.validation.values()) / len(ev.validation)
+    hib = spec.evaluation.higher_is_better if spec.evaluation is not None else True
+    m.update(gate_metrics("test", ev.test, own.test, higher_is_better=hib))
+    m.update(
+        gate_metrics("val", ev.validation, own.validation, parent.validation, higher_is_better=hib)
+    )
     return m, matrix
 
 
-def _reject(spec: LineageSpec, parent: ParentState, ck: CheckpointRef, reason: str) -> FoldOutcome:
+def _reject(
+    spec: LineageSpec, parent: ParentState, ck: CheckpointRef, reason: str, replaces: str | None
+) -> FoldOutcome:
     get_run_logger().warning(f"{ck.id}: rejected, not folded: {reason}")
-    version = record_rejection(_record(spec, parent, ck, status="rejected", reason=reason))
+    try:
+        _confirm(spec, parent, ck, replaces)
+    except CheckpointChanged as e:
+        return _skip(ck, e)
+    version = record_rejection(
+        _record(spec, parent, ck, status="rejected", reason=reason, replaces=replaces)
+    )
     return FoldOutcome(
         checkpoint_id=ck.id,
         status="rejected",
@@ -226,7 +261,26 @@ def _reject(spec: LineageSpec, parent: ParentState, ck: CheckpointRef, reason: s
     )
 
 
-@flow(name="mergeflow-fold", flow_run_name="fold-{lineage}-{checkpoint_id}", log_prints=True)
+def _confirm(
+    spec: LineageSpec, parent: ParentState, ck: CheckpointRef, replaces: str | None
+) -> None:
+    """Right before a version is registered: the lock is still ours (``fence``) and the
+    lineage and the checkpoint did not move (``confirm_commit``); see flows/lock.py."""
+    fence(spec)
+    confirm_commit(spec, parent, ck, replaces is not None)
+
+
+def _skip(ck: CheckpointRef, e: CheckpointChanged) -> FoldOutcome:
+    get_run_logger().warning(f"{ck.id}: skipped: {e}")
+    return FoldOutcome(checkpoint_id=ck.id, status="skipped", reason=str(e))
+
+
+@flow(
+    name="mergeflow-fold",
+    flow_run_name="fold-{lineage}-{checkpoint_id}",
+    log_prints=True,
+    on_crashed=[reap_crashed_run],
+)
 def fold_flow(
     lineage: str, checkpoint_id: str, checkpoint_uri: str = "", checkpoint_digest: str = ""
 ) -> list[FoldOutcome]:
@@ -234,8 +288,8 @@ def fold_flow(
 
     log = get_run_logger()
     spec = load_spec(lineage)
-    ensure_fold_lock(spec)
-    with concurrency(spec.concurrency_name, occupy=1, strict=True, lease_duration=LOCK_LEASE_S):
+    with lineage_lock(spec, fold_slot=True):
+        repair_aliases(spec)
         seen = seen_checkpoints(spec)
         if checkpoint_id in seen or (checkpoint_digest and checkpoint_digest in seen):
             log.info(f"{checkpoint_id} is already folded or rejected in {lineage}; nothing to do")
@@ -263,14 +317,19 @@ def fold_flow(
         return [fold_one(spec, ck) for ck in queue]
 
 
-@flow(name="mergeflow-backfill", flow_run_name="backfill-{lineage}", log_prints=True)
+@flow(
+    name="mergeflow-backfill",
+    flow_run_name="backfill-{lineage}",
+    log_prints=True,
+    on_crashed=[reap_crashed_run],
+)
 def backfill_flow(lineage: str, checkpoints: list[str]) -> list[FoldOutcome]:
     """Fold the given checkpoint URIs in this order (already folded ones are skipped)."""
 
     spec = load_spec(lineage)
-    ensure_fold_lock(spec)
     out: list[FoldOutcome] = []
-    with concurrency(spec.concurrency_name, occupy=1, strict=True, lease_duration=LOCK_LEASE_S):
+    with lineage_lock(spec, fold_slot=True):
+        repair_aliases(spec)
         for uri in checkpoints:
             ck = checkpoint_by_uri(uri)
             seen = seen_checkpoints(spec)

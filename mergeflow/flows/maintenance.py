@@ -6,9 +6,8 @@ import time
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.concurrency.sync import concurrency
 
-from mergeflow.flows.fold import LOCK_LEASE_S, ensure_fold_lock
+from mergeflow.flows.lock import fence, lineage_lock, reap_crashed_run
 from mergeflow.tasks.evaluate import evaluate_model, save_evaluation
 from mergeflow.tasks.fold import discard_prefixes
 from mergeflow.tasks.lineage import load_spec
@@ -46,21 +45,27 @@ def reevaluate_flow(lineage: str, version: str) -> EvalOutput:
     return ev
 
 
-@flow(name="mergeflow-gc", flow_run_name="gc-{lineage}", log_prints=True)
+@flow(
+    name="mergeflow-gc",
+    flow_run_name="gc-{lineage}",
+    log_prints=True,
+    on_crashed=[reap_crashed_run],
+)
 def gc_flow(lineage: str, dry_run: bool = False) -> list[str]:
     """Delete ``<store>/steps/*`` prefixes that no registered version references.
 
     Holds the lineage's fold lock, so a fold in progress (not registered yet) is never
-    collected. Returns the deleted (or, with ``dry_run``, deletable) prefixes.
+    collected, and fences it right before deleting (:func:`mergeflow.flows.lock.fence`).
+    Returns the deleted (or, with ``dry_run``, deletable) prefixes.
     """
     log = get_run_logger()
     spec = load_spec(lineage)
-    ensure_fold_lock(spec)
-    with concurrency(spec.concurrency_name, occupy=1, strict=True, lease_duration=LOCK_LEASE_S):
+    with lineage_lock(spec):
         keep = referenced_prefixes(spec, registered_versions(spec))
         present = step_prefixes(spec)
         drop = [p for p in present if p not in keep]
-        if not dry_run:
+        if not dry_run and drop:
+            fence(spec)
             discard_prefixes(drop)
         log.info(
             f"{lineage}: {len(present)} step prefixes, {len(keep)} referenced, {'would delete' if dry_run else 'deleted'} {len(drop)}"

@@ -20,7 +20,8 @@ from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from mergeflow.errors import CheckpointError, ConfigError, StateError
-from mergeflow.merging.methods import get_batch, get_continual, validate_params
+from mergeflow.merging import pipeline
+from mergeflow.merging.methods import get_continual, validate_params
 from mergeflow.merging.methods.base import (
     ContinualMethod,
     FoldStats,
@@ -28,6 +29,7 @@ from mergeflow.merging.methods.base import (
     MethodScalars,
     TensorStep,
 )
+from mergeflow.merging.pipeline import default_workers
 from mergeflow.merging.projection import ProjectionRule
 from mergeflow.merging.state import BaseRef, FoldedCheckpoint, FoldOptions, StateInfo
 from mergeflow.merging.tensors import SAFETENSORS_DTYPES, TensorReader, TensorWriter
@@ -101,19 +103,32 @@ def _finite(t: torch.Tensor, source: str, key: str) -> None:
 
 
 def _task_vector(
-    checkpoint: TensorReader,
-    present: set[str],
+    source: str,
+    raw: torch.Tensor | None,
     key: str,
     b: torch.Tensor,
-    dev: torch.device,
     cdt: torch.dtype,
+    check: bool = True,
 ) -> torch.Tensor:
     """τ = θ_t − θ₀ for one tensor; a tensor absent from the checkpoint (allowed by options) is zero."""
-    if key not in present:
+    if raw is None:
         return torch.zeros_like(b)
-    c = checkpoint.get(key).to(dev, cdt)
-    _finite(c, checkpoint.source, key)
-    return c - b
+    c = raw.to(b.device).to(cdt)
+    if check:
+        _finite(c, source, key)
+    return c - b  # never in place: a reader may hand out tensors it keeps
+
+
+def _sizes(reader: TensorReader, keys: Sequence[str]) -> dict[str, int]:
+    """Element counts from headers: what the pipeline may hold in memory at once."""
+    return {k: reader.meta(k).numel for k in keys}
+
+
+def _bar(total: int, desc: str, progress: bool) -> tqdm:
+    """A progress bar on stderr (hidden unless ``progress``)."""
+    return tqdm(
+        total=total, desc=desc, unit="tensor", disable=not progress, file=sys.stderr, leave=False
+    )
 
 
 def new_state(
@@ -195,7 +210,8 @@ def plan_fold(
     def taus() -> Iterator[tuple[str, torch.Tensor]]:
         for k in keys:
             b = base.get(k).to(dev, cdt)
-            yield k, _task_vector(checkpoint, present, k, b, dev, cdt)
+            raw = checkpoint.get(k) if k in present else None
+            yield k, _task_vector(checkpoint.source, raw, k, b, cdt)
 
     prepared = cm.prepare(params, taus) or {}
     return FoldPlan(checkpoint_id, digest, info.step + 1, tuple(keys), tuple(heads), prepared)
@@ -222,28 +238,46 @@ def fold_tensors(
         raise StateError("a state at step > 0 needs its tensors, and a step-0 state has none")
     dev, cdt = resolve_device(device), DTYPES[info.options.compute_dtype]
     present = set(checkpoint.keys())
-    sq_state = sq_tau = 0.0
-    todo = plan.keys if keys is None else keys
-    for k in tqdm(
-        todo,
-        desc=f"fold {plan.checkpoint_id}",
-        unit="tensor",
-        disable=not progress,
-        file=sys.stderr,
-        leave=False,
-    ):
-        b = base.get(k).to(dev, cdt)
-        _finite(b, base.source, k)
-        tau = _task_vector(checkpoint, present, k, b, dev, cdt)
-        prev = state.get(k).to(dev, cdt) if state is not None else None
+    todo = list(plan.keys if keys is None else keys)
+    sums = [0.0, 0.0]
+    bar = _bar(len(todo), f"fold {plan.checkpoint_id}", progress)
+
+    def load(k: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        c = checkpoint.get(k) if k in present else None
+        return base.get(k), c, state.get(k) if state is not None else None
+
+    def compute(
+        k: str, loaded: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+    ) -> tuple[torch.Tensor, float, float]:
+        raw_b, raw_c, raw_prev = loaded
+        b = raw_b.to(dev).to(cdt)  # upcast (bf16 -> compute dtype) on the device
+        tau = _task_vector(checkpoint.source, raw_c, k, b, cdt, check=False)
+        sq_tau = float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
+        if not math.isfinite(sq_tau):  # one pass finds NaN/Inf in either input; then say which
+            _finite(b, base.source, k)
+            _finite(raw_c if raw_c is not None else b, checkpoint.source, k)
+            raise CheckpointError(checkpoint.source, f"tensor {k!r} overflows against the base")
+        prev = raw_prev.to(dev).to(cdt) if raw_prev is not None else None
         new = cm.fold_tensor(
             params,
             TensorStep(k, plan.step, prev, tau, info.projection.is_projected(k), plan.prepared),
         ).to(cdt)
-        sq_state += float(torch.linalg.vector_norm(new, dtype=torch.float64)) ** 2
-        sq_tau += float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
-        out.add(k, new.cpu())
-    return sq_state, sq_tau
+        sq_new = float(torch.linalg.vector_norm(new, dtype=torch.float64)) ** 2
+        return new.cpu(), sq_new, sq_tau
+
+    def consume(k: str, result: tuple[torch.Tensor, float, float]) -> None:
+        out.add(k, result[0])
+        sums[0] += result[1]
+        sums[1] += result[2]
+        bar.update()
+
+    try:
+        pipeline.run(
+            todo, load, compute, consume, sizes=_sizes(base, todo), workers=default_workers(dev)
+        )
+    finally:
+        bar.close()
+    return sums[0], sums[1]
 
 
 def finish_fold(
@@ -357,89 +391,38 @@ def export(
     dev = resolve_device(device)
     cdt = DTYPES[info.options.compute_dtype]
     merged = set(merged_keys(base)) if info.step > 0 else set()
+    keys = base.keys()
+    bar = _bar(len(keys), "export", progress)
+
+    def load(k: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return base.get(k), state.get(k) if k in merged and state is not None else None
+
+    def compute(k: str, loaded: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        b, d = loaded
+        if d is not None:
+            t = torch.add(b.to(dev, cdt), d.to(dev, cdt), alpha=info.scale)
+            return t.to(_out_dtype(b, dtype)).cpu()
+        return b.to(_out_dtype(b, dtype)) if b.is_floating_point() else b
+
+    def consume(k: str, t: torch.Tensor) -> None:
+        out.add(k, t)
+        bar.update()
+
     try:
-        for k in tqdm(
-            base.keys(),
-            desc="export",
-            unit="tensor",
-            disable=not progress,
-            file=sys.stderr,
-            leave=False,
-        ):
-            b = base.get(k)
-            if k in merged:
-                assert state is not None
-                t = b.to(dev, cdt) + info.scale * state.get(k).to(dev, cdt)
-                out.add(k, t.to(_out_dtype(b, dtype)).cpu())
-            else:
-                out.add(k, b.to(_out_dtype(b, dtype)) if b.is_floating_point() else b)
+        pipeline.run(
+            keys, load, compute, consume, sizes=_sizes(base, keys), workers=default_workers(dev)
+        )
         out.commit(output_metadata(info))
     except BaseException:
         out.abort()
         raise
-
-
-def batch_merge(
-    method: str,
-    params: Mapping[str, object],
-    base: TensorReader,
-    checkpoints: Sequence[TensorReader],
-    out: TensorWriter,
-    *,
-    options: FoldOptions | None = None,
-    dtype: str | None = None,
-    device: str | None = "cpu",
-    progress: bool = False,
-) -> dict[str, str]:
-    """One-shot merge of all checkpoints with a batch method, one tensor (of each input) at a time."""
-    bm = get_batch(method)
-    p = validate_params(bm, params)
-    opts = options or FoldOptions()
-    if not checkpoints:
-        raise ConfigError("no checkpoints to merge")
-    for c in checkpoints:
-        check_compatible(base, c, opts)
-    dev = resolve_device(device)
-    cdt = DTYPES[opts.compute_dtype]
-    merged = set(merged_keys(base))
-    presents = [set(c.keys()) for c in checkpoints]
-    try:
-        for k in tqdm(
-            base.keys(),
-            desc=f"merge {method}",
-            unit="tensor",
-            disable=not progress,
-            file=sys.stderr,
-            leave=False,
-        ):
-            b = base.get(k)
-            if k not in merged:
-                out.add(k, b)
-                continue
-            bc = b.to(dev, cdt)
-            _finite(bc, base.source, k)
-            taus = [
-                _task_vector(c, p_, k, bc, dev, cdt)
-                for c, p_ in zip(checkpoints, presents, strict=True)
-            ]
-            d, scale = bm.merge_tensor(p, k, taus)
-            out.add(k, (bc + scale * d).to(_out_dtype(b, dtype)).cpu())
-        meta = {
-            "mergeflow.method": method,
-            "mergeflow.params": json.dumps(p.model_dump(), sort_keys=True),
-            "mergeflow.checkpoints": json.dumps([c.source for c in checkpoints]),
-        }
-        out.commit(meta)
-        return meta
-    except BaseException:
-        out.abort()
-        raise
+    finally:
+        bar.close()
 
 
 __all__ = [
     "DTYPES",
     "SAFETENSORS_DTYPES",
-    "batch_merge",
     "check_compatible",
     "export",
     "fold",

@@ -50,6 +50,7 @@ from mergeflow.services.process import (
     stop,
     wait_healthy,
 )
+from mergeflow.services.webhook_setup import mlflow_webhook_env
 from mergeflow.settings import Settings
 
 __all__ = ["ServiceSpec", "ServiceStatus", "Stack", "StackError", "TELEMETRY_OFF"]
@@ -217,6 +218,22 @@ class Stack:
             "PREFECT_API_URL": s.prefect_api_url,  # the UI talks to this server
             "PREFECT_UI_ENABLED": "true",
             "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+            # Recovery times (docs/reliability.md): a queued fold run retries its lineage's
+            # deployment slot every 10 s (Prefect's default: 30 s; each retry is a state write,
+            # which SQLite serialises) and expired leases are reclaimed every 5 s (15 s).
+            # Either can be overridden from the environment.
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": os.environ.get(
+                "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", "10"
+            ),
+            "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": os.environ.get(
+                "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS", "5"
+            ),
+            # Concurrency leases on disk (under PREFECT_HOME), not in memory: a restarted
+            # server still knows which run holds a lineage's lock (docs/reliability.md).
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": os.environ.get(
+                "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE",
+                "prefect.server.concurrency.lease_storage.filesystem",
+            ),
         }
         return ServiceSpec(
             name="prefect",
@@ -246,6 +263,7 @@ class Stack:
             raise StackError("production profile: set MERGEFLOW_MLFLOW_BACKEND_STORE_URI")
         backend = backend or f"sqlite:///{mlflow_home / 'mlflow.db'}"
         env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self._s3_env()}
+        env.update(mlflow_webhook_env(mlflow_home, s.host))  # webhooks to the local receiver
         return ServiceSpec(
             name="mlflow",
             argv=[

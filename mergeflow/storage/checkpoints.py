@@ -10,21 +10,26 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Mapping
+import math
+import os
+import stat
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from mergeflow.errors import CheckpointError
+from mergeflow.errors import CheckpointError, ConfigError
 from mergeflow.merging.tensors import TORCH_TO_SAFETENSORS, DictReader, TensorMeta, TensorReader
 from mergeflow.storage.hf_layout import (
     ADAPTER_CONFIG,
     ADAPTER_FILE,
     CONFIG_FILE,
     INDEX_FILE,
+    MAX_JSON_BYTES,
     SMALL_FILES,
     LayoutError,
+    is_weight_file,
     parse_index,
     weight_layout,
 )
@@ -101,16 +106,10 @@ class LoraReader:
             raise CheckpointError(
                 label, f"adapter type {config.get('peft_type')!r} is not supported (only LORA)"
             )
-        try:
-            self._alpha = float(config["lora_alpha"])
-            self._r = int(config["r"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(
-                label, "adapter_config.json needs numeric 'r' and 'lora_alpha'"
-            ) from None
+        self._alpha, self._r = _lora_numbers(config, label)
         self._rs = bool(config.get("use_rslora", False))
         self._fan = bool(config.get("fan_in_fan_out", False))
-        self._alpha_pattern: dict[str, float] = config.get("alpha_pattern") or {}
+        self._alpha_pattern = _alpha_pattern(config.get("alpha_pattern"), label)
         base_keys = set(base.keys())
         self._pairs: dict[str, tuple[str, str, bool]] = {}
         self._replace: dict[str, str] = {}
@@ -134,6 +133,7 @@ class LoraReader:
                         raise CheckpointError(
                             label, f"adapter targets {module}.weight, which the base does not have"
                         )
+                    self._check_pair(target, k, bkey, emb)
                     self._pairs[target] = (k, bkey, emb)
                     break
             else:
@@ -144,9 +144,38 @@ class LoraReader:
                 )
                 target = self._match(plain, base_keys)
                 if target is not None:
+                    have, want = self._adapter.meta(k).shape, self._base.meta(target).shape
+                    if tuple(have) != tuple(want):
+                        raise CheckpointError(
+                            label,
+                            f"adapter tensor {k!r} replaces {target!r} with shape {list(have)} "
+                            f"but the base has {list(want)}",
+                        )
                     self._replace[target] = k
                 else:
                     self._extra[plain] = k
+
+    def _check_pair(self, target: str, ak: str, bk: str, emb: bool) -> None:
+        """Refuse, from headers alone, an A/B pair whose product cannot be the base's shape."""
+        a, b = self._adapter.meta(ak), self._adapter.meta(bk)
+        if not (a.is_float and b.is_float):
+            raise CheckpointError(
+                self.source, f"adapter tensors {ak!r}/{bk!r} are not floating-point"
+            )
+        if len(a.shape) != 2 or len(b.shape) != 2 or b.shape[1] != a.shape[0] or a.shape[0] == 0:
+            raise CheckpointError(
+                self.source,
+                f"adapter tensors {ak!r} {list(a.shape)} and {bk!r} {list(b.shape)} are not a rank-r pair",
+            )
+        shape = (a.shape[1], b.shape[0]) if emb else (b.shape[0], a.shape[1])
+        if self._fan and not emb:
+            shape = (shape[1], shape[0])
+        expected = self._base.meta(target).shape
+        if shape != tuple(expected):
+            raise CheckpointError(
+                self.source,
+                f"adapter update for {target!r} has shape {list(shape)} but the base has {list(expected)}",
+            )
 
     @staticmethod
     def _match(name: str, base_keys: set[str]) -> str | None:
@@ -161,6 +190,8 @@ class LoraReader:
     def meta(self, key: str) -> TensorMeta:
         if key in self._extra:
             return self._adapter.meta(self._extra[key])
+        if key in self._replace:
+            return self._adapter.meta(self._replace[key])
         m = self._base.meta(key)
         return TensorMeta("F32", m.shape) if key in self._pairs else m
 
@@ -195,6 +226,37 @@ class LoraReader:
         if key in self._pairs:
             return b.float() + self.delta(key)
         return b
+
+
+def _lora_numbers(config: Mapping[str, Any], label: str) -> tuple[float, int]:
+    """``lora_alpha`` (finite) and ``r`` (a positive integer) of an adapter config."""
+    alpha, r = config.get("lora_alpha"), config.get("r")
+    if (
+        not isinstance(alpha, int | float)
+        or isinstance(alpha, bool)
+        or not math.isfinite(alpha)
+        or not isinstance(r, int)
+        or isinstance(r, bool)
+        or r <= 0
+    ):
+        raise CheckpointError(
+            label,
+            "adapter_config.json needs a finite number 'lora_alpha' and a positive integer 'r'",
+        )
+    return float(alpha), r
+
+
+def _alpha_pattern(value: Any, label: str) -> dict[str, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        for v in value.values()
+    ):
+        raise CheckpointError(
+            label, "adapter_config.json's alpha_pattern must map module names to finite numbers"
+        )
+    return {str(k): float(v) for k, v in value.items()}
 
 
 def pickle_reader(data: bytes, label: str) -> TensorReader:
@@ -261,20 +323,82 @@ class OpenedCheckpoint:
         return [f for f in SMALL_FILES if self.store.exists(self.prefix + f)]
 
 
-def _read_json(store: ReadOnlyStore, rel: str, label: str) -> dict[str, Any]:
+def _read_json(
+    store: ReadOnlyStore, rel: str, label: str, size: int | None = None
+) -> dict[str, Any]:
+    name = rel.rsplit("/", 1)[-1]
+    if size is not None and size > MAX_JSON_BYTES:
+        raise CheckpointError(label, f"{name} is larger than {MAX_JSON_BYTES // 2**20} MiB")
+    data = store.read_bytes(rel)
+    if len(data) > MAX_JSON_BYTES:
+        raise CheckpointError(label, f"{name} is larger than {MAX_JSON_BYTES // 2**20} MiB")
     try:
-        obj = json.loads(store.read_bytes(rel))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(label, f"{rel.rsplit('/', 1)[-1]} is not valid JSON ({e})") from None
+        obj = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(label, f"{name} is not valid JSON ({msg})") from None
     if not isinstance(obj, dict):
-        raise CheckpointError(label, f"{rel.rsplit('/', 1)[-1]} is not a JSON object")
+        raise CheckpointError(label, f"{name} is not a JSON object")
     return obj
+
+
+def check_special_files(store: ReadOnlyStore, prefix: str, label: str) -> None:
+    """On a local folder: refuse a weight, index or config name that is not a regular file
+    (a FIFO or device, directly or through a link), which a listing silently skips."""
+    if not isinstance(store, LocalStore):
+        return
+    folder = store.root / prefix
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if not (is_weight_file(name) or name in (INDEX_FILE, CONFIG_FILE, ADAPTER_CONFIG)):
+            continue
+        try:
+            regular = entry.is_file(follow_symlinks=True)
+            exists = entry.is_dir(follow_symlinks=True) or os.path.exists(entry.path)
+        except OSError:
+            regular, exists = False, True
+        if exists and not regular and not entry.is_dir(follow_symlinks=True):
+            raise CheckpointError(
+                label, f"{name} is not a regular file (a FIFO, socket or device); refused"
+            )
+
+
+def check_regular_files(store: ReadOnlyStore, names: Iterable[str], label: str) -> None:
+    """On a local folder: every named file is a regular file inside the folder.
+
+    A FIFO, socket or device would block or stream forever when read, and a symlink
+    leading out of the folder reads a file the publisher does not own: both are refused
+    before anything is opened. (S3 objects and Hub files are always plain bytes.)
+    """
+    if not isinstance(store, LocalStore):
+        return
+    root = store.root.resolve()
+    for name in names:
+        path = store.root / name
+        try:
+            st = os.stat(path)  # follows symlinks; lstat alone would miss a link to a FIFO
+        except OSError as e:
+            raise CheckpointError(label, f"{name}: cannot stat ({e.strerror})") from None
+        real = path.resolve()
+        if real != root and root not in real.parents:
+            raise CheckpointError(
+                label, f"{name} is a link to {real}, outside the checkpoint folder; refused"
+            )
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(
+                label, f"{name} is not a regular file (a FIFO, socket or device); refused"
+            )
 
 
 def open_file(
     store: ReadOnlyStore, name: str, label: str, *, allow_pickle: bool = False
 ) -> TensorReader:
     """A reader over one weight file of a store: safetensors, or (when allowed) pickle."""
+    check_regular_files(store, [name], label)
     if name.endswith(".safetensors"):
         return SafetensorsReader(store.byte_source(name), label)
     if not allow_pickle:
@@ -291,25 +415,49 @@ def open_weights(
     allow_pickle: bool = False,
 ) -> tuple[TensorReader, list[str], dict[str, Any] | None]:
     """Open the weights in a store folder. Returns (reader, weight files, config.json or None)."""
-    names = [
-        i.relpath[len(prefix) :]
+    try:
+        return _open_weights(store, label, prefix, base, allow_pickle)
+    except ConfigError as e:
+        if "escapes the store root" not in str(e):
+            raise
+        raise CheckpointError(label, f"a file leads outside the checkpoint folder ({e})") from None
+
+
+def _open_weights(
+    store: ReadOnlyStore,
+    label: str,
+    prefix: str,
+    base: TensorReader | None,
+    allow_pickle: bool,
+) -> tuple[TensorReader, list[str], dict[str, Any] | None]:
+    check_special_files(store, prefix, label)
+    sizes = {
+        i.relpath[len(prefix) :]: i.size
         for i in store.list(prefix.rstrip("/"))
         if "/" not in i.relpath[len(prefix) :]
-    ]
-    config = _read_json(store, prefix + CONFIG_FILE, label) if CONFIG_FILE in names else None
+    }
+    names = list(sizes)
+    config = (
+        _read_json(store, prefix + CONFIG_FILE, label, sizes[CONFIG_FILE])
+        if CONFIG_FILE in names
+        else None
+    )
     try:
+        if INDEX_FILE in names and sizes[INDEX_FILE] > MAX_JSON_BYTES:
+            raise LayoutError(f"{INDEX_FILE} is larger than {MAX_JSON_BYTES // 2**20} MiB")
         index = parse_index(store.read_bytes(prefix + INDEX_FILE)) if INDEX_FILE in names else None
         layout = weight_layout(names, index)
     except LayoutError as e:
         raise CheckpointError(label, str(e)) from None
     files = list(layout.files)
+    check_regular_files(store, [prefix + f for f in files], label)
     if layout.kind == "sharded":
         assert index is not None
         return ShardedReader(store, prefix, label, index), files, config
     if layout.kind == "adapter":
         if base is None:
             raise CheckpointError(label, "a LoRA adapter can only be read against a base model")
-        acfg = _read_json(store, prefix + ADAPTER_CONFIG, label)
+        acfg = _read_json(store, prefix + ADAPTER_CONFIG, label, sizes.get(ADAPTER_CONFIG))
         adapter = SafetensorsReader(store.byte_source(prefix + ADAPTER_FILE), label)
         return LoraReader(base, adapter, acfg, label), files, config
     if layout.kind == "pickle" and not allow_pickle:

@@ -70,18 +70,57 @@ def is_weight_file(name: str) -> bool:
     return name.endswith(SAFETENSORS_SUFFIX) or name.endswith(PICKLE_SUFFIXES)
 
 
+MAX_JSON_BYTES = 64 * 2**20
+"""Index, config and adapter config files larger than this are refused before reading."""
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise LayoutError(f"{INDEX_FILE} lists {key!r} more than once")
+        out[key] = value
+    return out
+
+
+def safe_member(name: str) -> bool:
+    """A file name directly inside a checkpoint folder: no separator, no ``..``, no NUL."""
+    return (
+        bool(name)
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and not name.startswith(".")
+        and ":" not in name
+    )
+
+
 def parse_index(data: bytes) -> dict[str, str]:
-    """The ``weight_map`` of a shard index; refuses shards outside the folder."""
+    """The ``weight_map`` of a shard index; refuses shards outside the folder.
+
+    Raises :class:`LayoutError` for invalid JSON (too deep, numbers too long), a tensor
+    listed twice, a shard that is not a ``.safetensors`` file directly in the folder
+    (absolute paths, ``..``, separators), or an index over :data:`MAX_JSON_BYTES`.
+    """
+    if len(data) > MAX_JSON_BYTES:
+        raise LayoutError(f"{INDEX_FILE} is larger than {MAX_JSON_BYTES // 2**20} MiB")
     try:
-        index = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LayoutError(f"{INDEX_FILE} is not valid JSON ({e})") from None
+        index = json.loads(data, object_pairs_hook=_no_duplicates)
+    except LayoutError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise LayoutError(f"{INDEX_FILE} is not valid JSON ({msg})") from None
     wm = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
         raise LayoutError(f"{INDEX_FILE} has no usable weight_map")
-    for shard in set(wm.values()):
-        if "/" in shard or "\\" in shard or shard.startswith(".") or not shard:
-            raise LayoutError(f"{INDEX_FILE} names shard {shard!r} outside the checkpoint folder")
+    for shard in sorted(set(wm.values())):
+        if not safe_member(shard):
+            raise LayoutError(
+                f"{INDEX_FILE} names shard {shard[:200]!r} outside the checkpoint folder"
+            )
+        if not shard.endswith(SAFETENSORS_SUFFIX):
+            raise LayoutError(f"{INDEX_FILE} names shard {shard[:200]!r}, not a .safetensors file")
     return dict(wm)
 
 

@@ -103,6 +103,16 @@ class LocalStore:
         shutil.copyfile(local_path, tmp)
         os.replace(tmp, p)
 
+    def move_file(self, local_path: Path, relpath: str) -> None:
+        """Like :meth:`put_file` but consumes ``local_path``: a rename on the same filesystem."""
+        p = self._path(relpath)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(local_path, p)
+        except OSError:  # another filesystem: copy, then drop the original
+            self.put_file(local_path, relpath)
+            Path(local_path).unlink(missing_ok=True)
+
     def exists(self, relpath: str) -> bool:
         return self._path(relpath).exists()
 
@@ -142,4 +152,9 @@ class StoreSink:
         self.prefix = prefix.strip("/")
 
     def put(self, local_path: Path, name: str) -> None:
-        self.store.put_file(local_path, f"{self.prefix}/{name}" if self.prefix else name)
+        """Store a finished shard; a local store takes the file by renaming it (no copy)."""
+        rel = f"{self.prefix}/{name}" if self.prefix else name
+        if isinstance(self.store, LocalStore):
+            self.store.move_file(local_path, rel)
+        else:
+            self.store.put_file(local_path, rel)

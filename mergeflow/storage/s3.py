@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from mergeflow.errors import CheckpointError, ConfigError
+from mergeflow.errors import CheckpointChanged, CheckpointError, ConfigError, ServiceUnavailable
 from mergeflow.settings import S3Settings
 from mergeflow.storage.objects import ObjectInfo
 
@@ -140,7 +141,7 @@ def s3_errors(client: Any, bucket: str, what: str, key: str | None = None) -> It
             f"S3 error at {_endpoint(client)} ({what} {where}): {code}: {e}"
         ) from None
     except (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError) as e:
-        raise ConfigError(
+        raise ServiceUnavailable(
             f"cannot reach the S3 endpoint {_endpoint(client)} ({what} {where}): {e}; "
             "check AWS_ENDPOINT_URL_S3 / MERGEFLOW_S3_ENDPOINT_URL and that the server runs"
         ) from None
@@ -165,14 +166,24 @@ def _join(*parts: str) -> str:
 class S3Object:
     """A :class:`~mergeflow.storage.safetensors_file.ByteSource` over one S3 object, read by ranges.
 
-    ``size()`` costs one HEAD (cached), each ``read``/``read_prefix`` one ranged GET.
+    ``size()`` costs one HEAD (cached), each ``read``/``read_prefix`` one ranged GET, or for a
+    range above ``multipart_chunksize`` that many ranged GETs, ``max_concurrency`` at a time.
     After the HEAD, reads pin the object's ETag (``IfMatch``) so a concurrent overwrite
     fails loudly instead of mixing two versions.
     """
 
     def __init__(
-        self, client: Any, bucket: str, key: str, size: int | None = None, etag: str | None = None
+        self,
+        client: Any,
+        bucket: str,
+        key: str,
+        size: int | None = None,
+        etag: str | None = None,
+        settings: S3Settings | None = None,
     ) -> None:
+        st = settings or s3_settings()
+        self._part = st.multipart_chunksize
+        self._concurrency = st.max_concurrency
         self.client = client
         self.bucket = bucket
         self.key = key
@@ -189,7 +200,9 @@ class S3Object:
             raise CheckpointError(self.name, "object does not exist") from None
         except ConfigError as e:
             if "PreconditionFailed" in str(e):
-                raise CheckpointError(self.name, "object changed while it was being read") from None
+                raise CheckpointChanged(
+                    self.name, "object changed while it was being read"
+                ) from None
             raise
 
     def size(self) -> int:
@@ -213,11 +226,23 @@ class S3Object:
             return resp["Body"].read()
 
     def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``; a large range is fetched as concurrent ranged GETs."""
         if length == 0:
             return b""
         if offset < 0 or length < 0:
             raise ValueError("offset and length must be non-negative")
-        data = self._get(offset, offset + length - 1)
+        part, workers = self._part, self._concurrency
+        if length > part and workers > 1:
+            spans = [
+                (a, min(a + part, offset + length) - 1)
+                for a in range(offset, offset + length, part)
+            ]
+            with ThreadPoolExecutor(
+                min(workers, len(spans)), thread_name_prefix="mergeflow-s3"
+            ) as ex:
+                data = b"".join(ex.map(lambda ab: self._get(*ab), spans))
+        else:
+            data = self._get(offset, offset + length - 1)
         if len(data) != length:
             raise CheckpointError(
                 self.name, f"truncated: wanted {length} bytes at offset {offset}, got {len(data)}"
@@ -276,7 +301,7 @@ class S3Store:
         return S3Store(self.bucket, self._key(relpath), client=self.client, settings=self.settings)
 
     def byte_source(self, relpath: str) -> S3Object:
-        return S3Object(self.client, self.bucket, self._key(relpath))
+        return S3Object(self.client, self.bucket, self._key(relpath), settings=self.settings)
 
     def read_bytes(self, relpath: str) -> bytes:
         with self._errors("GET", relpath):

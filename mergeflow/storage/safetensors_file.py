@@ -82,6 +82,37 @@ class HeaderPrefix(Protocol):
     def read_prefix(self, length: int) -> bytes: ...
 
 
+MAX_TENSORS = 1 << 18
+"""Tensors one safetensors file may declare (262 144; the largest public checkpoints hold
+far fewer per shard). Counted on the raw header bytes before any JSON is parsed."""
+
+
+MAX_DIMS = 64
+"""Dimensions one tensor may have (torch's own limit); bounds the cost of its element count."""
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters: a hostile header must not flood the message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``json`` object hook: a name declared twice is an error, not "the last one wins"."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
 def parse_header(
     prefix: bytes, file_size: int, source: str
 ) -> tuple[int, dict[str, TensorMeta], dict[str, tuple[int, int]], dict[str, str]]:
@@ -89,7 +120,12 @@ def parse_header(
 
     ``prefix`` holds at least the first ``8 + header_len`` bytes. Returns
     ``(data_start, metas, byte ranges relative to data_start, metadata)``.
-    Every structural problem raises :class:`CheckpointError` naming ``source``.
+    Every structural problem raises :class:`CheckpointError` naming ``source``: a
+    header over :data:`MAX_HEADER_BYTES` or declaring more than :data:`MAX_TENSORS`
+    tensors (refused before parsing), invalid JSON (including nesting too deep or
+    numbers too long to parse), a tensor name declared twice, an entry without dtype,
+    shape and data_offsets, offsets reversed, overlapping, not matching the shape or
+    past the end of the file. Nothing is allocated in proportion to the declared sizes.
     """
     if file_size < 8:
         raise CheckpointError(
@@ -108,10 +144,22 @@ def parse_header(
     if len(prefix) < 8 + n:
         raise ValueError("prefix shorter than the header")
     raw = prefix[8 : 8 + n]
+    declared = raw.count(b'"data_offsets"')
+    if declared > MAX_TENSORS:
+        raise CheckpointError(
+            source,
+            f"safetensors header declares {declared} tensors, more than the {MAX_TENSORS} one file may hold",
+        )
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(source, f"safetensors header is not valid JSON ({e})") from None
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise CheckpointError(
+            source, f"safetensors header declares {e.key!r} more than once"
+        ) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # ValueError covers json.JSONDecodeError and integers too long to convert
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(source, f"safetensors header is not valid JSON ({msg})") from None
     if not isinstance(header, dict):
         raise CheckpointError(source, "safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -126,13 +174,18 @@ def parse_header(
                 source, f"tensor {key!r}: header entry needs dtype, shape and data_offsets"
             )
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPE_SIZES:
-            raise CheckpointError(source, f"tensor {key!r}: unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise CheckpointError(source, f"tensor {key!r}: unsupported dtype {_short(dtype)}")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_DIMS
+            or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in shape
+            )
         ):
             raise CheckpointError(
-                source, f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers"
+                source,
+                f"tensor {key!r}: shape {_short(shape)} is not a list of non-negative integers (at most {MAX_DIMS})",
             )
         if (
             not isinstance(offs, list)
@@ -140,12 +193,12 @@ def parse_header(
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
             or not 0 <= offs[0] <= offs[1]
         ):
-            raise CheckpointError(source, f"tensor {key!r}: bad data_offsets {offs!r}")
+            raise CheckpointError(source, f"tensor {key!r}: bad data_offsets {_short(offs)}")
         meta = TensorMeta(dtype, tuple(shape))
         if offs[1] - offs[0] != meta.numel * DTYPE_SIZES[dtype]:
             raise CheckpointError(
                 source,
-                f"tensor {key!r}: data_offsets span {offs[1] - offs[0]} bytes but {dtype}{list(shape)} needs {meta.numel * DTYPE_SIZES[dtype]}",
+                f"tensor {key!r}: data_offsets span {offs[1] - offs[0]} bytes but {dtype}{_short(shape)} needs {meta.numel * DTYPE_SIZES[dtype]}",
             )
         if offs[1] > data_len:
             raise CheckpointError(
@@ -211,8 +264,26 @@ class SafetensorsReader:
             close()
 
 
+def _append(src: BinaryIO, dst: BinaryIO) -> None:
+    """Append all of ``src`` to ``dst`` in the kernel (``copy_file_range``), else by chunks."""
+    size = os.fstat(src.fileno()).st_size
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), size - done)
+            if n == 0:
+                break
+            done += n
+    except OSError:  # not supported here (old kernel, some filesystems): the rest in Python
+        pass
+    if done < size:
+        src.seek(done)
+        dst.seek(0, os.SEEK_END)
+        shutil.copyfileobj(src, dst, 16 * 2**20)
+
+
 class ShardSink(Protocol):
-    """Receives finished shard files from :class:`ShardedWriter`."""
+    """Receives finished shard files from :class:`ShardedWriter` (it may move them away)."""
 
     def put(self, local_path: Path, name: str) -> None: ...
 
@@ -301,7 +372,8 @@ class ShardedWriter:
                 with open(out, "wb") as fo, open(data_path, "rb") as fi:
                     fo.write(struct.pack("<Q", len(hbytes)))
                     fo.write(hbytes)
-                    shutil.copyfileobj(fi, fo, 16 * 2**20)
+                    fo.flush()
+                    _append(fi, fo)
                 data_path.unlink()
                 self._sink.put(out, name)
                 out.unlink(missing_ok=True)

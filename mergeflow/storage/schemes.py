@@ -172,6 +172,8 @@ def open_checkpoint(
         path = local_path(uri)
         if not path.exists():
             raise CheckpointError(uri, "path does not exist")
+        if not (path.is_file() or path.is_dir()):  # reading a FIFO or device would block
+            raise CheckpointError(uri, "not a regular file or folder (a FIFO, socket or device)")
         if path.is_file() and not is_weight_file(path.name):
             raise CheckpointError(uri, "not a .safetensors file (or a folder holding a checkpoint)")
         file_parent: str | None = str(path.parent) if path.is_file() else None

@@ -1,8 +1,9 @@
-"""Evaluation tasks: score a merged model on validation and test, apply the gate."""
+"""Evaluation tasks: score a merged model on validation and test, a checkpoint alone, the gate."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -11,14 +12,25 @@ from prefect import task
 
 from mergeflow.evaluation.evaluators import build_evaluator
 from mergeflow.evaluation.gate import GateChoice, choose
-from mergeflow.evaluation.spec import TaskSpec
+from mergeflow.evaluation.own import own_key, split_checkpoint
+from mergeflow.evaluation.spec import EvaluationSuite, TaskSpec
 from mergeflow.lineage import LineageSpec
 from mergeflow.merging.engine import resolve_device
 from mergeflow.storage import states
 from mergeflow.storage.schemes import open_checkpoint
 from mergeflow.tasks import layout
 from mergeflow.tasks.retry import io_task
-from mergeflow.tasks.values import EvalOutput, FoldOutput, ModelOutput
+from mergeflow.tasks.values import (
+    CheckpointRef,
+    EvalOutput,
+    FoldOutput,
+    ModelOutput,
+    OwnScores,
+    ParentState,
+)
+
+OWN_SCORES_DIR = "own-scores"
+"""Under the lineage's store: ``own-scores/<digest>.json``, one checkpoint's own scores."""
 
 
 @task(name="evaluate", task_run_name="evaluate-{fold.label}")
@@ -45,6 +57,7 @@ def evaluate_model(spec: LineageSpec, fold: FoldOutput, model: ModelOutput) -> E
         model_config=merged.config,
         read_bytes=layout.read_uri,
         device=str(resolve_device(spec.device)),
+        model_uri=model.model_uri,
     )
     validation = evaluator.evaluate(merged.reader, heads, tasks, "validation")
     test = evaluator.evaluate(merged.reader, heads, tasks, "test")
@@ -69,7 +82,10 @@ def datasets(tasks: Sequence[TaskSpec]) -> list[dict[str, str]]:
 
 @task(name="gate")
 def gate(
-    spec: LineageSpec, candidates: Sequence[EvalOutput], champion_validation: Mapping[str, float]
+    spec: LineageSpec,
+    candidates: Sequence[EvalOutput],
+    champion_validation: Mapping[str, float],
+    own: OwnScores | None = None,
 ) -> GateChoice:
     """:func:`mergeflow.evaluation.gate.choose` on validation scores; all pass without a suite."""
     if spec.evaluation is None:
@@ -79,7 +95,64 @@ def gate(
         spec.gate,
         dict(champion_validation) or None,
         higher_is_better=spec.evaluation.higher_is_better,
+        own_scores=own.validation if own is not None else None,
     )
+
+
+def _own_path(digest: str) -> str:
+    return f"{OWN_SCORES_DIR}/{digest.replace(':', '-')}.json"
+
+
+def _score_alone(
+    spec: LineageSpec, suite: EvaluationSuite, ck: CheckpointRef, tasks: list[TaskSpec]
+) -> dict[str, dict[str, float]]:
+    """Score checkpoint ``ck`` alone (its weights and head) on ``tasks``, both splits."""
+    base = layout.open_base(spec)
+    opened = open_checkpoint(ck.uri, base=base.reader, allow_pickle=spec.allow_pickle)
+    reader, head = split_checkpoint(base.reader, opened.reader)
+    evaluator = build_evaluator(
+        suite,
+        model_config=base.config,
+        read_bytes=layout.read_uri,
+        device=str(resolve_device(spec.device)),
+        model_uri=spec.base,
+    )
+    heads = {ck.id: head}
+    return {s: evaluator.evaluate(reader, heads, tasks, s) for s in ("validation", "test")}
+
+
+@task(name="own-scores", task_run_name="own-scores-{ck.id}")
+def own_scores(spec: LineageSpec, ck: CheckpointRef, parent: ParentState) -> OwnScores:
+    """a_i(θ_i) for the tasks of ``ck`` and of every checkpoint the parent state folded.
+
+    Computed once per checkpoint (``ck`` alone, validation and test) and cached on the
+    lineage's store as ``own-scores/<digest>.json``, keyed by task definition
+    (:func:`~mergeflow.evaluation.own.own_key`); earlier checkpoints are read from there
+    (one whose scores are not cached is left out).
+    """
+    suite = spec.evaluation
+    if suite is None:
+        return OwnScores()
+    manifest = states.read_manifest(layout.store(parent.state_uri))
+    refs = [CheckpointRef(id=c.id, uri="", digest=c.digest) for c in manifest.info.checkpoints]
+    st = layout.store(spec.store)
+    out: dict[str, dict[str, float]] = {"validation": {}, "test": {}}
+    for ref in [*refs, ck]:
+        tasks = [t for t in suite.tasks if t.checkpoint == ref.id]
+        if not tasks or not ref.digest:
+            continue
+        path = _own_path(ref.digest)
+        cached = json.loads(st.read_bytes(path)) if st.exists(path) else {}
+        keys = {t.name: own_key(t, suite) for t in tasks}
+        if ref is ck and any(cached.get(n, {}).get("key") != k for n, k in keys.items()):
+            scores = _score_alone(spec, suite, ck, tasks)
+            cached = {n: {"key": keys[n], **{s: scores[s][n] for s in scores}} for n in keys}
+            st.write_bytes(path, json.dumps(cached, indent=2, sort_keys=True).encode())
+        for n, k in keys.items():
+            if cached.get(n, {}).get("key") == k:
+                out["validation"][n] = cached[n]["validation"]
+                out["test"][n] = cached[n]["test"]
+    return OwnScores(**out)
 
 
 @task(name="save-evaluation", **io_task)

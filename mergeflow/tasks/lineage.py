@@ -5,11 +5,13 @@ from __future__ import annotations
 from prefect import task
 
 from mergeflow.architecture import resolve_projection
+from mergeflow.errors import StateError
 from mergeflow.lineage import LineageSpec, load_lineage
 from mergeflow.merging import engine
 from mergeflow.merging.state import BaseRef
 from mergeflow.storage import states
 from mergeflow.storage.registry import Registry
+from mergeflow.storage.registry.history import inherited_seen, pending_replays
 from mergeflow.storage.schemes import open_source
 from mergeflow.tasks import layout
 from mergeflow.tasks.retry import io_task
@@ -29,8 +31,14 @@ def load_spec(name: str) -> LineageSpec:
 
 @task(name="seen-checkpoints", **io_task)
 def seen_checkpoints(spec: LineageSpec) -> set[str]:
-    """Ids and digests of every checkpoint this lineage folded or rejected."""
-    return set(registry().seen_checkpoints(spec.registered_model))
+    """Ids and digests of every checkpoint this lineage folded, rejected or dropped.
+
+    A branched or rebuilt lineage also counts what its origin had seen up to its version."""
+    seen = set(registry().seen_checkpoints(spec.registered_model))
+    if spec.origin is not None:
+        origin = registry().versions(spec.origin.registered_model)
+        seen |= inherited_seen(origin, spec.origin.version)
+    return seen
 
 
 @task(name="list-source", **io_task)
@@ -53,9 +61,20 @@ def checkpoint_by_uri(uri: str) -> CheckpointRef:
 
 
 @task(name="load-parent", **io_task)
-def load_parent(spec: LineageSpec) -> ParentState:
-    """The last accepted version's state, or the step-0 state (created on first use)."""
-    last = registry().last_accepted(spec.registered_model)
+def load_parent(spec: LineageSpec, replaying: bool = False) -> ParentState:
+    """The last accepted version's state, or the step-0 state (created on first use).
+
+    Raises :class:`StateError` while a replay (``mergeflow lineage drop``) is unfinished,
+    unless ``replaying``: folding a new checkpoint first would reorder the history.
+    """
+    versions = registry().versions(spec.registered_model)
+    if not replaying and pending_replays(versions):
+        raise StateError(
+            f"lineage {spec.name}: a replay after a dropped checkpoint is unfinished; "
+            f"resume it with `mergeflow lineage resume {spec.name}` before folding more"
+        )
+    accepted = [v for v in versions if v.status == "accepted"]
+    last = accepted[-1] if accepted else None
     state_uri = last.state_uri if last is not None else ensure_init_state(spec)
     manifest = states.read_manifest(layout.store(state_uri))
     matrix, validation, _ = layout.read_evaluation(layout.prefix_of(state_uri))

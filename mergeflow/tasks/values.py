@@ -9,7 +9,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from mergeflow.evaluation.continual import AccuracyMatrix
 from mergeflow.storage.sources import CheckpointRef
 
-__all__ = ["CheckpointRef", "EvalOutput", "FoldOutcome", "FoldOutput", "ModelOutput", "ParentState"]
+__all__ = [
+    "CheckpointRef",
+    "EvalOutput",
+    "FoldOutcome",
+    "FoldOutput",
+    "ModelOutput",
+    "OwnScores",
+    "ParentState",
+]
 
 
 class ParentState(BaseModel):
@@ -63,6 +71,19 @@ class EvalOutput(BaseModel):
     test: dict[str, float] = Field(default_factory=dict)
     seconds: float = 0.0
     datasets: list[dict[str, str]] = Field(default_factory=list)
+
+
+class OwnScores(BaseModel):
+    """Each folded checkpoint's own score on its tasks, a_i(θ_i): the checkpoint alone.
+
+    Task name -> score, per split, for the tasks whose checkpoint's own score is known
+    (headless tasks have none). Feeds normalized accuracy and the gate's plasticity check.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    validation: dict[str, float] = Field(default_factory=dict)
+    test: dict[str, float] = Field(default_factory=dict)
 
 
 class FoldOutcome(BaseModel):

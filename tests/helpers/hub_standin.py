@@ -12,6 +12,9 @@ with a git-like commit history and answers exactly the endpoints mergeflow uses:
   (``*.safetensors``, ``*.bin``) redirect like the Hub does to ``/cdn-lfs/{sha256}``, which
   honours ``Range``. Headers: ``X-Repo-Commit``, ``ETag``, ``X-Linked-Etag``, ``X-Linked-Size``.
 
+Writes (``create_repo``, ``upload_folder``: preupload, LFS batch and upload, the NDJSON
+commit) are answered by :mod:`helpers.hub_writes`.
+
 Every request is recorded in :attr:`HubStandIn.requests` so tests can assert that no
 weight file was downloaded whole. Errors use the Hub's ``X-Error-Code`` header so the
 client raises ``RepositoryNotFoundError``/``RevisionNotFoundError``/``EntryNotFoundError``.
@@ -32,7 +35,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
-LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+from helpers.hub_writes import LFS_SUFFIXES, handle_write
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,8 @@ class HubStandIn:
         self.requests: list[RecordedRequest] = []
         self.ignore_ranges = False
         """When set, byte ranges are ignored (a misbehaving server/proxy) to test the client's guard."""
+        self.write_token: str | None = None
+        """When set, writes need ``Authorization: Bearer <write_token>``."""
         self._lock = threading.Lock()
         self._clock = datetime(2025, 1, 1, tzinfo=timezone.utc)
         self._server: ThreadingHTTPServer | None = None
@@ -343,6 +348,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._dispatch()
 
+    def do_POST(self) -> None:
+        handle_write(self)
+
+    def do_PUT(self) -> None:
+        handle_write(self)
+
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
         path = unquote(url.path)
@@ -357,7 +368,7 @@ class _Handler(BaseHTTPRequestHandler):
             if m := _RESOLVE_RE.match(url.path):
                 return self._resolve_file(unquote(m["repo"]), unquote(m["rev"]), unquote(m["path"]))
             if m := _CDN_RE.match(path):
-                return self._cdn(m["sha"])
+                return self._cdn(m["sha"], query.get("commit", [""])[0])
             self._error(404, "NotFound", f"no route for {path}")
         except Exception as e:  # pragma: no cover - surfaced to the client as a 500
             self._send(500, json.dumps({"error": repr(e)}).encode())
@@ -432,7 +443,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path.endswith(LFS_SUFFIXES):
             # Like the Hub: LFS files redirect to a content-addressed CDN URL.
             headers |= {
-                "Location": f"/cdn-lfs/{blob.sha256}",
+                "Location": f"/cdn-lfs/{blob.sha256}?commit={commit.sha}",
                 "ETag": f'"{blob.git_sha1}"',
                 "X-Linked-Etag": f'"{blob.sha256}"',
                 "X-Linked-Size": str(blob.size),
@@ -441,11 +452,14 @@ class _Handler(BaseHTTPRequestHandler):
         headers["ETag"] = f'"{blob.git_sha1}"'
         self._serve_bytes(self.hub.root / "blobs" / blob.sha256, blob.size, headers)
 
-    def _cdn(self, sha: str) -> None:
+    def _cdn(self, sha: str, commit: str) -> None:
         p = self.hub.root / "blobs" / sha
         if not p.exists():
             return self._error(404, "EntryNotFound", "no such object")
-        self._serve_bytes(p, p.stat().st_size, {"ETag": f'"{sha}"', "Accept-Ranges": "bytes"})
+        headers = {"ETag": f'"{sha}"', "Accept-Ranges": "bytes"}
+        if commit:  # huggingface_hub follows a same-host redirect and reads the commit here
+            headers["X-Repo-Commit"] = commit
+        self._serve_bytes(p, p.stat().st_size, headers)
 
     def _serve_bytes(self, path: Path, size: int, headers: dict[str, str]) -> None:
         rng = None if self.hub.ignore_ranges else self.headers.get("Range")

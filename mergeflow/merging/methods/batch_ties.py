@@ -34,5 +34,6 @@ class BatchTies(BatchMethod[BatchTiesParams]):
     def merge_tensor(
         self, params: BatchTiesParams, key: str, taus: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, float]:
-        trimmed = [trim(t, tensor_threshold(t, params.density)) for t in taus]
-        return disjoint_merge(trimmed, params.merge_func), params.scale
+        thresholds = [tensor_threshold(t, params.density) for t in taus]
+        merged = disjoint_merge(taus, params.merge_func, lambda i, t: trim(t, thresholds[i]))
+        return merged, params.scale

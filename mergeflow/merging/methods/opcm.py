@@ -12,7 +12,9 @@ zeroed (the full-SVD form of the paper). The update is ``S_t = λ_{t−1}·M + X
 ``θ̄_t = θ₀ + S_t·μ_t/‖S_t‖`` with ``μ_t`` the mean of ``‖τ_i‖``, ``λ_t = ‖S_t‖/μ_t``.
 
 Since ``λ_{t−1}·M = S_{t−1}``, the state keeps the unscaled ``S`` and the rescale is
-the state's scale ``μ_t/‖S_t‖`` (= 1/λ_t): one pass per fold. Edge cases: ``M = 0``
+the state's scale ``μ_t/‖S_t‖`` (= 1/λ_t): one pass per fold. The projection itself is
+computed by :func:`mergeflow.merging.linalg.project` (float64 Gram + eigh by default, exact to
+float64 rounding; rank-deficient directions carry no diagonal term). Edge cases: ``M = 0``
 (frozen layer) skips the projection; all-zero task vectors give scale 1;
 ``α`` must lie in [0, 1) (at α ≥ 1 nothing would be protected).
 """
@@ -20,11 +22,12 @@ the state's scale ``μ_t/‖S_t‖`` (= 1/λ_t): one pass per fold. Edge cases: 
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from pydantic import Field
 
+from mergeflow.merging.linalg import Decomposition, project
 from mergeflow.merging.methods.base import (
     ContinualMethod,
     FoldStats,
@@ -41,8 +44,9 @@ class OPCMParams(MethodParams):
         lt=1.0,
         description="share of the singular-value mass of M protected from interference, in [0, 1)",
     )
-    svd_dtype: Literal["float32", "float64"] = Field(
-        "float32", description="precision of the SVD and projection (float64 is slower, steadier)"
+    decomposition: Decomposition = Field(
+        "auto",
+        description="auto: float64 Gram + eigh (float64 SVD where ill-conditioned); svd64: float64 SVD; svd32: float32 SVD (the research code's precision)",
     )
 
 
@@ -53,33 +57,6 @@ class OPCMScalars(MethodScalars):
     mean_tv_norm: float = 0.0  # μ_t = tv_norm_sum / t
     last_tv_norm: float = 0.0  # ‖τ_t‖ of the last folded checkpoint
     unscaled_norm: float = 0.0  # ‖S_t‖; λ_t = unscaled_norm / mean_tv_norm
-
-
-def split_rank(s: torch.Tensor, alpha: float) -> int:
-    """0-based first index where the cumulative singular-value share exceeds ``alpha``."""
-    share = torch.cumsum(s, 0) / s.sum()
-    return int(torch.argmax((share > alpha).to(torch.int8)).item())
-
-
-def project(
-    x: torch.Tensor, m: torch.Tensor, alpha: float, svd_dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """Thin-SVD OPCM projection of ``x`` against ``m`` (see module docstring); ``m = 0`` returns ``x``."""
-    out_dtype = x.dtype
-    m = m.to(svd_dtype)
-    if not torch.any(m):
-        return x
-    x = x.to(svd_dtype)
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    v = vh.mT
-    r = split_rank(s, alpha)
-    xv = x @ v  # m × k
-    d = (u * xv).sum(0)  # u_iᵀ X v_i
-    res = x
-    if r > 0:
-        res = res - u[:, :r] @ (u[:, :r].mT @ xv[:, :r]) @ v[:, :r].mT
-    res = res - (u[:, r:] * d[r:]) @ v[:, r:].mT
-    return res.to(out_dtype)
 
 
 class OPCM(ContinualMethod[OPCMParams, OPCMScalars]):
@@ -94,8 +71,7 @@ class OPCM(ContinualMethod[OPCMParams, OPCMScalars]):
             return s.tau.clone()
         if not s.projected:
             return s.prev + s.tau
-        dt = torch.float64 if params.svd_dtype == "float64" else torch.float32
-        return s.prev + project(s.tau, s.prev, params.alpha, dt).to(s.prev.dtype)
+        return s.prev + project(s.tau, s.prev, params.alpha, params.decomposition).to(s.prev.dtype)
 
     def finish(
         self, params: OPCMParams, scalars: OPCMScalars, stats: FoldStats

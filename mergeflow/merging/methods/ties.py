@@ -11,6 +11,7 @@ already contains it (T counted twice per step); here T_t replaces T_{t−1}.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar, Literal
 
 import torch
@@ -43,18 +44,42 @@ class TiesParams(ScaledParams):
     )
 
 
-def disjoint_merge(vectors: list[torch.Tensor], merge_func: str) -> torch.Tensor:
-    """Elect the sign of the sum and combine the entries that agree with it."""
-    stacked = torch.stack(vectors)
-    sign = torch.sign(stacked.sum(0))
-    agree = (torch.sign(stacked) == sign) & (stacked != 0)
-    kept = stacked * agree
-    if merge_func == "sum":
-        return kept.sum(0)
-    if merge_func == "mean":
-        return kept.sum(0) / agree.sum(0).clamp(min=1)
-    idx = kept.abs().argmax(0, keepdim=True)
-    return kept.gather(0, idx).squeeze(0)
+def disjoint_merge(
+    vectors: Sequence[torch.Tensor],
+    merge_func: str,
+    transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Elect the sign of the sum and combine the entries that agree with it.
+
+    Streams over ``vectors`` twice (sign election, then the merge) and never stacks them,
+    so memory is a few tensors whatever their number. ``transform(i, v)`` (e.g. trimming)
+    is applied to each vector as it is read, in both passes.
+    """
+
+    def each() -> Iterator[torch.Tensor]:
+        for i, v in enumerate(vectors):
+            yield v if transform is None else transform(i, v)
+
+    total: torch.Tensor | None = None
+    for v in each():
+        total = v.clone() if total is None else total.add_(v)
+    assert total is not None
+    sign = torch.sign(total)
+    del total
+    out = torch.zeros_like(sign)
+    count = torch.zeros_like(sign) if merge_func == "mean" else None
+    for v in each():
+        agree = (torch.sign(v) == sign) & (v != 0)
+        kept = torch.where(agree, v, torch.zeros((), dtype=v.dtype, device=v.device))
+        if merge_func == "max":
+            out = torch.where(kept.abs() > out.abs(), kept, out)
+        else:
+            out += kept
+            if count is not None:
+                count += agree
+    if count is not None:
+        out /= count.clamp(min=1)
+    return out
 
 
 class Ties(ContinualMethod[TiesParams, NoScalars]):

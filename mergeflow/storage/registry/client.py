@@ -32,6 +32,7 @@ from mergeflow.storage.registry.records import (
 from mergeflow.storage.registry.render import describe, write_artifacts
 from mergeflow.storage.registry.tags import (
     CHAMPION_ALIAS,
+    LIVE_STATUSES,
     MLFLOW_EXTERNAL,
     MLFLOW_NOTE,
     NEWEST_ALIAS,
@@ -113,9 +114,10 @@ class Registry:
     def register_fold(self, rec: FoldRecord) -> VersionRecord:
         """Record one fold as a new version of ``rec.registered_model`` (see the package doc).
 
-        Idempotent: when a version with ``rec.checkpoint_digest`` exists already it is
-        returned (after repairing the aliases) and nothing else is written. The version is
-        created last, as the commit point.
+        Idempotent: when a version with ``rec.checkpoint_digest`` (and the same
+        ``rec.replaces``: a replayed fold is a new version of the same checkpoint) exists
+        already it is returned (after repairing the aliases) and nothing else is written.
+        The version is created last, as the commit point.
         """
         if rec.status == "accepted" and not rec.model_uri:
             raise ConfigError(f"fold {rec.checkpoint_id!r}: an accepted fold needs model_uri")
@@ -127,14 +129,16 @@ class Registry:
                 f"{sorted(others)[0]!r}, not {rec.lineage!r}; give each lineage its own model"
             )
         for v in existing:
-            if v.checkpoint_digest == rec.checkpoint_digest:
+            if v.checkpoint_digest == rec.checkpoint_digest and v.replaces == rec.replaces:
                 with mlflow_errors(f"repairing aliases of {rec.registered_model!r}"):
                     held = self._reconcile_aliases(rec.registered_model, existing)
                 return v.model_copy(update={"aliases": aliases_of(v.version, held)})
 
         with mlflow_errors(f"registering fold {rec.checkpoint_id!r} of {rec.lineage!r}"):
             experiment_id = self._experiment(rec.lineage)
-            self._drop_orphans(experiment_id, rec.checkpoint_digest)
+            self._drop_orphans(
+                experiment_id, rec.checkpoint_digest, {v.run_id for v in existing if v.run_id}
+            )
             predicted = str(max((int(v.version) for v in existing), default=0) + 1)
             run_id, model_id = self._log_run(rec, experiment_id, existing, predicted)
             mv = self._create_version(rec, run_id, model_id)  # the commit point
@@ -153,6 +157,11 @@ class Registry:
         """
         return self.register_fold(rec.model_copy(update={"status": "rejected", "model_uri": ""}))
 
+    def reconcile_aliases(self, registered_model: str) -> dict[str, str]:
+        """Put ``newest`` and ``champion`` where the live versions say (after a history edit)."""
+        with mlflow_errors(f"reconciling aliases of {registered_model!r}"):
+            return self._reconcile_aliases(registered_model, self.versions(registered_model))
+
     # ---------------------------------------------------------------- internals
     def _experiment(self, lineage: str) -> str:
         name = f"mergeflow/{lineage}"
@@ -169,12 +178,16 @@ class Registry:
                 raise
             return exp.experiment_id
 
-    def _drop_orphans(self, experiment_id: str, digest: str) -> None:
-        """Soft-delete runs (and LoggedModels) of earlier attempts that never got a version."""
+    def _drop_orphans(self, experiment_id: str, digest: str, keep: set[str]) -> None:
+        """Soft-delete runs (and LoggedModels) of earlier attempts that never got a version.
+
+        ``keep``: run ids that versions use (a replayed fold shares its digest with them)."""
         runs = self.client.search_runs(
             [experiment_id], filter_string=f"tags.`{T_CHECKPOINT_DIGEST}` = '{quote(digest)}'"
         )
         for run in runs:
+            if run.info.run_id in keep:
+                continue
             model_id = run.data.tags.get(T_MODEL_ID)
             if model_id:
                 try:
@@ -283,10 +296,14 @@ class Registry:
         Returns the alias map after the change.
         """
         current = {a: v.version for v in versions for a in v.aliases}
-        if not versions:
+        live = [v for v in versions if v.status in LIVE_STATUSES]  # not dropped or superseded
+        if not live:
+            for alias in [a for a in (NEWEST_ALIAS, CHAMPION_ALIAS) if a in current]:
+                self.client.delete_registered_model_alias(registered_model, alias)
+                del current[alias]
             return current
-        want = {NEWEST_ALIAS: versions[-1].version}
-        accepted = [v for v in versions if v.status == "accepted"]
+        want = {NEWEST_ALIAS: live[-1].version}
+        accepted = [v for v in live if v.status == "accepted"]
         if accepted:
             want[CHAMPION_ALIAS] = accepted[-1].version
         for alias, version in want.items():

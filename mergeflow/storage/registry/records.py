@@ -12,9 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mergeflow.errors import MergeflowError
 from mergeflow.storage.registry.tags import (
+    DROPPED,
+    SUPERSEDED,
     T_CHECKPOINT_DIGEST,
     T_CHECKPOINT_ID,
     T_CHECKPOINT_URI,
+    T_DROPPED_AT,
+    T_DROPPED_REASON,
     T_LINEAGE,
     T_METHOD,
     T_METRICS,
@@ -22,9 +26,12 @@ from mergeflow.storage.registry.tags import (
     T_MODEL_URI,
     T_PARENT_VERSION,
     T_REASON,
+    T_REPLACES_VERSION,
     T_STATE_URI,
     T_STATUS,
     T_STEP,
+    T_SUPERSEDED_BY,
+    T_SUPERSEDED_REASON,
 )
 
 if TYPE_CHECKING:
@@ -80,6 +87,8 @@ class FoldRecord(BaseModel):
     task_names: list[str] = Field(default_factory=list)
     eval_datasets: list[dict[str, Any]] = Field(default_factory=list)
     """For ``log_inputs``: ``{name, uri, split, digest}`` each (digest optional)."""
+    replaces: str | None = None
+    """A replayed fold: the version it replaces (part of the idempotency key with the digest)."""
 
 
 class VersionRecord(BaseModel):
@@ -105,6 +114,22 @@ class VersionRecord(BaseModel):
     lineage: str = ""
     model_id: str | None = None
     created_at: datetime | None = None
+    # History edits (``mergeflow lineage drop``), all defaulted:
+    replaces: str | None = None
+    superseded_by: str | None = None
+    superseded_reason: str = ""
+    dropped_reason: str = ""
+    dropped_at: str = ""
+
+    @property
+    def note(self) -> str:
+        """One line on how the version was edited ("" for an ordinary one), for tables."""
+        if self.status == DROPPED:
+            return f"dropped: {self.dropped_reason}"
+        if self.status == SUPERSEDED:
+            by = f"by version {self.superseded_by}" if self.superseded_by else "replay pending"
+            return f"superseded {by}: {self.superseded_reason}"
+        return f"replaces version {self.replaces}" if self.replaces else ""
 
 
 def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -152,6 +177,7 @@ def version_tags(rec: FoldRecord, model_id: str) -> dict[str, str]:
         T_METHOD: rec.method,
         T_METRICS: json.dumps(finite_metrics(rec.metrics), sort_keys=True, separators=(",", ":")),
         T_MODEL_ID: model_id,
+        **({T_REPLACES_VERSION: rec.replaces} if rec.replaces else {}),
     }
 
 
@@ -191,4 +217,9 @@ def version_from_mlflow(mv: ModelVersion, aliases: Mapping[str, str]) -> Version
         lineage=tags.get(T_LINEAGE, ""),
         model_id=getattr(mv, "model_id", None) or tags.get(T_MODEL_ID) or None,
         created_at=created_at(mv.creation_timestamp),
+        replaces=tags.get(T_REPLACES_VERSION) or None,
+        superseded_by=tags.get(T_SUPERSEDED_BY) or None,
+        superseded_reason=tags.get(T_SUPERSEDED_REASON, ""),
+        dropped_reason=tags.get(T_DROPPED_REASON, ""),
+        dropped_at=tags.get(T_DROPPED_AT, ""),
     )

@@ -51,6 +51,8 @@ def describe(rec: FoldRecord) -> str:
         f"| weights | `{rec.model_uri or '-'}` |",
         f"| state | `{rec.state_uri or '-'}` |",
     ]
+    if rec.replaces:
+        lines.append(f"| replaces | version {rec.replaces} (replayed after a dropped checkpoint) |")
     if rec.reason:
         lines.append(f"| reason | {rec.reason.replace('|', '/').replace(chr(10), ' ')[:600]} |")
     metrics = finite_metrics(rec.metrics)

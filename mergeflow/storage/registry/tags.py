@@ -9,9 +9,12 @@ from __future__ import annotations
 
 __all__ = [
     "CHAMPION_ALIAS",
+    "DROPPED",
+    "LIVE_STATUSES",
     "MLFLOW_EXTERNAL",
     "MLFLOW_NOTE",
     "NEWEST_ALIAS",
+    "SUPERSEDED",
     "TAG_PREFIX",
     "TEST_AVG",
     "TEST_BWT",
@@ -19,6 +22,8 @@ __all__ = [
     "T_CHECKPOINT_DIGEST",
     "T_CHECKPOINT_ID",
     "T_CHECKPOINT_URI",
+    "T_DROPPED_AT",
+    "T_DROPPED_REASON",
     "T_LINEAGE",
     "T_METHOD",
     "T_METRICS",
@@ -26,9 +31,12 @@ __all__ = [
     "T_MODEL_URI",
     "T_PARENT_VERSION",
     "T_REASON",
+    "T_REPLACES_VERSION",
     "T_STATE_URI",
     "T_STATUS",
     "T_STEP",
+    "T_SUPERSEDED_BY",
+    "T_SUPERSEDED_REASON",
     "VERSION_TAGS",
 ]
 
@@ -45,7 +53,7 @@ T_LINEAGE = TAG_PREFIX + "lineage"
 T_STEP = TAG_PREFIX + "step"
 """Checkpoints folded into the chain so far, this one included (decimal)."""
 T_STATUS = TAG_PREFIX + "status"
-"""``accepted`` or ``rejected``."""
+"""``accepted`` or ``rejected``; later ``dropped`` or ``superseded`` (see :data:`LIVE_STATUSES`)."""
 T_REASON = TAG_PREFIX + "reason"
 """Gate reason or validation error ("" when accepted)."""
 T_METHOD = TAG_PREFIX + "method"
@@ -64,6 +72,25 @@ T_MODEL_URI = TAG_PREFIX + "model.uri"
 """The merged weights folder ("" when rejected at validation)."""
 T_MODEL_ID = TAG_PREFIX + "model.id"
 """The version's LoggedModel id."""
+
+T_REPLACES_VERSION = TAG_PREFIX + "replaces.version"
+"""On a replayed fold: the version it replaces (absent on an ordinary fold)."""
+T_SUPERSEDED_BY = TAG_PREFIX + "superseded.by"
+"""On a superseded version: the version that replaces it ("" while its replay is pending)."""
+T_SUPERSEDED_REASON = TAG_PREFIX + "superseded.reason"
+"""Why it was replayed (which checkpoint was dropped, and the drop's reason)."""
+T_DROPPED_REASON = TAG_PREFIX + "dropped.reason"
+"""On a dropped version: the reason given to ``mergeflow lineage drop``."""
+T_DROPPED_AT = TAG_PREFIX + "dropped.at"
+"""On a dropped version: when it was dropped (ISO 8601, UTC)."""
+
+# ------------------------------------------------------------------- statuses
+DROPPED = "dropped"
+"""Status of a version whose checkpoint was dropped: never folded again, never a parent."""
+SUPERSEDED = "superseded"
+"""Status of a version replaced by a replayed fold (``mergeflow.superseded.by``)."""
+LIVE_STATUSES = ("accepted", "rejected")
+"""Statuses of the versions that make the lineage's current history (aliases, parents)."""
 
 VERSION_TAGS = (
     T_LINEAGE,
