@@ -7,7 +7,12 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from mergeflow.storage.registry import plots
+from mergeflow.storage.registry.plots import (
+    PlotNode,
+    plot_accuracy_heatmap,
+    plot_accuracy_per_step,
+    plot_lineage,
+)
 from mergeflow.storage.registry.records import FoldRecord, VersionRecord, finite_metrics
 from mergeflow.storage.registry.tags import (
     CHAMPION_ALIAS,
@@ -66,9 +71,9 @@ def describe(rec: FoldRecord) -> str:
     return text if len(text) <= _MAX_DESCRIPTION else text[: _MAX_DESCRIPTION - 1] + "…"
 
 
-def plot_node(v: VersionRecord) -> plots.PlotNode:
+def plot_node(v: VersionRecord) -> PlotNode:
     """A registered version as the pictures need it."""
-    return plots.PlotNode(
+    return PlotNode(
         version=v.version,
         step=v.step,
         status=v.status,
@@ -87,7 +92,7 @@ def write_artifacts(
     nodes = [plot_node(v) for v in existing]
     nodes = [replace(n, aliases=tuple(a for a in n.aliases if a not in moved)) for n in nodes]
     nodes.append(
-        plots.PlotNode(
+        PlotNode(
             version=version,
             step=rec.step,
             status=rec.status,
@@ -98,16 +103,16 @@ def write_artifacts(
         )
     )
     title = f"{rec.lineage}: "
-    plots.plot_accuracy_per_step(
+    plot_accuracy_per_step(
         nodes,
         folder / "plots" / "accuracy_per_step.png",
         accuracy_matrix=rec.accuracy_matrix,
         task_names=rec.task_names,
         title=title + "accuracy per step",
     )
-    plots.plot_lineage(nodes, folder / "plots" / "lineage.png", title=title + "lineage")
+    plot_lineage(nodes, folder / "plots" / "lineage.png", title=title + "lineage")
     if rec.accuracy_matrix:
-        plots.plot_accuracy_heatmap(
+        plot_accuracy_heatmap(
             rec.accuracy_matrix,
             rec.task_names,
             folder / "plots" / "accuracy_heatmap.png",
