@@ -14,7 +14,6 @@ lineage's concurrency limit; gc deletes only unreferenced prefixes.
 from __future__ import annotations
 
 import json
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 import torch
+from helpers.cli import start_serve
 from safetensors.torch import save_file
 
 if TYPE_CHECKING:
@@ -215,12 +215,9 @@ def served(stack: RunningStack, mlp_suite: MlpSuite) -> Iterator[Served]:
     prefix = f"s3://{stack.bucket}/tests-{tag}"
     spec = save_lineage(lineage_spec(f"flows-{tag}", mlp_suite, prefix))
     name = f"serve-{tag}"
-    proc = stack.stack.command(
-        name, [sys.executable, "-m", "mergeflow", "serve", "--lineage", spec.name, "--poll", "1"]
-    )
-    status = stack.stack.start_process(proc)
+    log = start_serve(stack.stack, name, [spec])
     try:
-        yield Served(spec, mlp_suite, prefix, Path(status.log or ""), stack)
+        yield Served(spec, mlp_suite, prefix, log, stack)
     finally:
         from mergeflow.flows.watch import active_fold_targets
 

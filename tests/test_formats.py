@@ -160,6 +160,31 @@ def test_lora_adapter_targeting_unknown_module_is_refused(cli, bert_dirs, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
+def test_a_killed_writers_spool_is_swept_by_the_next_writer(tmp_path):
+    """A SIGKILLed fold leaves its spool folder; the next writer removes it, and only it."""
+    import os
+    import subprocess
+    import sys
+
+    from mergeflow.storage.objects import LocalStore, StoreSink
+    from mergeflow.storage.safetensors_file import ShardedWriter
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    spool = tmp_path / "tmp"
+    stale = spool / f"mergeflow-spool-{dead.pid}-abc"
+    live = spool / f"mergeflow-spool-{os.getpid()}-def"
+    other = spool / "mergeflow-spool-notours"
+    for d in (stale, live, other):
+        d.mkdir(parents=True)
+        (d / "shard-00000.data").write_bytes(b"x" * 10)
+    w = ShardedWriter(StoreSink(LocalStore(tmp_path / "m")), spool_dir=str(spool))
+    assert not stale.exists() and live.exists() and other.exists()
+    w.add("t", torch.ones(3))
+    w.commit({})
+    assert sorted(p.name for p in spool.iterdir()) == sorted([live.name, other.name])
+
+
 def test_sharded_writer_round_trip_bf16(tmp_path):
     from mergeflow.storage.objects import LocalStore, StoreSink
     from mergeflow.storage.safetensors_file import ShardedWriter

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from helpers.cli import start_serve
 
 if TYPE_CHECKING:
     from fixtures_stack import RunningStack
@@ -84,7 +85,6 @@ def test_pipeline_folds_published_checkpoints_on_postgres(
     postgres_stack: RunningStack, tmp_path: Path
 ) -> None:
     """watch (schedule) -> event -> fold -> register, with Prefect and MLflow on PostgreSQL."""
-    import sys
     import time
     import uuid
 
@@ -97,10 +97,8 @@ def test_pipeline_folds_published_checkpoints_on_postgres(
     prefix = f"s3://{postgres_stack.bucket}/pg-{tag}"
     spec = save_lineage(lineage_spec(f"pg-{tag}", suite, prefix))
     name = f"serve-pg-{tag}"
-    cmd = [sys.executable, "-m", "mergeflow", "serve", "--lineage", spec.name, "--poll", "1"]
-    status = postgres_stack.stack.start_process(postgres_stack.stack.command(name, cmd))
+    log = start_serve(postgres_stack.stack, name, [spec])
     try:
-        log = Path(status.log or "")
         publish(prefix, suite, "t1")
         publish(prefix, suite, "t2")
         v1 = wait_for_version(spec.registered_model, "t1", log)

@@ -14,7 +14,6 @@ from a test client, triggers a fold of a repo on the Hub stand-in.
 from __future__ import annotations
 
 import json
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from helpers.cli import start_serve
 from helpers.hub_standin import HubStandIn
 from helpers.webhooks import (
     HUB_SECRET,
@@ -300,23 +300,7 @@ def test_signed_webhooks_trigger_folds_and_unsigned_ones_are_refused(
         )
     )
     env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home")}
-    serve = stack.stack.command(
-        f"serve-{tag}",
-        [
-            sys.executable,
-            "-m",
-            "mergeflow",
-            "serve",
-            "--lineage",
-            spec.name,
-            "--poll",
-            "1",
-            "--no-receiver",
-        ],
-        env=env,
-    )
-    status = stack.stack.start_process(serve)
-    log = Path(status.log or "")
+    log = start_serve(stack.stack, f"serve-{tag}", [spec], "--no-receiver", env=env)
     settings = ReceiverSettings(
         port=0, mlflow_secret=SecretStr(MLFLOW_SECRET), hub_secret=SecretStr(HUB_SECRET)
     )

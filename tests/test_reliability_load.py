@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.cli import start_serve
 from test_reliability_once import assert_chain, make_lineage, publish_burst
 
 
@@ -64,11 +64,7 @@ def test_many_lineages_fold_at_once(
         for i in range(n_lin)
     ]
     name = f"serve-load-{tag}"
-    argv = [sys.executable, "-m", "mergeflow", "serve", "--poll", "1"]
-    for spec in specs:
-        argv += ["--lineage", spec.name]
-    status = running.stack.start_process(running.stack.command(name, argv))
-    log = Path(status.log or "")
+    log = start_serve(running.stack, name, specs)
     reg = Registry()
     try:
         t0 = time.monotonic()

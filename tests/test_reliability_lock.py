@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from helpers.cli import start_serve
 
 from mergeflow.flows.lock import (
     FOLD_SLOTS,
@@ -182,6 +183,56 @@ def test_a_live_holder_excludes_and_a_killed_one_is_broken_at_once(
     print(f"RELIABILITY lock-recovery-after-sigkill-s {recovery:.2f}")
 
 
+@pytest.mark.services
+def test_first_takers_of_a_new_lineage_race_and_hand_over_cleanly(
+    stack: RunningStack, tmp_path: Path
+) -> None:
+    """Two events of a new lineage start their runs together (CI once failed one of them):
+    every taker creates the lock at once, each enters exactly once and alone, and while it
+    holds the lock the holder record names its own lease (a previous holder clearing its
+    record late used to delete the next holder's)."""
+    from prefect.client.orchestration import get_client
+
+    from mergeflow.flows.lock import _held, lineage_lock, read_holder
+
+    spec = tiny_spec(f"race-{uuid.uuid4().hex[:6]}", tmp_path)
+    inside: list[int] = []
+    entered: list[int] = []
+    errors: list[str] = []
+    start = threading.Barrier(4)
+
+    def take(i: int) -> None:
+        try:
+            start.wait()
+            for _ in range(2):
+                with lineage_lock(spec):
+                    inside.append(i)
+                    entered.append(i)
+                    with get_client(sync_client=True) as client:
+                        held = read_holder(client, spec.concurrency_name)
+                    mine = str(_held[spec.concurrency_name].lease_id)
+                    if held is None or held.lease_id != mine:
+                        errors.append(f"taker {i}: record {held} while holding lease {mine}")
+                    if len(inside) != 1:
+                        errors.append(f"takers {inside} inside together")
+                    time.sleep(0.3)
+                    inside.remove(i)
+        except Exception as e:  # reported below with the taker's number
+            errors.append(f"taker {i}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=take, args=(i,), daemon=True) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert sorted(entered) == [0, 0, 1, 1, 2, 2, 3, 3]
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(spec.concurrency_name)
+        record = client.read_variable_by_name(record_name(spec.concurrency_name))
+    assert limit.limit == 1 and limit.active_slots == 0 and record is None
+
+
 @pytest.mark.reliability
 def test_a_holder_longer_than_its_lease_keeps_the_lock(stack: RunningStack, tmp_path: Path) -> None:
     """75 s of holding (> the 60 s lease): renewals keep every other run out all along."""
@@ -234,10 +285,7 @@ def test_a_crashed_fold_blocks_neither_its_lineage_nor_another(
         "MERGEFLOW_KILL_MATCH": a.name,
     }
     name = f"serve-rel-{tag}"
-    argv = [sys.executable, "-m", "mergeflow", "serve", "--lineage", a.name, "--lineage", b.name]
-    proc = stack.stack.command(name, [*argv, "--poll", "1"], env=env)
-    status = stack.stack.start_process(proc)
-    log = Path(status.log or "")
+    log = start_serve(stack.stack, name, [a, b], env=env)
     try:
         publish(prefix_a, suite, "t1")
         (c,) = open_source(f"{prefix_a}/published").list()

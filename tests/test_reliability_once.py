@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 import threading
 import time
 import uuid
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from helpers.cli import start_serve
 from helpers.models import finetune, tiny_state
 from safetensors.torch import save_file
 
@@ -228,11 +228,7 @@ def test_burst_of_twenty_with_every_event_duplicated_through_serve(
         f"s3://{stack.bucket}/burst-{uuid.uuid4().hex[:6]}",
     )
     name = f"serve-{spec.name}"
-    proc = stack.stack.command(
-        name, [sys.executable, "-m", "mergeflow", "serve", "--lineage", spec.name, "--poll", "1"]
-    )
-    status = stack.stack.start_process(proc)
-    log = Path(status.log or "")
+    log = start_serve(stack.stack, name, [spec])
     try:
         ids = publish_burst(tmp_path / "pub", n)
         t0 = time.monotonic()

@@ -183,6 +183,87 @@ def test_no_secret_in_anything_a_fold_produced(stack: RunningStack, tmp_path: Pa
     )
 
 
+# ----------------------------------------------------------------------------- least privilege
+SCOPED_ACTIONS = (
+    # docs/security.md's policy, in SeaweedFS' terms: read and list the source bucket; read,
+    # write, list and delete only under the store prefix lineages/ (no bucket-wide right)
+    "Read:published",
+    "List:published",
+    "Read:mergeflow/lineages/*",
+    "Write:mergeflow/lineages/*",
+    "List:mergeflow/lineages/*",
+)
+
+
+@pytest.mark.slow
+def test_a_lineage_folds_and_collects_with_least_privilege_s3_credentials(
+    stack: RunningStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Folds, registration and gc with credentials scoped as docs/security.md says, on a real
+    S3 server that enforces them: nothing needs more, and the scope is real (a write to
+    the source and one outside the store prefix are refused, with a clear message)."""
+    from test_flows import build_mlp_suite, lineage_spec, publish
+
+    from mergeflow.errors import ConfigError
+    from mergeflow.flows.fold import fold_flow
+    from mergeflow.flows.maintenance import gc_flow
+    from mergeflow.lineage import save_lineage
+    from mergeflow.services.s3_server import ObjectStoreServer, S3Credentials, ScopedIdentity
+    from mergeflow.storage.schemes import open_store
+
+    scoped = S3Credentials(access_key="mergeflow-scoped", secret_key=f"sc-{uuid.uuid4().hex}")
+    server = ObjectStoreServer(
+        tmp_path / "s3", scoped=[ScopedIdentity("mergeflow-scoped", scoped, SCOPED_ACTIONS)]
+    )
+    suite = build_mlp_suite(tmp_path / "suite")
+    tag = uuid.uuid4().hex[:6]
+    with server:
+        server.ensure_bucket("published")
+        server.ensure_bucket("mergeflow")
+        for key, value in server.env().items():  # the team's publisher: full rights
+            monkeypatch.setenv(key, value)
+        for ck in ("t1", "t2"):
+            publish(f"s3://published/team-{tag}", suite, ck)
+        admin = server.client()
+
+        def keys(bucket: str) -> list[str]:
+            pages = admin.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+        published = keys("published")
+        for key, value in scoped.env(server.endpoint_url).items():  # mergeflow: scoped
+            monkeypatch.setenv(key, value)
+        spec = save_lineage(
+            lineage_spec(
+                f"scoped-{tag}",
+                suite,
+                f"s3://published/team-{tag}",
+                store=f"s3://mergeflow/lineages/scoped-{tag}",
+            )
+        )
+        outs = fold_flow(spec.name, checkpoint_id="t2")
+        assert [(o.checkpoint_id, o.status) for o in outs] == [
+            ("t1", "accepted"),
+            ("t2", "accepted"),
+        ]
+        orphan = open_store(f"{spec.store}/steps/9999-orphan/state")
+        orphan.write_bytes("state.json", b"{}")
+        assert gc_flow(spec.name) == [f"{spec.store}/steps/9999-orphan"]
+
+        assert keys("published") == published, "mergeflow changed the source"
+        outside = [k for k in keys("mergeflow") if not k.startswith("lineages/")]
+        assert not outside, f"mergeflow wrote outside its store prefix: {outside}"
+        assert not any("9999-orphan" in k for k in keys("mergeflow"))
+        for uri in (f"s3://published/team-{tag}/published/t1", "s3://mergeflow/elsewhere"):
+            with pytest.raises(ConfigError, match="access denied") as err:
+                open_store(uri).write_bytes("x", b"x")
+            assert scoped.secret_key not in str(err.value)
+    print(
+        f"RELIABILITY least privilege: 2 folds, registration and gc with {len(SCOPED_ACTIONS)} "
+        "scoped rights; writes to the source and outside lineages/ refused"
+    )
+
+
 # ----------------------------------------------------------------------------- MLflow auth
 @pytest.fixture(scope="module")
 def auth_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Any:

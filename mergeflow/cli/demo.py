@@ -43,6 +43,7 @@ from mergeflow.cli.tables import LiveTable
 from mergeflow.evaluation.spec import GateSpec, TaskSpec
 from mergeflow.examples.suite import SuiteFiles
 from mergeflow.examples.text import TextCheckpoint
+from mergeflow.flows.deployments import wait_until_served
 from mergeflow.flows.watch import active_fold_targets
 from mergeflow.lineage import LineageSpec, save_lineage
 from mergeflow.services.process import log_tail
@@ -236,6 +237,7 @@ def _run(
             SERVE_PROCESS, [sys.executable, "-m", "mergeflow", "serve", "--lineage", demo.lineage]
         )
     )
+    wait_until_served([spec])  # a checkpoint published earlier would wait for a watch tick
     s = settings
     say(f"served deployments running (pid {status.pid}, log {status.log})")
     say(f"Prefect UI:  {s.prefect_ui_url}/deployments   (flow runs: {s.prefect_ui_url}/runs)")

@@ -34,13 +34,17 @@ declared for work pools in ``deployments/prefect.yaml``.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from prefect import serve as prefect_serve
+from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.types.entrypoint import EntrypointType
 
+from mergeflow.errors import ServiceUnavailable
 from mergeflow.flows.events import fold_trigger
 from mergeflow.flows.fold import backfill_flow, fold_flow
 from mergeflow.flows.lock import ensure_fold_slots
@@ -162,3 +166,42 @@ def serve(
         pause_on_shutdown=False,
         print_starting_message=True,
     )
+
+
+def _trigger_key(trigger: Any) -> str:
+    """What makes two fold triggers equal: the events they expect and match."""
+    dumped = trigger.model_dump(mode="json")
+    return json.dumps(
+        {k: dumped.get(k) for k in ("expect", "match", "match_related")}, sort_keys=True
+    )
+
+
+def missing_fold_triggers(lineages: Sequence[LineageSpec]) -> list[str]:
+    """The fold triggers that ``serve(lineages)`` creates and the Prefect server lacks so far.
+
+    An event emitted before its trigger exists starts no run (a watch tick emits it again,
+    an event sent by hand is lost), so callers wait for this to be empty.
+    """
+    shared = fold_trigger(exclude=[spec.name for spec in lineages])
+    expected = [fold_trigger(spec.name) for spec in lineages] + [shared]
+    missing: list[str] = []
+    with get_client(sync_client=True) as client:
+        for trigger in expected:
+            found = client.read_automations_by_name(trigger.name)
+            if not any(
+                a.enabled and _trigger_key(a.trigger) == _trigger_key(trigger) for a in found
+            ):
+                missing.append(trigger.name)
+    return missing
+
+
+def wait_until_served(lineages: Sequence[LineageSpec], timeout: float = 180.0) -> None:
+    """Block until a starting ``serve(lineages)`` has created its fold triggers."""
+    deadline = time.monotonic() + timeout
+    while missing := missing_fold_triggers(lineages):
+        if time.monotonic() > deadline:
+            raise ServiceUnavailable(
+                f"mergeflow serve created no trigger {', '.join(missing)} within {timeout:.0f} s; "
+                "see its log (`mergeflow status`)"
+            )
+        time.sleep(1.0)

@@ -6,7 +6,7 @@ Prefect's server grants) and a thread renews it every :data:`RENEW_S` while the 
 lives, so a fold may run for hours and no second one enters meanwhile. Right after taking
 the slot the holder writes its **holder record**, the Prefect Variable
 ``mergeflow_lock__<lineage>``: lease id, flow run id, host and process (see
-:class:`Holder`). The record goes when the slot is released.
+:class:`Holder`). The record goes just before the slot is released.
 
 A dead holder frees the lineage in three ways, fastest first:
 
@@ -53,7 +53,12 @@ from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.actions import VariableCreate, VariableUpdate
+from prefect.client.schemas.actions import (
+    GlobalConcurrencyLimitCreate,
+    GlobalConcurrencyLimitUpdate,
+    VariableCreate,
+    VariableUpdate,
+)
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
@@ -64,6 +69,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
 from prefect.context import FlowRunContext
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.logging import get_logger
 from prefect.states import Crashed
 from pydantic import BaseModel, ConfigDict
@@ -168,12 +174,25 @@ def read_holder(client: SyncPrefectClient, lock: str) -> Holder | None:
 
 
 def _write_holder(client: SyncPrefectClient, holder: Holder) -> None:
+    """Create or replace the record; only the lock's holder writes it, so the retries only
+    cover a record that a reaper deleted or created between our read and our write."""
     name, value = record_name(holder.lock), holder.model_dump()
-    if client.read_variable_by_name(name) is None:
-        with contextlib.suppress(Exception):  # created concurrently: update below
-            client.create_variable(VariableCreate(name=name, value=value, tags=["mergeflow-lock"]))
+    for _ in range(3):
+        if client.read_variable_by_name(name) is None:
+            try:
+                client.create_variable(
+                    VariableCreate(name=name, value=value, tags=["mergeflow-lock"])
+                )
+                return
+            except ObjectAlreadyExists:
+                continue
+        try:
+            client.update_variable(VariableUpdate(name=name, value=value))
             return
-    client.update_variable(VariableUpdate(name=name, value=value))
+        except (ObjectNotFound, httpx.HTTPStatusError) as e:
+            if isinstance(e, httpx.HTTPStatusError) and e.response.status_code != 404:
+                raise
+    raise StateError(f"could not write the holder record of {holder.lock}")
 
 
 def _clear_holder(client: SyncPrefectClient, lock: str, lease_id: str) -> None:
@@ -371,16 +390,38 @@ def _acquire(client: SyncPrefectClient, name: str, holder: Any, on_busy: Any = N
         waited += POLL_S
 
 
+def _ensure_limit(name: str, limit: int) -> None:
+    """Create the global concurrency limit ``name`` or set its size; safe when several runs
+    do it at once (Prefect's own upsert is a read then a create, and the loser of that race
+    gets 409: the first two events of a new lineage used to fail one of their runs)."""
+    with get_client(sync_client=True) as client:
+        for _ in range(3):
+            try:
+                existing = client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                try:
+                    client.create_global_concurrency_limit(
+                        GlobalConcurrencyLimitCreate(name=name, limit=limit)
+                    )
+                    return
+                except ObjectAlreadyExists:
+                    continue  # created meanwhile by another run: read it
+            if existing.limit != limit:
+                client.update_global_concurrency_limit(
+                    name, GlobalConcurrencyLimitUpdate(limit=limit)
+                )
+            return
+    raise StateError(f"could not create the concurrency limit {name}")
+
+
 def ensure_fold_lock(spec: LineageSpec) -> None:
     """Create the lineage's 1-slot global concurrency limit if it does not exist."""
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(spec.concurrency_name, 1)
+    _ensure_limit(spec.concurrency_name, 1)
 
 
 def ensure_fold_slots(limit: int) -> None:
     """Create or resize :data:`FOLD_SLOTS` (``mergeflow serve --fold-limit``)."""
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(FOLD_SLOTS, limit)
+    _ensure_limit(FOLD_SLOTS, limit)
 
 
 @contextlib.contextmanager
@@ -431,13 +472,15 @@ def lineage_lock(spec: LineageSpec, *, fold_slot: bool = False) -> Iterator[None
             _held.pop(lock, None)
             for lease in reversed(leases):
                 lease.stop()
-            for lease in reversed(leases):  # the fold slot, then the lock (its record still ours)
+            # The record goes while the lock is still ours: cleared after the release, it
+            # could delete (or lose a race with) the next holder's record.
+            with contextlib.suppress(Exception):
+                _clear_holder(client, lock, str(lease_id))
+            for lease in reversed(leases):  # the fold slot, then the lock
                 try:
                     free(client, lease.name, lease.lease_id, lock if lease.name == lock else "")
                 except Exception as e:  # the lease expires by itself
                     log.warning("releasing %s failed (%s); its lease expires", lease.name, e)
-            with contextlib.suppress(Exception):
-                _clear_holder(client, lock, str(lease_id))
 
 
 def fence(spec: LineageSpec) -> None:

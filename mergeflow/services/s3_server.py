@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,16 @@ class S3Credentials:
 
 
 EMBEDDED_CREDENTIALS = S3Credentials()
+
+
+@dataclass(frozen=True)
+class ScopedIdentity:
+    """A further S3 identity with only the SeaweedFS actions named, e.g. ``Read:published``
+    (``Read``, ``Write``, ``List``, ``Tagging``, each optionally ``:<bucket>``)."""
+
+    name: str
+    credentials: S3Credentials
+    actions: tuple[str, ...]
 
 
 def endpoint_url(port: int = DEFAULT_PORT) -> str:
@@ -127,8 +138,11 @@ def free_port_block(n: int = PORTS_PER_SERVER, start: int = 20000, stop: int = 6
     raise ConfigError(f"no block of {n} free ports on {HOST}")
 
 
-def _write_config(data_dir: Path, creds: S3Credentials) -> Path:
-    """Write the S3 identity file and a master.toml (small volume growth) into ``data_dir``."""
+def _write_config(
+    data_dir: Path, creds: S3Credentials, scoped: Sequence[ScopedIdentity] = ()
+) -> Path:
+    """Write the S3 identity file (the admin ``creds``, then ``scoped``) and a master.toml
+    (small volume growth) into ``data_dir``."""
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "data").mkdir(exist_ok=True)
     s3_json = data_dir / "s3.json"
@@ -142,7 +156,20 @@ def _write_config(data_dir: Path, creds: S3Credentials) -> Path:
                             {"accessKey": creds.access_key, "secretKey": creds.secret_key}
                         ],
                         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
+                    },
+                    *(
+                        {
+                            "name": i.name,
+                            "credentials": [
+                                {
+                                    "accessKey": i.credentials.access_key,
+                                    "secretKey": i.credentials.secret_key,
+                                }
+                            ],
+                            "actions": list(i.actions),
+                        }
+                        for i in scoped
+                    ),
                 ]
             }
         )
@@ -158,6 +185,7 @@ def weed_command(
     port: int,
     creds: S3Credentials = EMBEDDED_CREDENTIALS,
     mode: str = "mini",
+    scoped: Sequence[ScopedIdentity] = (),
 ) -> list[str]:
     """The ``weed`` command line for a loopback-only single-node S3 store; run it with ``cwd=data_dir``.
 
@@ -167,7 +195,7 @@ def weed_command(
     endpoints are off; telemetry is off; buckets are not auto-created on write.
     """
     data_dir = Path(data_dir).absolute()
-    s3_json = _write_config(data_dir, creds)
+    s3_json = _write_config(data_dir, creds, scoped)
     # mini saves its options and reloads them on the next start; we pass all of them.
     (data_dir / "data" / "mini.options").unlink(missing_ok=True)
     p = port
@@ -334,6 +362,7 @@ def start_detached(
     log_path: str | os.PathLike[str] | None = None,
     creds: S3Credentials = EMBEDDED_CREDENTIALS,
     mode: str = "mini",
+    scoped: Sequence[ScopedIdentity] = (),
 ) -> int:
     """Start ``weed mini`` in its own process group (survives the caller) and return its pid.
 
@@ -345,7 +374,7 @@ def start_detached(
         raise ConfigError(
             f"object store: ports {busy} on {HOST} are in use (it needs {port}..{port + PORTS_PER_SERVER - 1})"
         )
-    cmd = weed_command(data_dir, port, creds, mode)
+    cmd = weed_command(data_dir, port, creds, mode, scoped)
     log = Path(log_path) if log_path else data_dir / "weed.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as fh:
@@ -398,8 +427,10 @@ class ObjectStoreServer:
         port: int | None = None,
         credentials: S3Credentials = EMBEDDED_CREDENTIALS,
         mode: str = "mini",
+        scoped: Sequence[ScopedIdentity] = (),
     ) -> None:
         self.mode = mode
+        self.scoped = tuple(scoped)
         self.data_dir = Path(data_dir).absolute()
         self.port = port if port is not None else free_port_block()
         self.credentials = credentials
@@ -419,7 +450,7 @@ class ObjectStoreServer:
         if self.pid is not None and _alive(self.pid):
             return self
         self.pid = start_detached(
-            self.data_dir, self.port, self.log_path, self.credentials, self.mode
+            self.data_dir, self.port, self.log_path, self.credentials, self.mode, self.scoped
         )
         try:
             wait_healthy(

@@ -288,6 +288,33 @@ class ShardSink(Protocol):
     def put(self, local_path: Path, name: str) -> None: ...
 
 
+SPOOL_PREFIX = "mergeflow-spool-"
+"""Spool folders are ``<TMPDIR>/mergeflow-spool-<pid>-<random>``."""
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
+def sweep_stale_spools(parent: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Remove the spool folders of processes that died without cleaning up (a killed fold);
+    a folder whose process still runs, or whose name is not ours, stays. Returns the removed."""
+    root = Path(parent or tempfile.gettempdir())
+    removed = []
+    for d in root.glob(f"{SPOOL_PREFIX}*-*"):
+        pid = d.name[len(SPOOL_PREFIX) :].split("-", 1)[0]
+        if d.is_dir() and pid.isdigit() and _pid_gone(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 class ShardedWriter:
     """Streams tensors into size-bounded safetensors shards plus an HF index.
 
@@ -308,7 +335,8 @@ class ShardedWriter:
         self._sink = sink
         self._max = max_shard_size
         self._prefix = prefix
-        self._spool = Path(tempfile.mkdtemp(prefix="mergeflow-spool-", dir=spool_dir))
+        sweep_stale_spools(spool_dir)
+        self._spool = Path(tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-", dir=spool_dir))
         self._shards: list[tuple[Path, dict[str, dict]]] = []
         self._cur_header: dict[str, dict] = {}
         self._cur_fh: BinaryIO | None = None
