@@ -284,6 +284,22 @@ def test_bad_checkpoint_is_refused_and_nothing_is_written(cli, model_files, tmp_
     assert listing(tmp_path) == before  # no OUT, no temp folders
 
 
+@pytest.mark.parametrize("method", ["batch_task_arithmetic", "batch_ties", "batch_dare"])
+@pytest.mark.parametrize("name", ["nan.safetensors", "inf.safetensors"])
+def test_batch_merges_refuse_nan_and_inf_and_write_nothing(
+    cli, model_files, tmp_path, name, method
+):
+    """The batch path checks finiteness with one read-only reduction per task vector; a
+    method that drops or trims entries (TIES, DARE) must still never hide a NaN or Inf."""
+    base, cks = model_files(2)
+    bad = _bad(tmp_path, name)
+    before = listing(tmp_path)
+    r = cli("merge", "--base", base, "--method", method, "--out", tmp_path / "out", cks[0], bad)
+    assert r.returncode == 2, r.stderr
+    assert f"checkpoint {bad}: {BAD[name]}" in r.stderr and "Traceback" not in r.stderr
+    assert listing(tmp_path) == before
+
+
 def test_bad_base_is_refused_and_nothing_is_written(cli, tmp_path, model_files):
     _, cks = model_files(1)
     bad = _bad(tmp_path, "truncated.safetensors")

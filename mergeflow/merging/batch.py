@@ -65,14 +65,20 @@ def batch_merge(
         if k not in merged:
             return b
         bc = b.to(dev, cdt)
-        _finite(bc, base.source, k)
+        if not bool(torch.isfinite(bc.sum())):
+            _finite(bc, base.source, k)
         taus = [
             _task_vector(c.source, raw, k, bc, cdt)
             for c, raw in zip(checkpoints, raws, strict=True)
         ]
         del raws
-        d, scale = bm.merge_tensor(p, k, taus)
-        return torch.add(bc, d, alpha=scale).to(_out_dtype(b, dtype)).cpu()
+        d, scale = bm.merge_tensor(p, k, taus)  # taus are fresh: the method may reuse them
+        del taus
+        if d.dtype == bc.dtype and d.shape == bc.shape and d.data_ptr() != bc.data_ptr():
+            merged_t = torch.add(bc, d, alpha=scale, out=d)  # the same op, without a new tensor
+        else:
+            merged_t = torch.add(bc, d, alpha=scale)
+        return merged_t.to(_out_dtype(b, dtype)).cpu()
 
     def consume(k: str, t: torch.Tensor) -> None:
         out.add(k, t)

@@ -110,13 +110,20 @@ def _task_vector(
     cdt: torch.dtype,
     check: bool = True,
 ) -> torch.Tensor:
-    """τ = θ_t − θ₀ for one tensor; a tensor absent from the checkpoint (allowed by options) is zero."""
+    """τ = θ_t − θ₀ for one tensor, a fresh tensor in ``cdt``; a tensor absent from the
+    checkpoint (allowed by options) is zero. ``check``: refuse NaN/Inf in the checkpoint."""
     if raw is None:
         return torch.zeros_like(b)
-    c = raw.to(b.device).to(cdt)
-    if check:
+    c = raw.to(b.device)
+    if torch.promote_types(c.dtype, b.dtype) == b.dtype:
+        tau = torch.sub(c, b)  # upcast inside the subtraction: one pass, no cast copy
+    else:
+        tau = c.to(cdt) - b  # never in place: a reader may hand out tensors it keeps
+    if check and not bool(torch.isfinite(tau.sum())):  # a read-only pass; then say which
         _finite(c, source, key)
-    return c - b  # never in place: a reader may hand out tensors it keeps
+        if not bool(torch.isfinite(tau).all()):
+            raise CheckpointError(source, f"tensor {key!r} overflows against the base")
+    return tau
 
 
 def _sizes(reader: TensorReader, keys: Sequence[str]) -> dict[str, int]:

@@ -116,4 +116,8 @@ class BatchMethod(ABC, Generic[P]):
     def merge_tensor(
         self, params: P, key: str, taus: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, float]:
-        """Return ``(D, s)``: the merged model tensor is ``θ₀ + s·D``."""
+        """Return ``(D, s)``: the merged model tensor is ``θ₀ + s·D``.
+
+        ``taus`` are fresh tensors owned by the call (``batch_merge`` makes them): the method
+        may overwrite them and return one of them as ``D``.
+        """

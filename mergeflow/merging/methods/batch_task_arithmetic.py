@@ -12,8 +12,9 @@ from mergeflow.merging.methods.base import BatchMethod, MethodParams
 
 
 def sum_in_place(taus: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Sum in place: one extra tensor instead of a stacked copy of all of them."""
-    out = taus[0].clone()
+    """Σ τ_i accumulated into ``taus[0]`` (the method's own, see ``BatchMethod.merge_tensor``):
+    no stacked copy and no new tensor."""
+    out = taus[0]
     for t in taus[1:]:
         out += t
     return out
