@@ -695,13 +695,13 @@ def suite_batch(
     }
     res = _rounds(systems, rounds)
     expected = _tensor_count(base)
-    outputs = {"bta": "batch_task_arithmetic", "bties": "batch_ties", "mk-ta": "", "mk-ties": ""}
-    for folder, method in outputs.items():
-        name = (
-            f"mergeflow {method}"
-            if method
-            else f"mergekit {folder[3:].replace('ta', 'task_arithmetic')}"
-        )
+    outputs = {
+        "mergeflow batch_task_arithmetic": "bta",
+        "mergeflow batch_ties": "bties",
+        "mergekit task_arithmetic": "mk-ta",
+        "mergekit ties": "mk-ties",
+    }
+    for name, folder in outputs.items():
         got = _tensor_count(out / folder)
         if res.get(name) and got != expected:  # an exit code 0 that merged nothing is no timing
             print(
