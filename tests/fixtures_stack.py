@@ -241,15 +241,35 @@ def _stop(running: RunningStack) -> None:
     running.stack.down(timeout=10)
 
 
+_SESSION: list[RunningStack] = []  # the session stack, once started
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     """The embedded stack for the whole session, with its env applied to ``os.environ``."""
     running = _start(_settings(tmp_path_factory.mktemp("stack-home")))
+    _SESSION.append(running)
     try:
         with use_stack_env(running):
             yield running
     finally:
+        _SESSION.clear()
         _stop(running)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Fail at once, naming the cause, when a test needs the session stack and a process of
+    it is gone: otherwise each later test waits out its own timeouts."""
+    if not _SESSION or "stack" not in getattr(item, "fixturenames", ()):
+        return
+    stack = _SESSION[0].stack
+    missing = [name for name in stack.core_names() if name not in stack.running()]
+    if missing:
+        pytest.fail(
+            f"the session stack lost {', '.join(missing)} (an earlier test stopped or killed it); "
+            f"server logs under {stack.run_dir}",
+            pytrace=False,
+        )
 
 
 # --------------------------------------------------------------------------- PostgreSQL

@@ -60,7 +60,10 @@ def test_demo_rejects_the_wrecked_checkpoint_and_a_second_run_folds_nothing(
     assert f"done: {N} versions of {LINEAGE} registered" in out
     assert stack.prefect_ui_url in out and stack.mlflow_url in out
     assert out.count("publishing ") == N
-    assert "stopped the served deployments the demo started" in out  # the session stack stays up
+    # the session stack was running: the demo uses it and, with --stop, leaves it up
+    assert "the stack is already running; using it" in out
+    assert "stopped the served deployments the demo started" in out
+    assert set(stack.stack.core_names()) <= stack.stack.running()
 
     versions = Registry().versions(LINEAGE)
     assert [v.checkpoint_id for v in versions] == IDS
@@ -97,5 +100,8 @@ def test_demo_rejects_the_wrecked_checkpoint_and_a_second_run_folds_nothing(
     out2 = second.stdout + second.stderr
     assert second.returncode == 0, out2[-4000:]
     assert "publishing " not in out2 and "scoring simple weight averaging" not in out2
+    assert "the stack is already running; using it" in out2
+    assert "stopped what the demo started" not in out2
+    assert set(stack.stack.core_names()) <= stack.stack.running()
     assert champ_line in out2  # the same figures, from the registry and the cached baseline
     assert [v.version for v in Registry().versions(LINEAGE)] == [v.version for v in versions]

@@ -202,6 +202,34 @@ def test_stack_fixture_points_in_process_clients_at_its_servers(
     assert any(k.endswith(f"{run.info.run_id}/artifacts/n.txt") for k in keys), keys
 
 
+@pytest.mark.services
+@pytest.mark.slow
+def test_a_timed_out_health_probe_does_not_hide_a_running_stack(
+    stack: RunningStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a busy machine a health answer can come late. Who owns the stack (the demo's
+    --stop stops only what it started) and whether the CLI finds it go by process: the
+    demo once took a slow probe for a stopped stack and with --stop took the stack down."""
+    from mergeflow.cli import stackenv
+    from mergeflow.services import stack as stack_module
+
+    local = Stack(stack.settings)
+    monkeypatch.setattr(stack_module, "healthy", lambda record: False)
+    monkeypatch.setattr(stack_module.s3_server, "is_healthy", lambda *a, **k: False)
+    assert not local.is_up()  # the probe "times out" ...
+    assert local.running() >= {"s3", "prefect", "mlflow"}  # ... the processes run
+    monkeypatch.delenv("PREFECT_API_URL")
+    for key, value in {
+        "HOME": str(stack.home),
+        "S3_PORT": str(stack.settings.s3_port),
+        "PREFECT_PORT": str(stack.settings.prefect_port),
+        "MLFLOW_PORT": str(stack.settings.mlflow_port),
+    }.items():
+        monkeypatch.setenv(f"MERGEFLOW_{key}", value)
+    stackenv.use_stack_env()  # no "no Prefect server configured"
+    assert os.environ["PREFECT_API_URL"] == stack.prefect_api_url
+
+
 # ----------------------------------------------------------------------------- helpers
 def _s3(env: dict[str, str]):
     import boto3

@@ -139,10 +139,14 @@ def run_demo(
     t_start = time.monotonic()
     settings = Settings(home=Path(home)) if home else Settings()
     stack = Stack(settings)
-    started_stack = not stack.is_up()
+    # What this run starts is told by process, not by health: a slow health answer on a
+    # busy machine must not make the demo "own", and with --stop end, a running stack.
+    already = stack.running()
+    started = [name for name in stack.core_names() if name not in already]
+    started_stack = bool(started)
     say(f"mergeflow demo: {suite} suite, {n} checkpoints, home {settings.home}")
     say(
-        "starting the stack (Prefect, MLflow, S3) ..."
+        f"starting the stack ({', '.join(started)}) ..."
         if started_stack
         else "the stack is already running; using it"
     )
@@ -164,7 +168,8 @@ def run_demo(
                 f"MLflow {settings.mlflow_url}; stop them with `{down}`"
             )
         elif started_stack:
-            stopped = stack.down()
+            # the served deployments are always the demo's own: it restarts them for its lineage
+            stopped = stack.down(only={*started, SERVE_PROCESS})
             say(f"stopped what the demo started: {', '.join(stopped)}")
         elif started_serve:
             stack.stop_process(SERVE_PROCESS)

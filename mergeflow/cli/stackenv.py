@@ -26,9 +26,12 @@ def use_stack_env() -> None:
             f"the pipeline needs the pipeline extra (pip install 'mergeflow[pipeline]'): {err}"
         ) from err
     stack = Stack(Settings())
-    if not stack.is_up():
+    # Running processes, not a health probe: a probe can time out on a busy machine while
+    # the servers run, and the clients retry their own calls.
+    missing = [name for name in stack.core_names() if name not in stack.running()]
+    if missing:
         raise ConfigError(
-            "no Prefect server configured: set PREFECT_API_URL (and MLFLOW_TRACKING_URI, AWS_*) or start the local stack with `mergeflow up`"
+            f"no Prefect server configured: set PREFECT_API_URL (and MLFLOW_TRACKING_URI, AWS_*) or start the local stack with `mergeflow up` (not running: {', '.join(missing)})"
         )
     os.environ.update(stack.env())
     if "prefect" in sys.modules:

@@ -180,6 +180,9 @@ def _write_config(
     return s3_json
 
 
+MAX_VOLUMES = 1000
+
+
 def weed_command(
     data_dir: Path,
     port: int,
@@ -205,6 +208,10 @@ def weed_command(
         f"-ip.bind={HOST}",
         "-master.telemetry=false",
         "-master.volumeSizeLimitMB=256",
+        # A fixed volume count: volumes are sparse, nothing is reserved. The default (0)
+        # allows free disk / 256 MB volumes, and each bucket takes several as it grows: with
+        # a few GB free a second bucket got none and every write to it failed after 30 s.
+        f"-volume.max={MAX_VOLUMES}",
         f"-master.port={p + 1}",
         f"-master.port.grpc={p + 2}",
         f"-volume.port={p + 3}",
@@ -237,7 +244,6 @@ def weed_command(
             "-filer",
             "-s3",
             "-master.electionTimeout=1s",
-            "-volume.max=0",
             "-volume.preStopSeconds=0",
         ]
     raise ConfigError(f"unknown weed mode {mode!r} (mini or server)")

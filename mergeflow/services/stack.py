@@ -32,7 +32,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -372,13 +372,14 @@ class Stack:
         record = read_record(self.run_dir, name)
         return record is not None and stop(record, self.run_dir, timeout)
 
-    def down(self, *, timeout: float = 20.0) -> list[str]:
-        """Stop every recorded process: extras first, then MLflow, Prefect, S3.
+    def down(self, *, timeout: float = 20.0, only: Collection[str] | None = None) -> list[str]:
+        """Stop every recorded process (or those named in ``only``): extras first, then
+        MLflow, Prefect, S3.
 
         SIGTERM to each process group, up to ``timeout`` seconds (5 for S3), then
         SIGKILL. Idempotent; returns the names that were running.
         """
-        records = read_records(self.run_dir)
+        records = [r for r in read_records(self.run_dir) if only is None or r.name in only]
         extras = [r for r in records if r.name not in CORE_SERVICES]
         servers = [r for r in records if r.name in CORE_SERVICES]
 
@@ -398,7 +399,7 @@ class Stack:
     def status(self) -> list[ServiceStatus]:
         """Each core service (recorded or not) and each recorded extra process."""
         records = {r.name: r for r in read_records(self.run_dir)}
-        names = [n for n in CORE_SERVICES if n != "s3" or self.settings.starts_s3]
+        names = self.core_names()
         names += [n for n in records if n not in names]
         urls = {
             "s3": self.s3_endpoint_url,
@@ -406,6 +407,18 @@ class Stack:
             "mlflow": self.settings.mlflow_url,
         }
         return [self._status_of(records.get(n), n, urls.get(n)) for n in names]
+
+    def core_names(self) -> list[str]:
+        """The core services this stack runs: S3 only when it starts its own."""
+        return [n for n in CORE_SERVICES if n != "s3" or self.settings.starts_s3]
+
+    def running(self) -> set[str]:
+        """Names of the recorded processes that are alive (a process check, no health probe).
+
+        Use it to tell what a later :meth:`up` starts: a health probe can time out on a busy
+        machine while the service runs, and whoever then "owns" the stack would stop it.
+        """
+        return {r.name for r in read_records(self.run_dir) if is_running(r)}
 
     def is_up(self) -> bool:
         """Every core service is running and healthy."""
