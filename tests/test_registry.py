@@ -354,6 +354,21 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_accuracy_plot_leaves_out_superseded_and_dropped_versions() -> None:
+    """After a drop the replaced versions are history, not rejections: they were drawn as
+    grey "rejected" marks beside the replayed chain."""
+    nodes = [
+        plots.PlotNode("1", 1, "accepted", "a", None, 0.9),
+        plots.PlotNode("2", 2, "rejected", "b", "1", 0.4),
+        plots.PlotNode("3", 2, "dropped", "c", "1", 0.85),
+        plots.PlotNode("4", 3, "superseded", "d", "3", 0.8),
+        plots.PlotNode("5", 2, "accepted", "d", "1", 0.82),
+        plots.PlotNode("6", 3, "rejected", "e", "5", None),
+    ]
+    assert [n.version for n in plots.scored(nodes, "accepted")] == ["1", "5"]
+    assert [n.version for n in plots.scored(nodes, "rejected")] == ["2"]
+
+
 def test_register_is_idempotent_and_cleans_orphan_runs(chain: dict[str, Any]) -> None:
     """Runs last: it adds versions 4 and 5 to the shared chain."""
     reg, model, lineage = chain["reg"], chain["model"], chain["lineage"]

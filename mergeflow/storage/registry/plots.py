@@ -53,6 +53,12 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
+def scored(nodes: Sequence[PlotNode], status: str) -> list[PlotNode]:
+    """The versions of ``status`` that have a score. Superseded and dropped versions are no
+    longer in the history and are drawn by neither the accuracy line nor the rejected marks."""
+    return [n for n in nodes if n.status == status and _finite(n.test_avg)]
+
+
 def plot_accuracy_per_step(
     nodes: Sequence[PlotNode],
     out: Path,
@@ -61,7 +67,8 @@ def plot_accuracy_per_step(
     task_names: Sequence[str] = (),
     title: str = "",
 ) -> Path:
-    """Average accuracy of every version by step (accepted: line, rejected: grey x).
+    """Average accuracy of every version by step (accepted: line, rejected: grey x; superseded
+    and dropped versions are left out).
 
     ``accuracy_matrix`` (rows tasks, columns steps 1..J of the accepted chain) adds one
     thin line per task. Missing values (``None``/NaN) are left out.
@@ -74,8 +81,7 @@ def plot_accuracy_per_step(
         if xs:
             label = task_names[i] if i < len(task_names) else f"task {i}"
             ax.plot(xs, ys, marker=".", linewidth=1, alpha=0.6, label=label)
-    acc = [n for n in nodes if n.status == "accepted" and _finite(n.test_avg)]
-    rej = [n for n in nodes if n.status != "accepted" and _finite(n.test_avg)]
+    acc, rej = scored(nodes, "accepted"), scored(nodes, "rejected")
     if acc:
         ax.plot(
             [n.step for n in acc],
