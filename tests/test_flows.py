@@ -180,7 +180,7 @@ def wait_for_version(model: str, ck: str, log: Path | None = None, timeout: floa
     )
 
 
-def flow_runs(flow_name: str, **params: str) -> list[Any]:
+def flow_runs(flow_name: str, **params: Any) -> list[Any]:
     """Runs of a flow whose parameters include ``params``."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
@@ -246,7 +246,7 @@ def test_schedule_triggers_watch_and_the_event_triggers_a_fold(served: Served) -
     )
     watch = [
         r
-        for r in flow_runs("mergeflow-watch", lineage=served.spec.name)
+        for r in flow_runs("mergeflow-watch", lineages=[served.spec.name])
         if r.state_type and r.state_type.value == "COMPLETED"
     ]
     assert watch and all(
@@ -465,3 +465,26 @@ def test_candidates_fold_from_the_same_parent_and_the_best_passing_one_wins(
     assert info.params == {"scale": 1.0 if winner == "full" else 0.1}
     steps = {o.relpath.split("/")[1] for o in open_store(spec.store).list("steps")}
     assert len(steps) == 1  # the losing candidate's prefix is gone
+
+
+def test_a_lineage_whose_watch_fails_does_not_stop_the_others(
+    served: Served, mlp_suite: MlpSuite, stack: RunningStack
+) -> None:
+    """One watch run serves every lineage of a schedule: a broken one is reported by name,
+    the others still emit, and the serve process folds what was emitted."""
+    from mergeflow.errors import ConfigError, MergeflowError
+    from mergeflow.flows.watch import watch_flow
+    from mergeflow.lineage import save_lineage
+
+    tag = uuid.uuid4().hex[:6]
+    prefix = f"s3://{stack.bucket}/tests-{tag}"
+    # not served by name: the shared fold deployment of the serve process folds its events
+    spec = save_lineage(lineage_spec(f"watched-{tag}", mlp_suite, prefix, schedule="0 0 1 1 *"))
+    publish(prefix, mlp_suite, "t1")
+    with pytest.raises(ConfigError, match=f"no lineage named 'gone-{tag}'"):
+        watch_flow([f"gone-{tag}", spec.name])
+    v = wait_for_version(spec.registered_model, "t1", served.log)
+    assert v.status == "accepted" and v.step == 1
+    with pytest.raises(MergeflowError, match="watch failed for 2 lineages") as err:
+        watch_flow([f"gone-{tag}", f"lost-{tag}"])
+    assert f"gone-{tag}" in str(err.value) and f"lost-{tag}" in str(err.value)

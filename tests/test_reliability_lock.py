@@ -117,6 +117,34 @@ def test_each_served_lineage_gets_its_own_fold_deployment_with_one_slot(tmp_path
     }
 
 
+def test_lineages_sharing_a_schedule_share_one_watch_run(tmp_path: Path) -> None:
+    """Each watch tick is a flow-run process: ten lineages on one schedule tick as one run
+    (the 10 x 10 load test spent its two cores starting ten watch processes per interval)."""
+    from mergeflow.flows.deployments import build_deployments, watch_deployment_name
+
+    specs = [
+        tiny_spec("a", tmp_path),
+        tiny_spec("b", tmp_path).model_copy(update={"schedule": 30}),
+        tiny_spec("c", tmp_path),
+        tiny_spec("d", tmp_path).model_copy(update={"schedule": "*/5 * * * *"}),
+    ]
+    watches = {d.name: d for d in build_deployments(specs) if d.flow_name == "mergeflow-watch"}
+    assert watch_deployment_name(60) == "mergeflow-watch/every-60s"
+    assert watch_deployment_name("*/5 * * * *") == "mergeflow-watch/cron-*~5_*_*_*_*"
+    assert watch_deployment_name("5 * * * *") != watch_deployment_name("*/5 * * * *")
+    assert {n: d.parameters["lineages"] for n, d in watches.items()} == {
+        "every-60s": ["a", "c"],
+        "every-30s": ["b"],
+        "cron-*~5_*_*_*_*": ["d"],
+    }
+    (every_60,) = watches["every-60s"].schedules
+    assert every_60.schedule.interval.total_seconds() == 60
+    assert watches["cron-*~5_*_*_*_*"].schedules[0].schedule.cron == "*/5 * * * *"
+    assert all(
+        d.concurrency_options.collision_strategy.value == "CANCEL_NEW" for d in watches.values()
+    )
+
+
 # ----------------------------------------------------------------------------- services
 def _holder_process(stack: RunningStack, spec: LineageSpec, hold_s: float) -> subprocess.Popen:
     proc = subprocess.Popen(

@@ -114,7 +114,7 @@ def test_duplicate_and_overlapping_fold_runs_fold_each_checkpoint_once_in_order(
     calls: list[Callable[[], Any]] = [
         (lambda c=c: fold_flow(spec.name, checkpoint_id=c)) for c in targets[:8]
     ]
-    calls += [lambda: watch_flow(spec.name), lambda: watch_flow(spec.name)]  # overlapping
+    calls += [lambda: watch_flow([spec.name]), lambda: watch_flow([spec.name])]  # overlapping
     t0 = time.monotonic()
     outcomes = run_all(calls)
     for c in targets[8:]:  # the rest after, as late duplicates
@@ -236,7 +236,7 @@ def test_burst_of_twenty_with_every_event_duplicated_through_serve(
             ref = ck.model_copy(update={"source": spec.sources[0]})
             emit_published(spec.name, ref)
             emit_published(spec.name, ref)  # every event twice
-        run_all([lambda: watch_flow(spec.name), lambda: watch_flow(spec.name)])  # overlapping
+        run_all([lambda: watch_flow([spec.name]), lambda: watch_flow([spec.name])])  # overlapping
         fold_flow(spec.name, checkpoint_id=ids[n // 2])  # a fold started by hand meanwhile
         wait_for_version(spec.registered_model, ids[-1], log, timeout=1800)
         elapsed = time.monotonic() - t0

@@ -247,7 +247,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from mergeflow.flows.watch import watch_flow
 
     use_stack_env()
-    emitted = watch_flow(args.name)
+    emitted = watch_flow([args.name])[args.name]
     print(f"emitted {len(emitted)} event(s): {', '.join(emitted) or '-'}")
     return 0
 

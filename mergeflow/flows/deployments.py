@@ -1,9 +1,11 @@
 """The served deployments: what ``mergeflow serve`` runs from one process.
 
 =========================================  =============================================
-``mergeflow-watch/<lineage>``               schedule: the lineage's ``schedule`` (seconds
-                                            or cron); emits published events; 1 at a time
-                                            (CANCEL_NEW: an overlapping tick is dropped)
+``mergeflow-watch/<schedule>``              one per distinct ``schedule`` of the served
+                                            lineages (``every-30s``, ``cron-*~5_*_*_*_*``):
+                                            watches all of them in one run, emits their
+                                            published events; 1 at a time (CANCEL_NEW: an
+                                            overlapping tick is dropped)
 ``mergeflow-fold/<lineage>``                trigger: ``mergeflow.checkpoint.published`` of
                                             that lineage; deployment concurrency 1 (ENQUEUE)
 ``mergeflow-fold/fold``                     trigger: the same event of every lineage this
@@ -35,6 +37,7 @@ declared for work pools in ``deployments/prefect.yaml``.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -63,14 +66,24 @@ def fold_deployment_name(lineage: str) -> str:
     return f"mergeflow-fold/{lineage}"
 
 
-def watch_deployment_name(lineage: str) -> str:
-    return f"mergeflow-watch/{lineage}"
+def watch_deployment_name(schedule: int | str) -> str:
+    """The watch deployment of the served lineages whose ``schedule`` is this one."""
+    if isinstance(schedule, int):
+        return f"mergeflow-watch/every-{schedule}s"
+    # Deployment names may not hold "/": it becomes "~", and spaces "_" (one name per cron)
+    return "mergeflow-watch/cron-" + re.sub(r"\s+", "_", schedule.strip()).replace("/", "~")
 
 
-def _schedule_kwargs(spec: LineageSpec) -> dict[str, Any]:
-    return (
-        {"interval": spec.schedule} if isinstance(spec.schedule, int) else {"cron": spec.schedule}
-    )
+def _schedule_kwargs(schedule: int | str) -> dict[str, Any]:
+    return {"interval": schedule} if isinstance(schedule, int) else {"cron": schedule}
+
+
+def _by_schedule(lineages: Sequence[LineageSpec]) -> dict[int | str, list[str]]:
+    """Lineage names grouped by schedule, in the order given."""
+    groups: dict[int | str, list[str]] = {}
+    for spec in lineages:
+        groups.setdefault(spec.schedule, []).append(spec.name)
+    return groups
 
 
 def build_deployments(
@@ -79,21 +92,22 @@ def build_deployments(
     """``RunnerDeployment`` objects for :func:`prefect.serve` (see the module docstring)."""
 
     module = EntrypointType.MODULE_PATH
+    # One watch run per schedule, not per lineage: each run is a process.
     out = [
         watch_flow.to_deployment(
-            name=spec.name,
-            parameters={"lineage": spec.name},
+            name=watch_deployment_name(schedule).split("/", 1)[1],
+            parameters={"lineages": names},
             paused=False,
-            description=f"Watch {', '.join(spec.sources)} for {spec.name}",
-            tags=["mergeflow", f"lineage:{spec.name}"],
+            description=f"Watch the sources of {', '.join(names)}",
+            tags=["mergeflow", *(f"lineage:{name}" for name in names)],
             # a tick that finds the previous one still running is cancelled, not queued
             concurrency_limit=ConcurrencyLimitConfig(
                 limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
             ),
             entrypoint_type=module,
-            **_schedule_kwargs(spec),
+            **_schedule_kwargs(schedule),
         )
-        for spec in lineages
+        for schedule, names in _by_schedule(lineages).items()
     ]
     enqueue = ConcurrencyLimitStrategy.ENQUEUE
     out += [

@@ -1,9 +1,12 @@
 """The watch flow: find newly published checkpoints and emit one event for each.
 
-Runs on the lineage's schedule. It lists every source (complete checkpoints only, oldest
-publication first), drops those the registry has seen (folded or rejected) and those a
-queued or running ``mergeflow-fold`` run already targets, and emits
-``mergeflow.checkpoint.published`` for the rest, in publication order.
+One run watches every lineage that shares a schedule (``serve`` makes one watch deployment
+per distinct schedule: each run is a process, and ten lineages ticking apart started ten
+processes per interval, more than two cores could start). For each lineage it lists every
+source (complete checkpoints only, oldest publication first), drops those the registry has
+seen (folded or rejected) and those a queued or running ``mergeflow-fold`` run already
+targets, and emits ``mergeflow.checkpoint.published`` for the rest, in publication order.
+A lineage whose source fails does not stop the others; the run then fails naming it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 
+from mergeflow.errors import MergeflowError
 from mergeflow.flows.events import emit_published
 from mergeflow.flows.fold import pending_checkpoints
 from mergeflow.flows.queue import first_uncovered
@@ -48,10 +52,17 @@ def active_fold_targets(lineage: str) -> set[str]:
     return out
 
 
-@flow(name="mergeflow-watch", flow_run_name="watch-{lineage}", log_prints=True)
-def watch_flow(lineage: str) -> list[str]:
-    """Emit ``mergeflow.checkpoint.published`` for each new checkpoint; returns their ids."""
-    log = get_run_logger()
+def _run_name() -> str:
+    """``watch-<lineage>``, or the first lineages and how many more."""
+    from prefect.runtime import flow_run
+
+    names = list(flow_run.parameters.get("lineages") or [])
+    shown = ",".join(names[:3]) + (f"+{len(names) - 3}" if len(names) > 3 else "")
+    return f"watch-{shown}"
+
+
+def _watch(lineage: str) -> list[str]:
+    """Emit the events of one lineage's new checkpoints; returns their ids."""
     spec = load_spec(lineage)
     pending = pending_checkpoints(spec, seen_checkpoints(spec))
     active = active_fold_targets(lineage) if pending else set()
@@ -59,7 +70,28 @@ def watch_flow(lineage: str) -> list[str]:
     for ck in pending[first_uncovered(pending, active) :]:
         emit_published(lineage, ck)
         emitted.append(ck.id)
-    log.info(
+    get_run_logger().info(
         f"{lineage}: {len(pending)} pending, emitted {len(emitted)} event(s): {', '.join(emitted) or '-'}"
     )
+    return emitted
+
+
+@flow(name="mergeflow-watch", flow_run_name=_run_name, log_prints=True)
+def watch_flow(lineages: list[str]) -> dict[str, list[str]]:
+    """Emit ``mergeflow.checkpoint.published`` for each new checkpoint of each lineage;
+    returns the emitted checkpoint ids by lineage."""
+    log = get_run_logger()
+    emitted: dict[str, list[str]] = {}
+    failed: list[tuple[str, Exception]] = []
+    for lineage in lineages:
+        try:
+            emitted[lineage] = _watch(lineage)
+        except Exception as err:  # one lineage's broken source must not stop the others
+            log.error(f"{lineage}: watch failed: {err}")
+            failed.append((lineage, err))
+    if len(failed) == 1:
+        raise failed[0][1]
+    if failed:
+        names = "; ".join(f"{lineage}: {err}" for lineage, err in failed)
+        raise MergeflowError(f"watch failed for {len(failed)} lineages: {names}") from failed[0][1]
     return emitted
