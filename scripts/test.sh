@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh dev
-.venv/bin/ruff check mergeflow tests benchmarks
-.venv/bin/ruff format --check mergeflow tests benchmarks
+.venv/bin/ruff check mergeflow tests benchmarks scripts
+.venv/bin/ruff format --check mergeflow tests benchmarks scripts
 .venv/bin/lint-imports
 .venv/bin/mypy
 exec .venv/bin/python -m pytest -m "unit or services or slow" "$@"
