@@ -263,7 +263,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if not _SESSION or "stack" not in getattr(item, "fixturenames", ()):
         return
     stack = _SESSION[0].stack
-    missing = [name for name in stack.core_names() if name not in stack.running()]
+    missing = stack.not_running()
     if missing:
         pytest.fail(
             f"the session stack lost {', '.join(missing)} (an earlier test stopped or killed it); "

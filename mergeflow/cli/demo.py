@@ -141,8 +141,7 @@ def run_demo(
     stack = Stack(settings)
     # What this run starts is told by process, not by health: a slow health answer on a
     # busy machine must not make the demo "own", and with --stop end, a running stack.
-    already = stack.running()
-    started = [name for name in stack.core_names() if name not in already]
+    started = stack.not_running()
     started_stack = bool(started)
     say(f"mergeflow demo: {suite} suite, {n} checkpoints, home {settings.home}")
     say(

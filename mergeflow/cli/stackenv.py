@@ -28,7 +28,7 @@ def use_stack_env() -> None:
     stack = Stack(Settings())
     # Running processes, not a health probe: a probe can time out on a busy machine while
     # the servers run, and the clients retry their own calls.
-    missing = [name for name in stack.core_names() if name not in stack.running()]
+    missing = stack.not_running()
     if missing:
         raise ConfigError(
             f"no Prefect server configured: set PREFECT_API_URL (and MLFLOW_TRACKING_URI, AWS_*) or start the local stack with `mergeflow up` (not running: {', '.join(missing)})"

@@ -420,10 +420,10 @@ class Stack:
         """
         return {r.name for r in read_records(self.run_dir) if is_running(r)}
 
-    def is_up(self) -> bool:
-        """Every core service is running and healthy."""
-        core = [s for s in self.status() if s.name in CORE_SERVICES]
-        return bool(core) and all(s.healthy for s in core)
+    def not_running(self) -> list[str]:
+        """The core services whose process is not alive (see :meth:`running`)."""
+        alive = self.running()
+        return [name for name in self.core_names() if name not in alive]
 
     # ---------------------------------------------------------------- helpers
     def _status_of(self, record: ProcessRecord | None, name: str, url: str | None) -> ServiceStatus:
