@@ -33,10 +33,10 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
+from mergeflow.services.process import port_free
 from mergeflow.services.s3_server import (
     EMBEDDED_CREDENTIALS,
     ObjectStoreServer,
-    _port_free,
     free_port_block,
     is_healthy,
 )
@@ -87,7 +87,7 @@ class Moto:
     name = "moto_server"
 
     def __init__(self, data_dir: Path) -> None:
-        self.port = next(p for p in range(free_port_block(), 65000) if _port_free(p))
+        self.port = next(p for p in range(free_port_block(), 65000) if port_free("127.0.0.1", p))
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log = data_dir / "moto.log"
         self.proc: subprocess.Popen[bytes] | None = None

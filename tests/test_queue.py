@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from mergeflow.flows.queue import first_uncovered, order_pending, target_index
+from mergeflow.flows.queue import first_uncovered, order_pending, target_index, to_emit
 from mergeflow.tasks.dask import split_groups
 from mergeflow.tasks.values import CheckpointRef
 
@@ -51,6 +51,15 @@ def test_first_uncovered_skips_everything_up_to_the_last_targeted_checkpoint() -
     assert first_uncovered(pending, {"b"}) == 2
     assert first_uncovered(pending, {"sha256:a", "c"}) == 3
     assert first_uncovered(pending, {"unrelated"}) == 0
+
+
+def test_to_emit_names_only_the_newest_pending_checkpoint_unless_all_are_covered() -> None:
+    pending = [ref("a", 1), ref("b", 2), ref("c", 3)]
+    assert to_emit(pending, set()) == pending[2]  # one run folds a, b, then c
+    assert to_emit(pending, {"b"}) == pending[2]
+    assert to_emit(pending, {"sha256:c"}) is None  # a run already targets the newest
+    assert to_emit(pending, {"c", "unrelated"}) is None
+    assert to_emit([], set()) is None
 
 
 def test_split_groups_keeps_order_balances_bytes_and_leaves_no_group_empty() -> None:

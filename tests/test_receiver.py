@@ -408,8 +408,8 @@ def test_s3_event_notifications_are_read_from_sqs(monkeypatch: pytest.MonkeyPatc
     import boto3
     from moto.server import ThreadedMotoServer
 
+    from mergeflow.services.process import free_port
     from mergeflow.services.receiver import poll_sqs
-    from mergeflow.services.stack import free_port
 
     for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)

@@ -73,14 +73,14 @@ class SuiteFiles:
         return EvaluationSuite(tasks=tuple(tasks), batch_size=batch_size)
 
 
-def reuse_or_clear(root: Path, key: dict[str, Any], reuse: bool) -> SuiteFiles | None:
-    """The suite already built in ``root`` with these arguments, else None after clearing ``root``."""
+def matching_manifest(root: Path, key: dict[str, Any], reuse: bool) -> dict[str, Any] | None:
+    """``root``'s suite.json when it was built with these arguments, else None after clearing ``root``."""
     try:
         manifest = json.loads((root / "suite.json").read_text())
     except (OSError, ValueError):
         manifest = None
     if reuse and manifest is not None and all(manifest.get(k) == v for k, v in key.items()):
-        return SuiteFiles.from_manifest(root, manifest)
+        return dict(manifest)
     for sub in ("base", "checkpoints", "data", "suite.json"):
         p = root / sub
         if p.is_dir():
@@ -88,6 +88,12 @@ def reuse_or_clear(root: Path, key: dict[str, Any], reuse: bool) -> SuiteFiles |
         elif p.exists():
             p.unlink()
     return None
+
+
+def reuse_or_clear(root: Path, key: dict[str, Any], reuse: bool) -> SuiteFiles | None:
+    """The suite already built in ``root`` with these arguments, else None after clearing ``root``."""
+    manifest = matching_manifest(root, key, reuse)
+    return None if manifest is None else SuiteFiles.from_manifest(root, manifest)
 
 
 def save_tensors(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mergeflow.examples.suite import SuiteFiles, save_tensors
+from mergeflow.examples.suite import SuiteFiles, matching_manifest, save_tensors
 
 SUITE_FORMAT = "mergeflow.text/2"
 task_names: list[str] = ["word_language", "name_gender", "surname_origin", "entity_type"]
@@ -286,21 +286,12 @@ def build_text_suite(
 
 def _manifest(root: Path, key: dict[str, Any], reuse: bool) -> dict[str, Any]:
     """The suite.json of what ``root`` holds for these arguments (cleared when they differ)."""
-    try:
-        manifest = json.loads((root / "suite.json").read_text())
-    except (OSError, ValueError):
-        manifest = None
-    if reuse and manifest is not None and all(manifest.get(k) == v for k, v in key.items()):
-        manifest.setdefault("built", {})
-        manifest.setdefault("finetuned_validation", {})
-        return manifest
-    for sub in ("base", "checkpoints", "data", "suite.json"):
-        p = root / sub
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-    return dict(key, built={}, finetuned_validation={})
+    manifest = matching_manifest(root, key, reuse)
+    if manifest is None:
+        return dict(key, built={}, finetuned_validation={})
+    manifest.setdefault("built", {})
+    manifest.setdefault("finetuned_validation", {})
+    return manifest
 
 
 def _base(

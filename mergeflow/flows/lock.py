@@ -76,6 +76,7 @@ from pydantic import BaseModel, ConfigDict
 
 from mergeflow.errors import StateError
 from mergeflow.lineage import LineageSpec
+from mergeflow.pids import pid_alive, start_ticks
 
 LOCK_LEASE_S = 60.0
 """Lease of the lineage lock and of a fold slot, in seconds (Prefect's server minimum)."""
@@ -113,21 +114,6 @@ class Holder(BaseModel):
 
 
 # ------------------------------------------------------------------ processes
-def _proc_stat(pid: int) -> list[str]:
-    """Fields 3… of ``/proc/<pid>/stat`` (state first), or [] where /proc is unavailable."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().decode(errors="replace").rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return []
-
-
-def _proc_start(pid: int) -> str:
-    """The start time of ``pid`` in clock ticks since boot ("" where /proc is unavailable)."""
-    stat = _proc_stat(pid)
-    return stat[19] if len(stat) > 19 else ""
-
-
 def host_id() -> str:
     """Host name, boot id and PID namespace: equal only where process ids mean the same."""
     parts = [socket.gethostname()]
@@ -139,18 +125,10 @@ def host_id() -> str:
 
 
 def process_alive(pid: int, start: str) -> bool:
-    """Whether the process ``pid`` that started at ``start`` (see :func:`_proc_start`) runs
-    (a zombie, killed but not reaped yet, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = _proc_stat(pid)
-    if stat and stat[0] == "Z":
-        return False
-    return not start or _proc_start(pid) == start
+    """Whether the process ``pid`` that started at ``start`` (:func:`start_ticks` as text) runs."""
+    if not start:
+        return pid_alive(pid)
+    return pid_alive(pid) and str(start_ticks(pid)) == start
 
 
 # ------------------------------------------------------------------ holder records
@@ -455,7 +433,7 @@ def lineage_lock(spec: LineageSpec, *, fold_slot: bool = False) -> Iterator[None
                 flow_run_id=run_id,
                 host=host_id(),
                 pid=os.getpid(),
-                pid_start=_proc_start(os.getpid()),
+                pid_start=str(start_ticks(os.getpid()) or ""),
                 since=datetime.now(timezone.utc).isoformat(),
             )
             _write_holder(client, record)

@@ -50,3 +50,16 @@ def first_uncovered(pending: Sequence[CheckpointRef], active: Collection[str]) -
         (i for i, ck in enumerate(pending) if ck.digest in active or ck.id in active), default=-1
     )
     return covered + 1
+
+
+def to_emit(pending: Sequence[CheckpointRef], active: Collection[str]) -> CheckpointRef | None:
+    """The one checkpoint to emit a published event for: the newest pending one, unless a
+    queued or running fold (``active``) already covers every pending checkpoint.
+
+    One event is enough: its fold run folds every pending checkpoint up to it, in
+    publication order. An event per checkpoint started a run per checkpoint, and all but
+    the first found their work done (250 runs for 100 folds under load, docs/reliability.md).
+    """
+    if first_uncovered(pending, active) >= len(pending):
+        return None
+    return pending[-1]

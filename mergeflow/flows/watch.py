@@ -1,11 +1,12 @@
-"""The watch flow: find newly published checkpoints and emit one event for each.
+"""The watch flow: find newly published checkpoints and emit an event that folds them.
 
 One run watches every lineage that shares a schedule (``serve`` makes one watch deployment
 per distinct schedule: each run is a process, and ten lineages ticking apart started ten
 processes per interval, more than two cores could start). For each lineage it lists every
 source (complete checkpoints only, oldest publication first), drops those the registry has
-seen (folded or rejected) and those a queued or running ``mergeflow-fold`` run already
-targets, and emits ``mergeflow.checkpoint.published`` for the rest, in publication order.
+seen (folded or rejected), and unless a queued or running ``mergeflow-fold`` run already
+covers them all, emits ``mergeflow.checkpoint.published`` for the newest one: its fold run
+folds every pending checkpoint up to it, in publication order (:func:`queue.to_emit`).
 A lineage whose source fails does not stop the others; the run then fails naming it.
 """
 
@@ -25,8 +26,9 @@ from prefect.client.schemas.objects import StateType
 from mergeflow.errors import MergeflowError
 from mergeflow.flows.events import emit_published
 from mergeflow.flows.fold import pending_checkpoints
-from mergeflow.flows.queue import first_uncovered
+from mergeflow.flows.queue import to_emit
 from mergeflow.tasks.lineage import load_spec, seen_checkpoints
+from mergeflow.tasks.values import CheckpointRef
 
 ACTIVE_STATES = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED")
 
@@ -61,19 +63,29 @@ def _run_name() -> str:
     return f"watch-{shown}"
 
 
-def _watch(lineage: str) -> list[str]:
-    """Emit the events of one lineage's new checkpoints; returns their ids."""
-    spec = load_spec(lineage)
-    pending = pending_checkpoints(spec, seen_checkpoints(spec))
+def emit_new(lineage: str, pending: list[CheckpointRef], what: str) -> list[str]:
+    """Emit the event that folds ``pending`` (see :func:`queue.to_emit`); returns the id emitted.
+
+    ``what`` says where the pending list came from, for the log line.
+    """
     active = active_fold_targets(lineage) if pending else set()
-    emitted = []
-    for ck in pending[first_uncovered(pending, active) :]:
+    ck = to_emit(pending, active)
+    if ck is not None:
         emit_published(lineage, ck)
-        emitted.append(ck.id)
-    get_run_logger().info(
-        f"{lineage}: {len(pending)} pending, emitted {len(emitted)} event(s): {', '.join(emitted) or '-'}"
-    )
-    return emitted
+        earlier = len(pending) - 1
+        said = f"emitted {ck.id}" + (
+            f", its fold run folds the {earlier} before it" if earlier else ""
+        )
+    else:
+        said = "a queued or running fold covers them" if pending else "nothing new"
+    get_run_logger().info(f"{lineage}: {what}: {len(pending)} pending; {said}")
+    return [ck.id] if ck else []
+
+
+def _watch(lineage: str) -> list[str]:
+    """Emit the event for one lineage's new checkpoints; returns the id emitted."""
+    spec = load_spec(lineage)
+    return emit_new(lineage, pending_checkpoints(spec, seen_checkpoints(spec)), "watch")
 
 
 @flow(name="mergeflow-watch", flow_run_name=_run_name, log_prints=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from mergeflow.errors import MergeflowError
+from mergeflow.pids import pid_alive, reap, start_ticks
 
 
 class StackError(MergeflowError):
@@ -49,50 +50,6 @@ class ProcessRecord(BaseModel):
 
 def record_path(run_dir: Path, name: str) -> Path:
     return run_dir / f"{name}.json"
-
-
-def _start_ticks(pid: int) -> int | None:
-    """Process start time in clock ticks since boot (Linux), or None if unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Field 2 (comm) may contain spaces; everything after the last ')' is well formed.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return int(fields[19])
-
-
-def _state(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rfind(")") + 2 :].split()[0]
-
-
-def _reap(pid: int) -> None:
-    """Collect the exit status if the process is our own child (tests start in-process)."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except (ChildProcessError, OSError):
-        pass
-
-
-def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
-    """True if `pid` runs (not a zombie) and, when given, started at `start_ticks`."""
-    _reap(pid)
-    if Path("/proc").is_dir():
-        state = _state(pid)
-        if state is None or state in ("Z", "X"):
-            return False
-        return start_ticks is None or _start_ticks(pid) == start_ticks
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def group_members(pgid: int) -> list[int]:
@@ -204,7 +161,7 @@ def spawn(
         name=name,
         pid=proc.pid,
         pgid=proc.pid,
-        start_ticks=_start_ticks(proc.pid),
+        start_ticks=start_ticks(proc.pid),
         argv=list(argv),
         log=str(log_path),
         url=url,
@@ -306,7 +263,7 @@ def _signal_group(record: ProcessRecord, sig: signal.Signals) -> None:
         pass
     except PermissionError as err:
         raise StackError(f"no permission to stop {record.name} (group {record.pgid})") from err
-    _reap(record.pid)
+    reap(record.pid)
 
 
 def _kill(pid: int, sig: signal.Signals) -> None:
@@ -314,3 +271,21 @@ def _kill(pid: int, sig: signal.Signals) -> None:
         os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def port_free(host: str, port: int) -> bool:
+    """Nothing listens on host:port and we could bind it (TIME_WAIT is fine, as for Go servers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A currently free TCP port on ``host`` (for tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

@@ -35,7 +35,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -51,7 +50,8 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from mergeflow.errors import ConfigError
-from mergeflow.services.process import pid_alive as _alive
+from mergeflow.pids import pid_alive as _alive
+from mergeflow.services.process import port_free
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8333
@@ -116,24 +116,12 @@ def find_weed() -> Path:
     )
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(
-            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
-        )  # as Go servers do: TIME_WAIT is fine
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def free_port_block(n: int = PORTS_PER_SERVER, start: int = 20000, stop: int = 60000) -> int:
     """First port ``p`` such that ``p .. p+n-1`` are all free on 127.0.0.1 (randomised start)."""
 
     base = random.randrange(start, stop - n, n)
     for p in list(range(base, stop - n, n)) + list(range(start, base, n)):
-        if all(_port_free(p + i) for i in range(n)):
+        if all(port_free(HOST, p + i) for i in range(n)):
             return p
     raise ConfigError(f"no block of {n} free ports on {HOST}")
 
@@ -375,7 +363,7 @@ def start_detached(
     Does not wait: call :func:`wait_healthy` next. Fails fast when a port is taken.
     """
     data_dir = Path(data_dir).absolute()
-    busy = [port + i for i in range(PORTS_PER_SERVER) if not _port_free(port + i)]
+    busy = [port + i for i in range(PORTS_PER_SERVER) if not port_free(HOST, port + i)]
     if busy:
         raise ConfigError(
             f"object store: ports {busy} on {HOST} are in use (it needs {port}..{port + PORTS_PER_SERVER - 1})"

@@ -29,7 +29,6 @@ Python API::
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -44,6 +43,7 @@ from mergeflow.services.process import (
     StackError,
     healthy,
     is_running,
+    port_free,
     read_record,
     read_records,
     spawn,
@@ -452,7 +452,7 @@ class Stack:
             if is_running(record):
                 return None
             stop(record, self.run_dir, 1.0)  # forget the stale record (and stray members)
-        busy = [p for p in spec.ports if not _port_free(self.settings.host, p)]
+        busy = [p for p in spec.ports if not port_free(self.settings.host, p)]
         if busy:
             raise StackError(
                 f"cannot start {spec.name}: port(s) {busy} on {self.settings.host} are in use "
@@ -476,24 +476,6 @@ class Stack:
             raise StackError(f"{spec.name} has no run record under {self.run_dir}")
         check = (lambda: self._s3_ok(1.0)) if spec.name == "s3" else None
         wait_healthy(record, timeout, check=check)
-
-
-def _port_free(host: str, port: int) -> bool:
-    """Nothing listens on host:port and we could bind it (TIME_WAIT is fine)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A currently free TCP port on `host` (for tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_down(stack: Stack, timeout: float = 10.0) -> bool:
