@@ -90,6 +90,26 @@ def test_process_liveness_and_host_identity() -> None:
     zombie.wait()
 
 
+def test_a_waiter_backs_off_between_tries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each try for a taken slot is a write: a waiter starts at POLL_S and doubles to POLL_MAX_S."""
+    from uuid import uuid4
+
+    from mergeflow.flows import lock
+
+    tries, pauses, busy = [], [], []
+    lease = uuid4()
+
+    def try_acquire(client: object, name: str, holder: object) -> tuple[bool, object]:
+        tries.append(name)
+        return (len(tries) > 6, lease if len(tries) > 6 else None)
+
+    monkeypatch.setattr(lock, "_try_acquire", try_acquire)
+    monkeypatch.setattr(lock.time, "sleep", pauses.append)
+    assert lock._acquire(object(), "mergeflow-folds", object(), lambda: busy.append(1)) == lease
+    assert pauses == [1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+    assert len(busy) == 6 and tries == ["mergeflow-folds"] * 7
+
+
 def test_each_served_lineage_gets_its_own_fold_deployment_with_one_slot(tmp_path: Path) -> None:
     """No head-of-line blocking by construction: a lineage's queued runs wait on its own
     deployment's single slot; the shared deployment only takes lineages served by none."""

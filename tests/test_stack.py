@@ -170,6 +170,36 @@ def test_production_profile_needs_database_urls(tmp_path: Path) -> None:
     assert read_records(settings.run_dir) == []
 
 
+def test_sqlite_prefect_settings_are_set_only_on_sqlite_and_the_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite the stack turns off Prefect's late-runs marking, logs the locks that clients
+    retry, and lets clients retry longer; PostgreSQL keeps Prefect's defaults."""
+    for var in (
+        "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED",
+        "PREFECT_API_LOG_RETRYABLE_ERRORS",
+        "PREFECT_CLIENT_MAX_RETRIES",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    sqlite = Stack(Settings(home=tmp_path))
+    env = next(s.env for s in sqlite.core_specs() if s.name == "prefect")
+    assert env["PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED"] == "false"
+    assert env["PREFECT_API_LOG_RETRYABLE_ERRORS"] == "true"
+    assert sqlite.env()["PREFECT_CLIENT_MAX_RETRIES"] == "8"
+    monkeypatch.setenv("PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED", "true")
+    monkeypatch.setenv("PREFECT_CLIENT_MAX_RETRIES", "3")
+    env = next(s.env for s in sqlite.core_specs() if s.name == "prefect")
+    assert "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED" not in env  # os.environ's value is used
+    assert sqlite.env()["PREFECT_CLIENT_MAX_RETRIES"] == "3"
+    monkeypatch.delenv("PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED")
+    monkeypatch.delenv("PREFECT_CLIENT_MAX_RETRIES")
+    pg = Stack(Settings(home=tmp_path, prefect_database_url="postgresql+asyncpg://x@127.0.0.1/db"))
+    env = next(s.env for s in pg.core_specs() if s.name == "prefect")
+    assert "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED" not in env
+    assert "PREFECT_API_LOG_RETRYABLE_ERRORS" not in env
+    assert "PREFECT_CLIENT_MAX_RETRIES" not in pg.env()
+
+
 @pytest.mark.services
 @pytest.mark.slow
 def test_stack_fixture_points_in_process_clients_at_its_servers(

@@ -14,8 +14,8 @@ A dead holder frees the lineage in three ways, fastest first:
    ``on_crashed`` hook of every flow that takes the lock): it releases the run's leases at
    once and marks its still-running subflows and task runs Crashed, so no run keeps
    saying "Running" after its process died;
-2. a waiter polls every :data:`POLL_S`; while the slot is taken it reads the holder record
-   and breaks the lock (:func:`reap`, same clean-up) when the holder's flow run is in a
+2. a waiter polls (after :data:`POLL_S`, backing off to :data:`POLL_MAX_S`); while the slot
+   is taken it reads the holder record and breaks the lock (:func:`reap`, same clean-up) when the holder's flow run is in a
    final state, or when the holder ran in this host's process namespace and its process
    is gone (a killed CLI run, or a runner that died with its children);
 3. otherwise the lease runs out at most :data:`LOCK_LEASE_S` after its last renewal and
@@ -83,7 +83,11 @@ LOCK_LEASE_S = 60.0
 RENEW_S = 15.0
 """How often the holder renews its leases."""
 POLL_S = 1.0
-"""How often a waiter tries the lock again (and checks whether the holder is dead)."""
+"""A waiter's first pause before trying the lock again (and checking whether the holder is
+dead); each further pause doubles, up to :data:`POLL_MAX_S`."""
+POLL_MAX_S = 5.0
+"""Longest pause between tries: each try is a write, and on SQLite every waiter trying each
+second contended with the folds' own writes (docs/reliability.md, Load)."""
 FOLD_SLOTS = "mergeflow-folds"
 """Global concurrency limit capping folds across lineages (created by ``serve``; optional)."""
 RECORD_PREFIX = "mergeflow_lock__"
@@ -355,7 +359,7 @@ def _try_acquire(client: SyncPrefectClient, name: str, holder: Any) -> tuple[boo
 
 def _acquire(client: SyncPrefectClient, name: str, holder: Any, on_busy: Any = None) -> UUID | None:
     """Wait for a slot of ``name``; ``on_busy()`` runs between tries (breaks dead holders)."""
-    waited = 0.0
+    waited, pause = 0.0, POLL_S
     while True:
         acquired, lease = _try_acquire(client, name, holder)
         if acquired:
@@ -364,8 +368,9 @@ def _acquire(client: SyncPrefectClient, name: str, holder: Any, on_busy: Any = N
             return lease
         if on_busy is not None:
             on_busy()
-        time.sleep(POLL_S)
-        waited += POLL_S
+        time.sleep(pause)
+        waited += pause
+        pause = min(2 * pause, POLL_MAX_S)
 
 
 def _ensure_limit(name: str, limit: int) -> None:

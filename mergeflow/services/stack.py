@@ -183,6 +183,8 @@ class Stack:
             MERGEFLOW_BUCKET=self.settings.bucket,
         )
         out.update(self._s3_env())
+        if not self.settings.prefect_database_url:  # SQLite: ride out longer write contention
+            out["PREFECT_CLIENT_MAX_RETRIES"] = os.environ.get("PREFECT_CLIENT_MAX_RETRIES", "8")
         return out
 
     def _server_env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -211,8 +213,16 @@ class Stack:
         db_url = s.prefect_database_url
         if s.profile == "production" and not db_url:
             raise StackError("production profile: set MERGEFLOW_PREFECT_DATABASE_URL")
+        # On SQLite (docs/reliability.md, Load): no "Late" state for runs waiting for the
+        # runner (the late-runs service reads, then writes in a deferred transaction, which
+        # SQLite refuses at once while the API writes), and the "database is locked" errors
+        # that clients retry (503) are logged, not hidden. The environment's values win.
+        sqlite = {"PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false"}
+        sqlite["PREFECT_API_LOG_RETRYABLE_ERRORS"] = "true"
+        sqlite = {} if db_url else {k: v for k, v in sqlite.items() if k not in os.environ}
         db_url = db_url or f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}"
         env = {
+            **sqlite,
             "PREFECT_HOME": str(prefect_home),
             "PREFECT_API_DATABASE_CONNECTION_URL": db_url,
             "PREFECT_API_URL": s.prefect_api_url,  # the UI talks to this server
