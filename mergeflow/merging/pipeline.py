@@ -6,7 +6,8 @@ the result. :func:`run` streams such a pass through three stages:
 * **read**: one thread calls ``load(key)`` in key order, so a reader keeps one file (or
   shard) open and reads sequentially;
 * **compute**: ``workers`` threads call ``compute(key, loaded)``; on a CPU each runs its
-  torch ops single-threaded (``torch.set_num_threads(1)`` for the pass), which keeps two
+  torch and numpy (LAPACK) ops single-threaded (``torch.set_num_threads(1)`` and
+  threadpoolctl's BLAS limit for the pass), which keeps two
   independent decompositions busy on two cores and keeps results bit-identical from run to
   run (the number of threads inside one op would change rounding);
 * **consume**: the calling thread receives results in key order (``consume(key, result)``),
@@ -25,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
+from threadpoolctl import threadpool_limits
 
 L = TypeVar("L")
 R = TypeVar("R")
@@ -63,6 +65,7 @@ def run(
         torch.set_num_threads(1)
     try:
         with (
+            threadpool_limits(1 if workers > 1 else None, user_api="blas"),
             ThreadPoolExecutor(1, thread_name_prefix="mergeflow-read") as reader,
             ThreadPoolExecutor(workers, thread_name_prefix="mergeflow-fold") as pool,
         ):
