@@ -3,8 +3,9 @@
 ``MERGEFLOW_LOAD_LINEAGES`` x ``MERGEFLOW_LOAD_CHECKPOINTS`` (default 10 x 10) tiny
 checkpoints are published at once; one ``serve`` process serves every lineage. Checked: each
 lineage ends with exactly its checkpoints, once each, in publication order, every version
-on the one before (no lost or doubled fold); no "database is locked" in any log; no fold run
-left unfinished. Printed: throughput, where a fold's time goes, and how long runs waited to
+on the one before (no lost or doubled fold); no "database is locked" in any log on
+PostgreSQL (counted on SQLite); no fold run left unfinished. ``MERGEFLOW_LOAD_SERVE_ARGS``
+adds arguments to ``mergeflow serve`` (e.g. ``--limit 2``). Printed: throughput, where a fold's time goes, and how long runs waited to
 start (the first bottleneck). ``reliability`` tier (``scripts/reliability.sh``); CI runs 3 x 3
 fold runs in threads of one process.
 """
@@ -64,7 +65,8 @@ def test_many_lineages_fold_at_once(
         for i in range(n_lin)
     ]
     name = f"serve-load-{tag}"
-    log = start_serve(running.stack, name, specs)
+    serve_args = os.environ.get("MERGEFLOW_LOAD_SERVE_ARGS", "").split()  # e.g. --limit 2
+    log = start_serve(running.stack, name, specs, *serve_args)
     reg = Registry()
     try:
         t0 = time.monotonic()

@@ -6,8 +6,9 @@ the result. :func:`run` streams such a pass through three stages:
 * **read**: one thread calls ``load(key)`` in key order, so a reader keeps one file (or
   shard) open and reads sequentially;
 * **compute**: ``workers`` threads call ``compute(key, loaded)``; on a CPU each runs its
-  torch and numpy (LAPACK) ops single-threaded (``torch.set_num_threads(1)`` and
-  threadpoolctl's BLAS limit for the pass), which keeps two
+  torch ops single-threaded (``torch.set_num_threads(1)`` for the pass; numpy's LAPACK,
+  used for OPCM's ``eigh``, always runs on one thread: its two-thread ``eigh`` was slower,
+  also with one worker), which keeps two
   independent decompositions busy on two cores and keeps results bit-identical from run to
   run (the number of threads inside one op would change rounding);
 * **consume**: the calling thread receives results in key order (``consume(key, result)``),
@@ -65,7 +66,7 @@ def run(
         torch.set_num_threads(1)
     try:
         with (
-            threadpool_limits(1 if workers > 1 else None, user_api="blas"),
+            threadpool_limits(1, user_api="blas"),  # numpy's eigh: one thread was the fastest
             ThreadPoolExecutor(1, thread_name_prefix="mergeflow-read") as reader,
             ThreadPoolExecutor(workers, thread_name_prefix="mergeflow-fold") as pool,
         ):
