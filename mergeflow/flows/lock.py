@@ -15,9 +15,10 @@ A dead holder frees the lineage in three ways, fastest first:
    once and marks its still-running subflows and task runs Crashed, so no run keeps
    saying "Running" after its process died;
 2. a waiter polls (after :data:`POLL_S`, backing off to :data:`POLL_MAX_S`); while the slot
-   is taken it reads the holder record and breaks the lock (:func:`reap`, same clean-up) when the holder's flow run is in a
-   final state, or when the holder ran in this host's process namespace and its process
-   is gone (a killed CLI run, or a runner that died with its children);
+   is taken it reads the holder record and breaks the lock (:func:`reap`, same clean-up)
+   when the holder's flow run is in a final state, or when the holder ran in this host's
+   process namespace and its process is gone (a killed CLI run, or a runner that died with
+   its children);
 3. otherwise the lease runs out at most :data:`LOCK_LEASE_S` after its last renewal and
    Prefect's repossessor (a 15 s loop; 5 s on the embedded stack) frees the slot.
 

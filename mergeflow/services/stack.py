@@ -217,9 +217,9 @@ class Stack:
         # runner (the late-runs service reads, then writes in a deferred transaction, which
         # SQLite refuses at once while the API writes), and the "database is locked" errors
         # that clients retry (503) are logged, not hidden. The environment's values win.
-        sqlite = {"PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false"}
-        sqlite["PREFECT_API_LOG_RETRYABLE_ERRORS"] = "true"
-        sqlite = {} if db_url else {k: v for k, v in sqlite.items() if k not in os.environ}
+        wanted = {"PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false"}
+        wanted |= {"PREFECT_API_LOG_RETRYABLE_ERRORS": "true"}
+        sqlite = {} if db_url else {k: v for k, v in wanted.items() if k not in os.environ}
         db_url = db_url or f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}"
         env = {
             **sqlite,
