@@ -5,7 +5,8 @@
 Run it with ``PYTHONPATH=<an older checkout>`` (from outside this folder) to time another
 version of ``mergeflow.merging.linalg`` the same way. The last line times what a fold does:
 two worker threads of one torch thread each (numpy's BLAS on one thread too), projecting
-8 matrices of 768x768 and 4 of 3072x768 (a sixth of ViT-B/32's 72).
+8 matrices of 768x768 and 4 of 3072x768 (a sixth of ViT-B/32's 72). The line after it times
+one worker of two torch threads on the same matrices (``MERGEFLOW_FOLD_WORKERS=1``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def main() -> None:
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(2) as pool:
         ms = median_ms(lambda: list(pool.map(lambda mx: project(mx[1], mx[0], 0.5), mats)), 3)
     print(f"2 workers x 1 thread, 8 x 768x768 + 4 x 3072x768 (auto): {ms:.0f} ms", flush=True)
+    torch.set_num_threads(2)  # one worker of two threads (MERGEFLOW_FOLD_WORKERS=1)
+    with threadpool_limits(1, user_api="blas"):
+        ms = median_ms(lambda: [project(x, m, 0.5) for m, x in mats], 3)
+    print(f"1 worker x 2 threads, the same 12 (auto): {ms:.0f} ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Seconds from publishing a checkpoint to its registered MLflow version, and where they go.
 
     python benchmarks/latency.py [--checkpoints 4] [--watch-seconds 5] [--home DIR] [--push]
+                                 [--start forkserver|spawn] [--model digits|vit-b32]
+                                 [--max-examples N]
 
 Starts the embedded stack in its own home (default ``benchmarks/_work/latency``, free
 ports), builds the digits suite there (tiny HF ViT, cached), creates a fresh lineage
@@ -12,13 +14,22 @@ For each it reads the Prefect runs and task runs and splits publish -> version i
   automation); on average about half the watch interval plus one watch run. With
   ``--push`` the watch never runs: SeaweedFS calls the webhook receiver (started by
   ``mergeflow serve``) for each written file, and the receiver's push flow emits the event;
-- ``start``: fold run created -> running (runner poll + a fresh Python process);
+- ``start``: fold run created -> running (runner poll + the run's process: a fork of the
+  warm fork server, or with ``--start spawn`` a fresh Python, as ``mergeflow serve --start``);
 - ``lock``: running -> the fold-checkpoint subflow starts (lineage lock, registry, source listing);
-- ``load``: load the parent state + validate the checkpoint;
+- ``load``: load the parent state, identify, validate and screen the checkpoint (its
+  ``‖τ‖/‖θ₀‖`` reads the base and the checkpoint);
 - ``fold``: the fold task; ``export``: write the merged weights;
-- ``eval``: evaluate (validation + test) + gate;
+- ``eval``: evaluate (validation + test), the checkpoint's own scores, gate;
 - ``register``: the MLflow run, LoggedModel, artifacts and version (the commit point);
 - ``total``: publish -> version ``creation_timestamp``.
+
+``--model vit-b32`` keeps the digits data and evaluation but swaps the tiny ViT for one
+with ViT-B/32's encoder (hidden 768, 12 layers, 12 heads, MLP 3072: the 72 projected
+matrices of ``compare.py --suite vit-b32``, 85.8 M parameters; 8x8 images in patches of 2,
+so 17 tokens instead of 50): a seeded random base and checkpoints that add a small random
+task vector to it (no training at that size here). Its scores are near chance; the
+timings are what counts.
 
 Stops everything it started at the end.
 """
@@ -26,6 +37,7 @@ Stops everything it started at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -101,10 +113,10 @@ def measure(lineage: str, ck: str, t_publish: datetime, version: Any) -> dict[st
         "detect": _secs(t_publish, parent.created),
         "start": _secs(parent.created, parent.start_time),
         "lock": _secs(parent.start_time, sub.start_time),
-        "load": dur("load-parent", "validate-checkpoint"),
+        "load": dur("load-parent", "identify-checkpoint", "validate-checkpoint", "screen-"),
         "fold": dur("fold-"),
         "export": dur("export-"),
-        "eval": dur("evaluate-", "gate"),
+        "eval": dur("evaluate-", "own-scores", "gate"),
         "register": dur("register-version"),
         "total": _secs(t_publish, version.created_at),
     }
@@ -126,6 +138,24 @@ def main(argv: list[str] | None = None) -> int:
         "--push",
         action="store_true",
         help="detect by push (SeaweedFS -> webhook receiver) instead of the watch schedule",
+    )
+    ap.add_argument(
+        "--start",
+        choices=("forkserver", "spawn"),
+        default="forkserver",
+        help="how served runs start (mergeflow serve --start; default forkserver)",
+    )
+    ap.add_argument(
+        "--model",
+        choices=("digits", "vit-b32"),
+        default="digits",
+        help="the digits suite's tiny ViT (default) or ViT-B/32's encoder widths (see above)",
+    )
+    ap.add_argument(
+        "--max-examples",
+        type=int,
+        default=None,
+        help="cap on evaluation examples per task and split (default: all, 200 + 297)",
     )
     args = ap.parse_args(argv)
 
@@ -151,7 +181,7 @@ def _configure_push(stack: Any, push: bool) -> None:
     from mergeflow.services import s3_server
 
     toml = stack.home / "s3" / "notification.toml"
-    if stack.is_up():
+    if stack.running():
         stack.down()  # SeaweedFS reads notification.toml at start
     if not push:
         toml.unlink(missing_ok=True)
@@ -164,6 +194,45 @@ def _configure_push(stack: Any, push: bool) -> None:
         f'endpoint = "http://127.0.0.1:{port}/webhooks/seaweedfs"\nbearer_token = "{token}"\n'
     )
     os.environ.update(MERGEFLOW_RECEIVER_PORT=str(port), MERGEFLOW_RECEIVER_SEAWEEDFS_TOKEN=token)
+
+
+def _vit_b32_files(suite: Any, root: Path) -> Any:
+    """The suite with its base and checkpoints swapped for ViT-B/32-wide ones (module doc)."""
+    import dataclasses
+
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from mergeflow.examples.suite import save_tensors
+
+    def config(folder: Path) -> dict[str, Any]:
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.update(hidden_size=768, num_hidden_layers=12, num_attention_heads=12)
+        cfg.update(intermediate_size=3072)
+        return dict(cfg)
+
+    def model(cfg: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(seed)
+        cfg = {k: v for k, v in cfg.items() if k != "transformers_version"}
+        return ViTForImageClassification(ViTConfig.from_dict(cfg)).state_dict()
+
+    base_dir, cks = root / "base", tuple(root / "checkpoints" / c.name for c in suite.checkpoints)
+    if not all((d / "model.safetensors").exists() for d in (base_dir, *cks)):
+        print(f"writing ViT-B/32-wide base and {len(cks)} checkpoints under {root} ...")
+        base_cfg = config(suite.base)
+        base = {k: v for k, v in model(base_cfg, 0).items() if not k.startswith("classifier.")}
+        save_tensors(base_dir, base_cfg, base)
+        for i, (src, dst) in enumerate(zip(suite.checkpoints, cks, strict=True), start=1):
+            cfg = config(src)
+            own = model(cfg, i)
+            gen = torch.Generator().manual_seed(1000 + i)
+            tensors = {
+                k: v + 0.02 * v.std() * torch.randn(v.shape, generator=gen) if v.numel() > 1 else v
+                for k, v in base.items()
+            }
+            tensors.update({k: v for k, v in own.items() if k.startswith("classifier.")})
+            save_tensors(dst, cfg, tensors)
+    return dataclasses.replace(suite, base=base_dir, checkpoints=cks)
 
 
 def _run(stack: Any, args: argparse.Namespace) -> int:
@@ -179,6 +248,8 @@ def _run(stack: Any, args: argparse.Namespace) -> int:
 
     n = args.checkpoints
     suite = build_digits_suite(Path(args.home) / "digits", n_tasks=n, log=print)
+    if args.model == "vit-b32":
+        suite = _vit_b32_files(suite, Path(args.home) / "vit-b32")
     run = uuid.uuid4().hex[:6]
     bucket = f"s3://{stack.settings.bucket}/latency-{run}"
     for p in suite.base.iterdir():
@@ -196,7 +267,9 @@ def _run(stack: Any, args: argparse.Namespace) -> int:
             base=f"{bucket}/base",
             method="opcm",
             sources=(f"{bucket}/published",),
-            evaluation=suite.evaluation_suite().model_copy(update={"tasks": tuple(tasks)}),
+            evaluation=suite.evaluation_suite().model_copy(
+                update={"tasks": tuple(tasks), "max_examples": args.max_examples}
+            ),
             gate=GateSpec(),
             store=f"{bucket}/lineage",
             device="cpu",
@@ -206,7 +279,8 @@ def _run(stack: Any, args: argparse.Namespace) -> int:
     st = stack.start_process(
         stack.command(
             "deployments",
-            [sys.executable, "-m", "mergeflow", "serve", "--lineage", spec.name, "--poll", "1"],
+            [sys.executable, "-m", "mergeflow", "serve", "--lineage", spec.name, "--poll", "1"]
+            + ["--start", args.start],
         )
     )
     time.sleep(3 * args.watch_seconds)  # let the scheduler start the watch ticks (and the receiver)
@@ -238,8 +312,12 @@ def _run(stack: Any, args: argparse.Namespace) -> int:
         print(f"  {folder.name}: {rows[-1][1]['total']:.1f}s", flush=True)
 
     how = "push (SeaweedFS -> receiver)" if args.push else f"watch every {args.watch_seconds}s"
+    how += f", runs started by {args.start}"
+    model = "tiny ViT" if args.model == "digits" else "ViT-B/32 encoder widths"
+    if args.max_examples:
+        model += f", at most {args.max_examples} examples per task and split"
     print(
-        f"\nseconds from publish to registered version ({n} checkpoints, {how}, tiny ViT on digits)"
+        f"\nseconds from publish to registered version ({n} checkpoints, {how}, {model} on digits)"
     )
     print(f"| checkpoint | {' | '.join(PHASES)} |")
     print(f"|---|{'---|' * len(PHASES)}")

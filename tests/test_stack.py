@@ -8,13 +8,14 @@ after the next `up`, an extra managed process (and its child) dies with `down`, 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -173,31 +174,77 @@ def test_production_profile_needs_database_urls(tmp_path: Path) -> None:
 def test_sqlite_prefect_settings_are_set_only_on_sqlite_and_the_environment_wins(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On SQLite the stack turns off Prefect's late-runs marking, logs the locks that clients
-    retry, and lets clients retry longer; PostgreSQL keeps Prefect's defaults."""
-    for var in (
-        "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED",
-        "PREFECT_API_LOG_RETRYABLE_ERRORS",
-        "PREFECT_CLIENT_MAX_RETRIES",
-    ):
+    """On SQLite the stack starts Prefect's server with IMMEDIATE transactions, logs the locks
+    that clients retry, and lets clients retry longer; PostgreSQL keeps Prefect's own server
+    and defaults."""
+    for var in ("PREFECT_API_LOG_RETRYABLE_ERRORS", "PREFECT_CLIENT_MAX_RETRIES"):
         monkeypatch.delenv(var, raising=False)
     sqlite = Stack(Settings(home=tmp_path))
-    env = next(s.env for s in sqlite.core_specs() if s.name == "prefect")
-    assert env["PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED"] == "false"
-    assert env["PREFECT_API_LOG_RETRYABLE_ERRORS"] == "true"
+    spec = next(s for s in sqlite.core_specs() if s.name == "prefect")
+    assert spec.argv[1:4] == ["-m", "mergeflow.services.prefect_sqlite", "server"]
+    assert spec.env["PREFECT_API_LOG_RETRYABLE_ERRORS"] == "true"
     assert sqlite.env()["PREFECT_CLIENT_MAX_RETRIES"] == "8"
-    monkeypatch.setenv("PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED", "true")
+    monkeypatch.setenv("PREFECT_API_LOG_RETRYABLE_ERRORS", "false")
     monkeypatch.setenv("PREFECT_CLIENT_MAX_RETRIES", "3")
     env = next(s.env for s in sqlite.core_specs() if s.name == "prefect")
-    assert "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED" not in env  # os.environ's value is used
+    assert "PREFECT_API_LOG_RETRYABLE_ERRORS" not in env  # os.environ's value is used
     assert sqlite.env()["PREFECT_CLIENT_MAX_RETRIES"] == "3"
-    monkeypatch.delenv("PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED")
+    monkeypatch.delenv("PREFECT_API_LOG_RETRYABLE_ERRORS")
     monkeypatch.delenv("PREFECT_CLIENT_MAX_RETRIES")
     pg = Stack(Settings(home=tmp_path, prefect_database_url="postgresql+asyncpg://x@127.0.0.1/db"))
-    env = next(s.env for s in pg.core_specs() if s.name == "prefect")
-    assert "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED" not in env
+    spec = next(s for s in pg.core_specs() if s.name == "prefect")
+    assert spec.argv[1:4] == ["-m", "prefect", "server"]
+    env = spec.env
     assert "PREFECT_API_LOG_RETRYABLE_ERRORS" not in env
     assert "PREFECT_CLIENT_MAX_RETRIES" not in pg.env()
+
+
+async def _read_then_write_while_another_writes(config: Any) -> list[int]:
+    """T1 reads, T2 inserts and commits, then T1 inserts: the classic stale-snapshot race."""
+    from sqlalchemy import text
+
+    engine = await config.engine()
+    async with engine.connect() as conn:
+        await conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    s1, s2 = await config.session(engine), await config.session(engine)
+    t1_has_read = asyncio.Event()
+
+    async def t1() -> None:
+        async with s1, config.begin_transaction(s1):
+            await s1.execute(text("SELECT count(*) FROM t"))
+            t1_has_read.set()
+            await asyncio.sleep(0.5)  # T2 writes now (DEFERRED) or waits for T1 (IMMEDIATE)
+            await s1.execute(text("INSERT INTO t VALUES (1)"))
+
+    async def t2() -> None:
+        await t1_has_read.wait()
+        async with s2, config.begin_transaction(s2):
+            await s2.execute(text("INSERT INTO t VALUES (2)"))
+
+    try:
+        await asyncio.gather(t1(), t2())
+        async with engine.connect() as conn:
+            return sorted(r[0] for r in await conn.exec_driver_sql("SELECT x FROM t"))
+    finally:
+        await engine.dispose()
+
+
+def test_immediate_sqlite_transactions_wait_where_prefects_deferred_ones_fail(
+    tmp_path: Path,
+) -> None:
+    """The race that logs "database is locked" under load: Prefect's own SQLite configuration
+    fails it at once; the stack's server configuration (every transaction IMMEDIATE) makes the
+    second writer wait and both rows land."""
+    from prefect.server.database.configurations import AioSqliteConfiguration
+    from sqlalchemy.exc import OperationalError
+
+    from mergeflow.services.prefect_sqlite import ImmediateSqliteConfiguration
+
+    prefects = AioSqliteConfiguration(connection_url=f"sqlite+aiosqlite:///{tmp_path / 'a.db'}")
+    with pytest.raises(OperationalError, match="database is locked"):
+        asyncio.run(_read_then_write_while_another_writes(prefects))
+    ours = ImmediateSqliteConfiguration(connection_url=f"sqlite+aiosqlite:///{tmp_path / 'b.db'}")
+    assert asyncio.run(_read_then_write_while_another_writes(ours)) == [1, 2]
 
 
 @pytest.mark.services

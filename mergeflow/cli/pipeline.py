@@ -51,7 +51,8 @@ def register(subparsers: Any) -> None:
         help="serve the watch, fold, backfill, re-evaluate and gc deployments from this process",
         description=(
             "Serve every lineage's watch deployment (on its schedule), the event-triggered fold deployment and the manual "
-            "backfill/reevaluate/gc deployments from this process until interrupted. Each run executes in a subprocess."
+            "backfill/reevaluate/gc deployments from this process until interrupted. Each run executes in a subprocess, "
+            "forked from a warm fork server by default (--start)."
         ),
     )
     p.add_argument(
@@ -76,6 +77,13 @@ def register(subparsers: Any) -> None:
         help="seconds between polls for scheduled runs (default 2)",
     )
     p.add_argument("--gc-cron", help="also run gc for every lineage on this cron schedule")
+    p.add_argument(
+        "--start",
+        choices=("forkserver", "spawn"),
+        default="forkserver",
+        help="how each run's process starts: a fork of a process that has imported torch, "
+        "Prefect, MLflow and mergeflow once (default), or a fresh interpreter (Prefect's own)",
+    )
     p.add_argument(
         "--no-receiver",
         action="store_true",
@@ -233,6 +241,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limit=args.limit,
         poll_seconds=args.poll,
         gc_cron=args.gc_cron,
+        start=args.start,
     )
     return 0
 

@@ -36,15 +36,18 @@ declared for work pools in ``deployments/prefect.yaml``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from prefect import serve as prefect_serve
+from prefect import Flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.exceptions import TerminationSignal
+from prefect.runner import Runner
 from prefect.types.entrypoint import EntrypointType
 
 from mergeflow.errors import ServiceUnavailable
@@ -53,6 +56,7 @@ from mergeflow.flows.fold import backfill_flow, fold_flow
 from mergeflow.flows.lock import ensure_fold_slots
 from mergeflow.flows.maintenance import gc_flow, reevaluate_flow
 from mergeflow.flows.replay import rebuild_flow, replay_flow
+from mergeflow.flows.warmstart import StartMethod, install
 from mergeflow.flows.watch import watch_flow
 from mergeflow.lineage import LineageSpec
 
@@ -86,77 +90,84 @@ def _by_schedule(lineages: Sequence[LineageSpec]) -> dict[int | str, list[str]]:
     return groups
 
 
-def build_deployments(
+def deployment_args(
     lineages: Sequence[LineageSpec], *, fold_limit: int = 2, gc_cron: str | None = None
-) -> list[Any]:
-    """``RunnerDeployment`` objects for :func:`prefect.serve` (see the module docstring)."""
+) -> list[tuple[Flow[Any, Any], dict[str, Any]]]:
+    """Each served flow with its deployment's arguments (``Flow.to_deployment``,
+    ``Runner.add_flow``; see the module docstring)."""
 
     module = EntrypointType.MODULE_PATH
+    common: dict[str, Any] = {"paused": False, "entrypoint_type": module}
     # One watch run per schedule, not per lineage: each run is a process.
-    out = [
-        watch_flow.to_deployment(
-            name=watch_deployment_name(schedule).split("/", 1)[1],
-            parameters={"lineages": names},
-            paused=False,
-            description=f"Watch the sources of {', '.join(names)}",
-            tags=["mergeflow", *(f"lineage:{name}" for name in names)],
-            # a tick that finds the previous one still running is cancelled, not queued
-            concurrency_limit=ConcurrencyLimitConfig(
-                limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
-            ),
-            entrypoint_type=module,
-            **_schedule_kwargs(schedule),
+    out: list[tuple[Flow[Any, Any], dict[str, Any]]] = [
+        (
+            watch_flow,
+            {
+                "name": watch_deployment_name(schedule).split("/", 1)[1],
+                "parameters": {"lineages": names},
+                "description": f"Watch the sources of {', '.join(names)}",
+                "tags": ["mergeflow", *(f"lineage:{name}" for name in names)],
+                # a tick that finds the previous one still running is cancelled, not queued
+                "concurrency_limit": ConcurrencyLimitConfig(
+                    limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+                ),
+                **common,
+                **_schedule_kwargs(schedule),
+            },
         )
         for schedule, names in _by_schedule(lineages).items()
     ]
     enqueue = ConcurrencyLimitStrategy.ENQUEUE
     out += [
-        fold_flow.to_deployment(
-            name=spec.name,
-            triggers=[fold_trigger(spec.name)],
-            paused=False,
-            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=enqueue),
-            description=f"Fold checkpoints published for {spec.name}, one run at a time, in publication order",
-            tags=["mergeflow", f"lineage:{spec.name}"],
-            entrypoint_type=module,
+        (
+            fold_flow,
+            {
+                "name": spec.name,
+                "triggers": [fold_trigger(spec.name)],
+                "concurrency_limit": ConcurrencyLimitConfig(limit=1, collision_strategy=enqueue),
+                "description": f"Fold checkpoints published for {spec.name}, one run at a time, in publication order",
+                "tags": ["mergeflow", f"lineage:{spec.name}"],
+                **common,
+            },
         )
         for spec in lineages
     ]
     shared = "fold" if all(spec.name != "fold" for spec in lineages) else "fold-shared"
     out.append(
-        fold_flow.to_deployment(
-            name=shared,
-            triggers=[fold_trigger(exclude=[spec.name for spec in lineages])],
-            paused=False,
-            concurrency_limit=ConcurrencyLimitConfig(limit=fold_limit, collision_strategy=enqueue),
-            description="Fold a published checkpoint of a lineage not served by name (one fold per lineage at a time, in publication order)",
-            tags=["mergeflow"],
-            entrypoint_type=module,
+        (
+            fold_flow,
+            {
+                "name": shared,
+                "triggers": [fold_trigger(exclude=[spec.name for spec in lineages])],
+                "concurrency_limit": ConcurrencyLimitConfig(
+                    limit=fold_limit, collision_strategy=enqueue
+                ),
+                "description": "Fold a published checkpoint of a lineage not served by name (one fold per lineage at a time, in publication order)",
+                "tags": ["mergeflow"],
+                **common,
+            },
         )
     )
-    out.append(
-        backfill_flow.to_deployment(
-            name="backfill", paused=False, tags=["mergeflow"], entrypoint_type=module
-        )
-    )
-    out.append(
-        reevaluate_flow.to_deployment(
-            name="reevaluate", paused=False, tags=["mergeflow"], entrypoint_type=module
-        )
-    )
-    for history_flow, name in ((replay_flow, "replay"), (rebuild_flow, "rebuild")):
-        out.append(
-            history_flow.to_deployment(
-                name=name, paused=False, tags=["mergeflow"], entrypoint_type=module
-            )
-        )
+    manual: list[tuple[Flow[Any, Any], str]] = [
+        (backfill_flow, "backfill"),
+        (reevaluate_flow, "reevaluate"),
+        (replay_flow, "replay"),
+        (rebuild_flow, "rebuild"),
+    ]
+    out += [(f, {"name": name, "tags": ["mergeflow"], **common}) for f, name in manual]
     gc_kwargs: dict[str, Any] = {"cron": gc_cron} if gc_cron else {}
-    out.append(
-        gc_flow.to_deployment(
-            name="gc", paused=False, tags=["mergeflow"], entrypoint_type=module, **gc_kwargs
-        )
-    )
+    out.append((gc_flow, {"name": "gc", "tags": ["mergeflow"], **common, **gc_kwargs}))
     return out
+
+
+def build_deployments(
+    lineages: Sequence[LineageSpec], *, fold_limit: int = 2, gc_cron: str | None = None
+) -> list[Any]:
+    """The ``RunnerDeployment`` objects of :func:`deployment_args`."""
+    return [
+        f.to_deployment(**kwargs)
+        for f, kwargs in deployment_args(lineages, fold_limit=fold_limit, gc_cron=gc_cron)
+    ]
 
 
 def serve(
@@ -166,20 +177,29 @@ def serve(
     limit: int = 4,
     poll_seconds: float = 2.0,
     gc_cron: str | None = None,
+    start: StartMethod = "forkserver",
 ) -> None:
-    """Serve every deployment from this process until interrupted (blocking)."""
+    """Serve every deployment from this process until interrupted (blocking).
 
-    deployments = build_deployments(lineages, fold_limit=fold_limit, gc_cron=gc_cron)
+    Each flow is added to Prefect's runner with its flow object (``Runner.add_flow``), so a
+    run starts from that object in a child process (``start``, :mod:`mergeflow.flows.warmstart`)
+    rather than from a fresh ``python -m prefect.engine`` that imports the entrypoint again.
+    """
+
+    install(start)
     ensure_fold_slots(fold_limit)
     # pause_on_shutdown=False: several serve processes may share the fold deployment, and fold
     # runs triggered while none serves wait as scheduled runs for the next one.
-    prefect_serve(
-        *deployments,
-        limit=limit,
-        query_seconds=poll_seconds,
-        pause_on_shutdown=False,
-        print_starting_message=True,
-    )
+    runner = Runner(limit=limit, query_seconds=poll_seconds, pause_on_shutdown=False)
+    names = []
+    for f, kwargs in deployment_args(lineages, fold_limit=fold_limit, gc_cron=gc_cron):
+        runner.add_flow(f, **kwargs)
+        names.append(f"{f.name}/{kwargs['name']}")
+    print(f"serving {len(names)} deployments ({start}): {', '.join(names)}", flush=True)
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, TerminationSignal) as exc:
+        print(f"{type(exc).__name__}: shutting down", flush=True)
 
 
 def _trigger_key(trigger: Any) -> str:

@@ -213,14 +213,14 @@ class Stack:
         db_url = s.prefect_database_url
         if s.profile == "production" and not db_url:
             raise StackError("production profile: set MERGEFLOW_PREFECT_DATABASE_URL")
-        # On SQLite (docs/reliability.md, Load): no "Late" state for runs waiting for the
-        # runner (the late-runs service reads, then writes in a deferred transaction, which
-        # SQLite refuses at once while the API writes), and the "database is locked" errors
-        # that clients retry (503) are logged, not hidden. The environment's values win.
-        wanted = {"PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false"}
-        wanted |= {"PREFECT_API_LOG_RETRYABLE_ERRORS": "true"}
-        sqlite = {} if db_url else {k: v for k, v in wanted.items() if k not in os.environ}
+        # On SQLite (docs/reliability.md, Load): every server transaction begins IMMEDIATE
+        # (services/prefect_sqlite.py), so writers wait for each other instead of failing
+        # with "database is locked", and any lock a client still retries (503) is logged,
+        # not hidden. The environment's value wins.
+        wanted = {"PREFECT_API_LOG_RETRYABLE_ERRORS": "true"}
         db_url = db_url or f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}"
+        sqlite_db = db_url.startswith("sqlite")
+        sqlite = {k: v for k, v in wanted.items() if k not in os.environ} if sqlite_db else {}
         env = {
             **sqlite,
             "PREFECT_HOME": str(prefect_home),
@@ -250,7 +250,7 @@ class Stack:
             argv=[
                 sys.executable,
                 "-m",
-                "prefect",
+                "mergeflow.services.prefect_sqlite" if sqlite_db else "prefect",
                 "server",
                 "start",
                 "--host",
