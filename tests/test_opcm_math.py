@@ -103,21 +103,14 @@ def test_exactly_rank_deficient_update_removes_no_diagonal_term_in_its_null_spac
     assert torch.allclose(ours, ref_project_full(x, m, 0.5), atol=1e-10)
 
 
-@pytest.mark.parametrize("threads", [1, 2])  # eigh by numpy's LAPACK on one, torch's on two
 @pytest.mark.parametrize("shape", [(80, 30), (30, 80)])
-def test_clustered_singular_values_are_resolved_exactly(shape, threads):
+def test_clustered_singular_values_are_resolved_exactly(shape):
     """Clusters 1e-6 apart: the float64 Gram path matches the float64 SVD; float32 cannot."""
     sigma = [3.0, 3.0 - 1e-6, 3.0 - 2e-6] + [1.0 + 1e-6 * i for i in range(27, 0, -1)]
     m = spectrum(shape, sigma, seed=4)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     ref = ref_project_full(x, m, 0.3)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        ours = project(x, m, 0.3, "auto")
-    finally:
-        torch.set_num_threads(before)
-    err = float((ours - ref).norm() / x.norm())
+    err = float((project(x, m, 0.3, "auto") - ref).norm() / x.norm())
     err32 = float((project(x, m, 0.3, "svd32") - ref).norm() / x.norm())
     assert err < 1e-7, err
     assert err32 > 100 * err  # the research code's float32 SVD mixes the clustered vectors

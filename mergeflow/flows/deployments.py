@@ -31,7 +31,8 @@ process serving other lineages would overwrite it.
 
 Entry points are module paths (``mergeflow.flows.fold:fold_flow``), so runs work from
 any working directory of an environment where mergeflow is installed. The same set is
-declared for work pools in ``deployments/prefect.yaml``.
+declared for work pools in ``deployments/prefect.yaml``. ``serve`` runs them from its own
+flow objects, each run a fork of a warm fork server (:mod:`mergeflow.flows.warmstart`).
 """
 
 from __future__ import annotations

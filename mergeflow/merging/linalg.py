@@ -17,9 +17,7 @@ float64 one.
 Where the time goes (benchmarks/README.md): on a CPU, ``G`` and ``eigh`` go through numpy's
 LAPACK (OpenBLAS: ``AᵀA`` as a symmetric rank-k update, half a product's work; with two
 one-thread workers, as a fold runs, the projections took 1356 ms where torch's MKL path took
-1656 ms on this AMD CPU); where torch runs more than one thread per worker
-(``MERGEFLOW_FOLD_WORKERS=1`` on two cores) they go through torch, whose ``eigh`` uses those
-threads (1462 ms against numpy's 1859 ms, one worker of two threads), and ``M V`` runs in float32 except
+1656 ms on this AMD CPU), and ``M V`` runs in float32 except
 for the columns with ``σ_i < 10⁻²·σ_max``, which are recomputed in float64: a float32 column
 is exact to about ``ε₃₂·σ_max/σ_i``, so every column of ``U`` stays exact to ~10⁻⁵ relative.
 
@@ -87,8 +85,8 @@ def _apply(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: int, k: int) ->
 
 
 def _gram_eigh(m64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (ascending) and eigenvectors of ``MᵀM``, in float64 (see the module doc)."""
-    if m64.device.type != "cpu" or torch.get_num_threads() > 1:
+    """Eigenvalues (ascending) and eigenvectors of ``MᵀM``, in float64."""
+    if m64.device.type != "cpu":
         return torch.linalg.eigh(m64.mT @ m64)
     a = m64.numpy()
     lam, v = np.linalg.eigh(a.T @ a)  # numpy runs Aᵀ·A as a symmetric rank-k update
