@@ -247,6 +247,27 @@ def test_immediate_sqlite_transactions_wait_where_prefects_deferred_ones_fail(
     assert asyncio.run(_read_then_write_while_another_writes(ours)) == [1, 2]
 
 
+@pytest.mark.parametrize("url", [None, "postgresql+asyncpg://x@127.0.0.1/db"])
+def test_immediate_sqlite_launcher_refuses_a_database_that_is_not_sqlite(
+    url: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launcher names the variable and the URL, and installs no configuration."""
+    from prefect.server.database.dependencies import MODELS_DEPENDENCIES
+
+    from mergeflow.services import prefect_sqlite
+
+    if url is None:
+        monkeypatch.delenv("PREFECT_API_DATABASE_CONNECTION_URL", raising=False)
+    else:
+        monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", url)
+    before = MODELS_DEPENDENCIES.get("database_config")
+    with pytest.raises(
+        SystemExit, match="PREFECT_API_DATABASE_CONNECTION_URL must be a SQLite URL"
+    ):
+        prefect_sqlite.main()
+    assert MODELS_DEPENDENCIES.get("database_config") is before
+
+
 @pytest.mark.services
 @pytest.mark.slow
 def test_stack_fixture_points_in_process_clients_at_its_servers(

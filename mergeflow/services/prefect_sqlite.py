@@ -21,7 +21,7 @@ import os
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 
-from prefect.server.database.configurations import SQLITE_BEGIN_MODE, AioSqliteConfiguration
+from prefect.server.database.configurations import AioSqliteConfiguration
 from prefect.server.database.dependencies import set_database_config
 from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
 
@@ -33,20 +33,18 @@ class ImmediateSqliteConfiguration(AioSqliteConfiguration):
     async def begin_transaction(
         self, session: AsyncSession, with_for_update: bool = False
     ) -> AsyncGenerator[AsyncSessionTransaction, None]:
-        """Begin ``IMMEDIATE`` whether or not the caller asked for a row lock."""
-        token = SQLITE_BEGIN_MODE.set("IMMEDIATE")
-        try:
-            async with session.begin() as transaction:
-                yield transaction
-        finally:
-            SQLITE_BEGIN_MODE.reset(token)
+        """Prefect's own, as if every caller asked for a row lock (its ``IMMEDIATE`` mode)."""
+        async with super().begin_transaction(session, with_for_update=True) as transaction:
+            yield transaction
 
 
 def main() -> None:
     """Install the configuration for ``PREFECT_API_DATABASE_CONNECTION_URL``, run the CLI."""
-    url = os.environ["PREFECT_API_DATABASE_CONNECTION_URL"]
+    url = os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL", "")
     if not url.startswith("sqlite"):
-        raise SystemExit(f"prefect_sqlite: not a SQLite URL: {url!r}")
+        raise SystemExit(
+            f"prefect_sqlite: PREFECT_API_DATABASE_CONNECTION_URL must be a SQLite URL, got {url!r}"
+        )
     set_database_config(ImmediateSqliteConfiguration(connection_url=url))
     from prefect.cli import app
 
