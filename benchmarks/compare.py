@@ -1,11 +1,17 @@
 """Every peer, one run: mergeflow beside FusionBench's OPCM, mergekit and a plain reading baseline.
 
-Run from the repository root (CPU part: about 30-40 minutes on 2 cores, the first time a few
-minutes more for the peers' venvs and the inputs)::
+Run from the repository root (the CPU run; benchmarks/README.md gives its measured time)::
 
-    .venv/bin/python benchmarks/compare.py                    # every suite
+    .venv/bin/python benchmarks/compare.py                    # the CPU run: every suite but llama-1b-fp32
+    .venv/bin/python benchmarks/compare.py --suite every      # every suite
     .venv/bin/python benchmarks/compare.py --suite vit-b32    # one suite
     .venv/bin/python benchmarks/compare.py --suite accuracy   # the ill-conditioned accuracy fixture
+
+``--threads`` adds a 1 worker x 2 threads OPCM fold on vit-b32 (the thread choice),
+``--llama-opcm`` an OPCM fold of 2 checkpoints on the Llama suites (once), and
+``--ties-rounds`` sets the rounds of the TIES merges at Llama size (default 1: mergekit's
+takes about 6 minutes there). ``llama-1b-fp32`` is left out of the CPU run: its 22 GB of
+inputs are more than the page cache holds, so it times the disk more than the merge.
 
 Suites (random weights with real architectures' tensor names and shapes, written once under
 ``benchmarks/_work/compare/<suite>/`` and reused):
@@ -239,8 +245,9 @@ def drive_mergeflow(method: str, base: str, cks: list[str], out: str, params: st
     print(json.dumps({"seconds": time.perf_counter() - t0}))
 
 
-def drive_reading(base: str, cks: list[str], out: str) -> None:
-    """Read each fold's inputs once (base, checkpoint, previous output), write its output once."""
+def drive_reading(base: str, cks: list[str], out: str, widen: bool = False) -> None:
+    """Read each fold's inputs once (base, checkpoint, previous output), write its output once;
+    ``widen``: write float32 outputs, as a state kept at the compute precision must."""
     from mergeflow.storage.objects import LocalStore, StoreSink
     from mergeflow.storage.safetensors_file import ShardedWriter
     from mergeflow.storage.schemes import open_checkpoint
@@ -258,7 +265,7 @@ def drive_reading(base: str, cks: list[str], out: str) -> None:
             t = c.get(k)
             if p is not None:
                 p.get(k)
-            w.add(k, t)
+            w.add(k, t.float() if widen and t.is_floating_point() else t)
         w.commit()
         prev = str(Path(out) / f"step{i}" / "model.safetensors")
     print(json.dumps({"seconds": time.perf_counter() - t0}))
@@ -594,7 +601,7 @@ def _row(name: str, runs: list[dict[str, float]], n: int, extra: str = "") -> di
     }
 
 
-def suite_continual(suite: str, rounds: int, skip_fb: bool) -> list[dict]:
+def suite_continual(suite: str, rounds: int, skip_fb: bool, threads: bool = False) -> list[dict]:
     """OPCM and task arithmetic folds beside FusionBench and the reading baseline."""
     base, cks = build(suite)
     n = len(cks)
@@ -607,7 +614,7 @@ def suite_continual(suite: str, rounds: int, skip_fb: bool) -> list[dict]:
         ),
         "reading baseline (fold)": _self("reading", str(out / "read"), *args),
     }
-    if suite == "vit-b32":  # the thread choice: 2 workers x 1 thread (default) vs 1 x 2
+    if threads:  # the thread choice: 2 workers x 1 thread (default) vs 1 x 2
         one = _self("mergeflow", "opcm", str(out / "opcm1"), "{}", *args)
         systems["mergeflow opcm, 1 worker x 2 threads"] = (
             one,
@@ -640,7 +647,11 @@ def suite_continual(suite: str, rounds: int, skip_fb: bool) -> list[dict]:
 
 
 def suite_batch(
-    suite: str, rounds: int, skip_mk: bool, methods: list[str] | None = None
+    suite: str,
+    rounds: int,
+    skip_mk: bool,
+    methods: list[str] | None = None,
+    ties_rounds: int | None = None,
 ) -> list[dict]:
     """Batch task arithmetic and TIES beside mergekit and the batch reading baseline."""
     base, cks = build(suite)
@@ -693,7 +704,10 @@ def suite_batch(
         for name, cmd in systems.items()
         if name.startswith("reading") or name.rsplit(" ", 1)[-1].removeprefix("batch_") in wanted
     }
-    res = _rounds(systems, rounds)
+    ties = {name: cmd for name, cmd in systems.items() if name.endswith("ties")}
+    res = _rounds({n: c for n, c in systems.items() if n not in ties}, rounds)
+    if ties:
+        res |= _rounds(ties, ties_rounds if ties_rounds is not None else rounds)
     expected = _tensor_count(base)
     outputs = {
         "mergeflow batch_task_arithmetic": "bta",
@@ -747,11 +761,10 @@ def print_table(title: str, rows: list[dict], key: str = "per_fold") -> None:
             f"- error: FusionBench / mergeflow = "
             f"{by['fusionbench opcm']['error'] / by['mergeflow opcm']['error']:.1f}x"
         )
-    if "reading baseline (fold)" in by and "mergeflow task_arithmetic" in by:
-        b, t = by["reading baseline (fold)"], by["mergeflow task_arithmetic"]
-        print(
-            f"- task_arithmetic fold throughput = {b[key] / t[key]:.0%} of the reading baseline's"
-        )
+    for base_row in ("reading baseline (fold)", "reading baseline (fold, float32 output)"):
+        if base_row in by and "mergeflow task_arithmetic" in by:
+            b, t = by[base_row], by["mergeflow task_arithmetic"]
+            print(f"- task_arithmetic fold throughput = {b[key] / t[key]:.0%} of {base_row}'s")
     ratio("mergeflow batch_task_arithmetic", "mergekit task_arithmetic", "per_merge")
     ratio("mergeflow batch_ties", "mergekit ties", "per_merge")
     if "reading baseline (batch)" in by and "mergeflow batch_task_arithmetic" in by:
@@ -764,7 +777,12 @@ def print_table(title: str, rows: list[dict], key: str = "per_fold") -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    ap.add_argument(
+        "--suite",
+        choices=[*SUITES, "all", "every"],
+        default="all",
+        help="all: every suite but llama-1b-fp32 (the CPU run); every: all of them",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-fusionbench", action="store_true")
     ap.add_argument("--skip-mergekit", action="store_true")
@@ -778,14 +796,29 @@ def main() -> None:
         choices=["continual", "batch"],
         help="only the continual-fold or only the batch-merge table of each suite",
     )
+    ap.add_argument(
+        "--ties-rounds",
+        type=int,
+        help="rounds of the TIES merges at Llama size (default 1: mergekit's takes about 6 minutes)",
+    )
+    ap.add_argument(
+        "--threads",
+        action="store_true",
+        help="vit-b32: also fold with 1 worker x 2 threads (the thread choice)",
+    )
+    ap.add_argument(
+        "--llama-opcm",
+        action="store_true",
+        help="Llama suites: also fold 2 checkpoints with OPCM, once (about 4-5 minutes)",
+    )
     ap.add_argument("--driver", help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
     if args.driver:
         d = args.driver
         if d == "mergeflow":
             drive_mergeflow(rest[0], rest[3], rest[4:], rest[1], rest[2])
-        elif d == "reading":
-            drive_reading(rest[1], rest[2:], rest[0])
+        elif d in ("reading", "reading-f32"):
+            drive_reading(rest[1], rest[2:], rest[0], widen=d == "reading-f32")
         elif d == "reading-batch":
             drive_reading_batch(rest[1], rest[2:], rest[0])
         elif d == "fusionbench":
@@ -795,26 +828,37 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     t0 = time.perf_counter()
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, load {_load_avg():.1f}")
-    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    if args.suite in ("all", "every"):
+        suites = [x for x in SUITES if args.suite == "every" or x != "llama-1b-fp32"]
+    else:
+        suites = [args.suite]
     for suite in suites:
         print(f"\n== {suite} ==", flush=True)
         continual, batch = args.only != "batch", args.only != "continual"
         if continual and suite in ("vit-b32", "accuracy"):
-            rows = suite_continual(suite, args.rounds, args.skip_fusionbench)
+            rows = suite_continual(
+                suite, args.rounds, args.skip_fusionbench, args.threads and suite == "vit-b32"
+            )
             print_table(f"{suite}: continual folds", rows)
         if batch and suite in ("vit-b32", "llama-1b-bf16", "llama-1b-fp32"):
+            big = suite.startswith("llama")
             rows = suite_batch(
-                suite, args.rounds, args.skip_mergekit, args.batch_methods.split(",")
+                suite,
+                args.rounds,
+                args.skip_mergekit,
+                args.batch_methods.split(","),
+                ties_rounds=(args.ties_rounds or 1) if big else args.ties_rounds,
             )
             print_table(f"{suite}: batch merges", rows, key="per_merge")
         if continual and suite.startswith("llama"):
-            rows = suite_llama_folds(suite, args.rounds)
+            rows = suite_llama_folds(suite, args.rounds, args.llama_opcm)
             print_table(f"{suite}: continual folds", rows)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 
-def suite_llama_folds(suite: str, rounds: int) -> list[dict]:
-    """Task-arithmetic folds and the reading baseline (rounds), OPCM once over 2 checkpoints."""
+def suite_llama_folds(suite: str, rounds: int, opcm: bool) -> list[dict]:
+    """Task-arithmetic folds and the reading baselines (rounds); with ``opcm``, OPCM once over
+    2 checkpoints."""
     base, cks = build(suite)
     out = WORK / suite / "out"
     args = [str(base), *map(str, cks)]
@@ -824,22 +868,27 @@ def suite_llama_folds(suite: str, rounds: int) -> list[dict]:
                 "mergeflow", "task_arithmetic", str(out / "ta"), "{}", *args
             ),
             "reading baseline (fold)": _self("reading", str(out / "read"), *args),
+            # the state is float32: a 16-bit model's fold reads and writes float32 states
+            "reading baseline (fold, float32 output)": _self(
+                "reading-f32", str(out / "read32"), *args
+            ),
         },
         rounds,
     )
     rows = [_row(name, runs, len(cks)) for name, runs in res.items()]
-    opcm = _rounds(
-        {
-            "mergeflow opcm (2 checkpoints, 1 round)": _self(
-                "mergeflow", "opcm", str(out / "opcm"), "{}", str(base), *map(str, cks[:2])
-            )
-        },
-        1,
-    )
-    for name, runs in opcm.items():
-        rows.append(
-            _row(name, runs, 2, "1 round: a projected fold of 154 matrices up to 5632x2048")
+    if opcm:
+        res_opcm = _rounds(
+            {
+                "mergeflow opcm (2 checkpoints, 1 round)": _self(
+                    "mergeflow", "opcm", str(out / "opcm"), "{}", str(base), *map(str, cks[:2])
+                )
+            },
+            1,
         )
+        for name, runs in res_opcm.items():
+            rows.append(
+                _row(name, runs, 2, "1 round: a projected fold of 154 matrices up to 5632x2048")
+            )
     rows.append(
         {
             "system": "fusionbench opcm",

@@ -202,3 +202,42 @@ def test_sharded_writer_round_trip_bf16(tmp_path):
     assert ck.reader.keys() == list(tensors)
     for k, v in tensors.items():
         assert torch.equal(ck.reader.get(k), v)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_shards_are_valid_safetensors_with_the_header_inserted_in_place_or_copied(
+    tmp_path, monkeypatch, in_place
+):
+    """The header goes in front of the spooled data in place where the filesystem can insert
+    a range (no copy), else the data is copied after it; the safetensors library reads both."""
+    from safetensors import safe_open
+
+    from mergeflow.storage import safetensors_file
+    from mergeflow.storage.objects import LocalStore, StoreSink
+    from mergeflow.storage.safetensors_file import ShardedWriter
+
+    calls: list[bool] = []
+    real = safetensors_file._insert_range
+
+    def insert(fd: int, length: int) -> bool:
+        calls.append(ok := in_place and real(fd, length))
+        return ok
+
+    monkeypatch.setattr(safetensors_file, "_insert_range", insert)
+    tensors = {
+        "a": torch.randn(300, 7),
+        "b": torch.randn(5).to(torch.bfloat16),
+        "c": torch.arange(3),
+    }
+    (tmp_path / "spool").mkdir()
+    w = ShardedWriter(StoreSink(LocalStore(tmp_path / "m")), spool_dir=str(tmp_path / "spool"))
+    for k, v in tensors.items():
+        w.add(k, v)
+    w.commit({"note": "x"})
+    assert calls and not any(calls[1:])
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "x"}
+        assert list(f.keys()) == sorted(tensors)
+        for k, v in tensors.items():
+            assert torch.equal(f.get_tensor(k), v)
+    assert list((tmp_path / "spool").iterdir()) == []

@@ -132,6 +132,65 @@ def test_batch_task_arithmetic_and_weight_average():
     )
 
 
+BASE16 = tiny_state(0, torch.bfloat16)
+CKPTS16 = [finetune(BASE16, i) for i in range(4)]
+
+
+def _batch16(method: str, ckpts: list[dict[str, torch.Tensor]]) -> DictWriter:
+    out = DictWriter()
+    batch_engine.batch_merge(
+        method,
+        {},
+        DictReader(BASE16, "base"),
+        [DictReader(c, f"ck{i}") for i, c in enumerate(ckpts)],
+        out,
+    )
+    return out
+
+
+def test_linear_batch_methods_sum_16bit_checkpoints_without_forming_task_vectors(monkeypatch):
+    def no_task_vector(*args, **kwargs):
+        raise AssertionError("a task vector was formed")
+
+    monkeypatch.setattr(batch_engine, "_task_vector", no_task_vector)
+    monkeypatch.setattr(engine, "BLOCK", 7)  # many blocks, a partial last one
+    for method, s in [("batch_task_arithmetic", 0.3), ("batch_weight_average", 0.25)]:
+        got = _batch16(method, CKPTS16).tensors
+        for k in FLOAT:
+            b = BASE16[k].double()
+            want = b + s * sum(c[k].double() - b for c in CKPTS16)
+            assert got[k].dtype == torch.bfloat16
+            # within one bfloat16 step of the float64 result, and rounded to nearest almost
+            # everywhere (the float32 running sums may tip a tie)
+            assert bool(((got[k].double() - want).abs() <= want.abs() * 2**-8 + 1e-30).all()), k
+            assert float((got[k] == want.to(torch.bfloat16)).double().mean()) >= 0.99, k
+
+
+def test_linear_batch_on_16bit_inputs_refuses_nan_and_survives_what_only_its_sum_overflows():
+    bad = [dict(c) for c in CKPTS16]
+    bad[2]["layers.1.fc.weight"] = bad[2]["layers.1.fc.weight"].clone()
+    bad[2]["layers.1.fc.weight"][0, 0] = float("nan")
+    out = DictWriter()
+    with pytest.raises(
+        CheckpointError, match=r"^checkpoint ck2: tensor 'layers.1.fc.weight' contains NaN or Inf"
+    ):
+        batch_engine.batch_merge(
+            "batch_task_arithmetic",
+            {},
+            DictReader(BASE16, "base"),
+            [DictReader(c, f"ck{i}") for i, c in enumerate(bad)],
+            out,
+        )
+    assert not out.committed and out.tensors == {}
+    # θ_i = θ₀ = 3e38: Σ θ_i overflows float32, Σ τ_i = 0 does not; the merge is θ₀
+    big = {k: (torch.full_like(v, 3e38) if v.is_floating_point() else v) for k, v in BASE16.items()}
+    out = DictWriter()
+    batch_engine.batch_merge(
+        "batch_task_arithmetic", {}, DictReader(big), [DictReader(big) for _ in range(4)], out
+    )
+    assert all(torch.equal(out.tensors[k], big[k]) for k in big)
+
+
 def test_batch_ties_disjoint_mean():
     expected = {}
     for k in FLOAT:
@@ -284,3 +343,47 @@ def test_engine_errors_name_the_option_not_only_a_cli_flag(monkeypatch):
         ConfigError, match=r"^device 'cuda' was requested but no CUDA device is available$"
     ):
         engine.resolve_device("cuda")
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "weight_average", "magmax", "opcm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_elementwise_folds_in_blocks_equal_whole_tensor_folds(monkeypatch, method, dtype):
+    """The engine folds elementwise steps block by block on a CPU (OPCM: its unprojected
+    tensors); cut into blocks of 7 entries, the states equal the whole-tensor fold's."""
+    base = tiny_state(0, dtype)
+    ckpts = [finetune(base, i) for i in range(3)]
+    monkeypatch.setattr(engine, "BLOCK", 7)
+    blocked, info_b = fold_in_memory(method, base, ckpts)
+    cls = type(get_continual(method))
+    monkeypatch.setattr(cls, "elementwise", lambda self, params, projected: False)
+    whole, info_w = fold_in_memory(method, base, ckpts)
+    assert all(torch.equal(blocked[k], whole[k]) for k in whole)
+    assert info_b.scale == pytest.approx(info_w.scale, rel=1e-12)
+
+
+def test_a_blocked_fold_names_the_checkpoint_with_nan_and_keeps_the_state():
+    base = tiny_state(0, torch.bfloat16)
+    good, bad = finetune(base, 0), finetune(base, 1)
+    bad["layers.0.norm.weight"] = bad["layers.0.norm.weight"].clone()
+    bad["layers.0.norm.weight"][3] = float("inf")
+    br = DictReader(base, "base")
+    rule = by_name_rules({k: br.meta(k) for k in br.keys()})
+    info = engine.new_state("task_arithmetic", {}, BaseRef(uri="b", digest="d"), rule)
+    first = DictWriter()
+    info = engine.fold(
+        info, None, br, DictReader(good, "c0"), checkpoint_id="c0", digest="d0", out=first
+    )
+    out = DictWriter()
+    with pytest.raises(
+        CheckpointError, match=r"^checkpoint c1: tensor 'layers.0.norm.weight' contains NaN or Inf"
+    ):
+        engine.fold(
+            info,
+            first.reader(),
+            br,
+            DictReader(bad, "c1"),
+            checkpoint_id="c1",
+            digest="d1",
+            out=out,
+        )
+    assert not out.committed and info.step == 1

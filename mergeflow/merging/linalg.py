@@ -77,11 +77,12 @@ def _apply(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: int, k: int) ->
     u, v = u[:, :k].to(x.dtype), v[:, :k].to(x.dtype)
     r = min(r, k)
     xv = x @ v  # m × k
-    d = (u * xv).sum(0)  # u_iᵀ X v_i
-    res = x - (u[:, r:] * d[r:]) @ v[:, r:].mT
+    left = u * xv  # then [U_r (U_rᵀ X V_r) | u_i·(u_iᵀ X v_i)]: the removed part is left·Vᵀ
+    d = left[:, r:].sum(0)  # u_iᵀ X v_i, i ≥ r
+    torch.mul(u[:, r:], d, out=left[:, r:])
     if r > 0:
-        res -= u[:, :r] @ (u[:, :r].mT @ xv[:, :r]) @ v[:, :r].mT
-    return res
+        torch.mm(u[:, :r], u[:, :r].mT @ xv[:, :r], out=left[:, :r])
+    return torch.addmm(x, left, v.mT, alpha=-1)  # one product, no m × n temporaries
 
 
 def _gram_eigh(m64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -226,28 +226,40 @@ class S3Object:
             return resp["Body"].read()
 
     def read(self, offset: int, length: int) -> bytes:
-        """``length`` bytes at ``offset``; a large range is fetched as concurrent ranged GETs."""
+        """``length`` bytes at ``offset`` (see :meth:`read_into`)."""
         if length == 0:
             return b""
-        if offset < 0 or length < 0:
-            raise ValueError("offset and length must be non-negative")
+        buf = bytearray(length)
+        self.read_into(offset, memoryview(buf))
+        return bytes(buf)
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` from ``offset``; a range above ``multipart_chunksize`` is fetched as
+        concurrent ranged GETs, each copied straight to its place."""
+        length = len(buf)
+        if offset < 0:
+            raise ValueError("offset must be non-negative")
+        if length == 0:
+            return
         part, workers = self._part, self._concurrency
-        if length > part and workers > 1:
-            spans = [
-                (a, min(a + part, offset + length) - 1)
-                for a in range(offset, offset + length, part)
-            ]
-            with ThreadPoolExecutor(
-                min(workers, len(spans)), thread_name_prefix="mergeflow-s3"
-            ) as ex:
-                data = b"".join(ex.map(lambda ab: self._get(*ab), spans))
-        else:
-            data = self._get(offset, offset + length - 1)
-        if len(data) != length:
-            raise CheckpointError(
-                self.name, f"truncated: wanted {length} bytes at offset {offset}, got {len(data)}"
-            )
-        return data
+        end = offset + length
+        step = part if length > part and workers > 1 else length
+        spans = [(a, min(a + step, end)) for a in range(offset, end, step)]
+
+        def fetch(span: tuple[int, int]) -> None:
+            a, e = span
+            data = self._get(a, e - 1)
+            if len(data) != e - a:
+                raise CheckpointError(
+                    self.name, f"truncated: wanted {e - a} bytes at offset {a}, got {len(data)}"
+                )
+            buf[a - offset : e - offset] = data
+
+        if len(spans) == 1:
+            fetch(spans[0])
+            return
+        with ThreadPoolExecutor(min(workers, len(spans)), thread_name_prefix="mergeflow-s3") as ex:
+            list(ex.map(fetch, spans))
 
     def read_prefix(self, length: int) -> bytes:
         """Up to ``length`` first bytes in one GET (fewer if the object is shorter)."""

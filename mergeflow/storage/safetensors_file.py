@@ -1,16 +1,19 @@
 """Streaming safetensors IO over any byte source (local file, S3 object).
 
 Readers parse and validate the header once, then read one tensor's byte range per
-``get``; they never mmap, so resident memory stays at one tensor. Writers append raw
-bytes to a spool file per shard and assemble header + data when the shard closes.
+``get`` straight into the tensor's memory; they never mmap, so resident memory stays at one
+tensor. Writers append raw bytes to a spool file per shard and put the header in front when
+the shard closes: in place where the filesystem can insert a range, else by a copy.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -48,6 +51,16 @@ class ByteSource(Protocol):
     def read(self, offset: int, length: int) -> bytes: ...
 
 
+class ReadsInto(Protocol):
+    """Optional fast path: a source that fills a caller's buffer (no intermediate copies)."""
+
+    def read_into(self, offset: int, buf: memoryview) -> None: ...
+
+
+def _truncated(name: str, offset: int, length: int, got: int) -> CheckpointError:
+    return CheckpointError(name, f"truncated: wanted {length} bytes at offset {offset}, got {got}")
+
+
 class LocalFile:
     """A :class:`ByteSource` over a local file, kept open between reads."""
 
@@ -65,10 +78,19 @@ class LocalFile:
         self._fh.seek(offset)
         data = self._fh.read(length)
         if len(data) != length:
-            raise CheckpointError(
-                self.name, f"truncated: wanted {length} bytes at offset {offset}, got {len(data)}"
-            )
+            raise _truncated(self.name, offset, length, len(data))
         return data
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the bytes at ``offset`` (straight from the page cache)."""
+        if self._fh is None:
+            self._fh = open(self.path, "rb")
+        fd, done, length = self._fh.fileno(), 0, len(buf)
+        while done < length:
+            n = os.preadv(fd, [buf[done:]], offset + done)
+            if n == 0:
+                raise _truncated(self.name, offset, length, done)
+            done += n
 
     def close(self) -> None:
         if self._fh is not None:
@@ -255,13 +277,61 @@ class SafetensorsReader:
 
     def get(self, key: str) -> torch.Tensor:
         b, e = self._ranges[key]
-        data = self._src.read(self._start + b, e - b) if e > b else b""
-        return tensor_from_bytes(data, self._metas[key])
+        meta = self._metas[key]
+        read_into = getattr(self._src, "read_into", None)
+        if read_into is None or e == b:
+            data = self._src.read(self._start + b, e - b) if e > b else b""
+            return tensor_from_bytes(data, meta)
+        t = torch.empty(meta.numel, dtype=SAFETENSORS_DTYPES[meta.dtype])
+        read_into(self._start + b, t.view(torch.uint8).numpy().data)
+        return t.reshape(meta.shape)
 
     def close(self) -> None:
         close = getattr(self._src, "close", None)
         if close:
             close()
+
+
+FALLOC_FL_INSERT_RANGE = 0x20
+"""Linux ``fallocate`` mode that inserts a hole at an offset, shifting the data after it."""
+
+
+def _insert_range(fd: int, length: int) -> bool:
+    """Insert ``length`` bytes (whole filesystem blocks) at the start of the file, in place;
+    False where the kernel or the filesystem cannot (ext4 and XFS can; tmpfs cannot)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return False
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return bool(fallocate(fd, FALLOC_FL_INSERT_RANGE, 0, length) == 0)
+
+
+def _with_header(data_path: Path, header: bytes) -> Path:
+    """The finished shard: the header's length, ``header`` padded with spaces, then the data
+    spooled at ``data_path``. Where the filesystem can insert a range, the data stays where
+    it is (the header is padded to whole blocks); elsewhere it is copied into a new file."""
+    fd = os.open(data_path, os.O_RDWR)
+    try:
+        block = os.fstatvfs(fd).f_bsize
+        lead = -(-(8 + len(header)) // block) * block
+        if os.fstat(fd).st_size > 0 and _insert_range(fd, lead):
+            padded = header + b" " * (lead - 8 - len(header))
+            os.pwrite(fd, struct.pack("<Q", len(padded)) + padded, 0)
+            return data_path
+    finally:
+        os.close(fd)
+    padded = header + b" " * (-len(header) % 8)
+    out = data_path.with_suffix(".safetensors")
+    with open(out, "wb") as fo, open(data_path, "rb") as fi:
+        fo.write(struct.pack("<Q", len(padded)))
+        fo.write(padded)
+        fo.flush()
+        _append(fi, fo)
+    data_path.unlink()
+    return out
 
 
 def _append(src: BinaryIO, dst: BinaryIO) -> None:
@@ -318,8 +388,8 @@ def sweep_stale_spools(parent: str | os.PathLike[str] | None = None) -> list[Pat
 class ShardedWriter:
     """Streams tensors into size-bounded safetensors shards plus an HF index.
 
-    Memory holds one tensor: bytes go to a spool file, and the shard file is
-    assembled (header, then a streamed copy of the data) when it closes. Finished
+    Memory holds one tensor: bytes go to a spool file, and the header goes in front of
+    them when the shard closes (:func:`_with_header`). Finished
     shards go to ``sink``; the index (when there is more than one shard) last.
     """
 
@@ -394,15 +464,7 @@ class ShardedWriter:
         try:
             for (data_path, header), name in zip(self._shards, names, strict=True):
                 full = {"__metadata__": meta, **header}
-                hbytes = json.dumps(full, separators=(",", ":")).encode()
-                hbytes += b" " * (-len(hbytes) % 8)
-                out = data_path.with_suffix(".safetensors")
-                with open(out, "wb") as fo, open(data_path, "rb") as fi:
-                    fo.write(struct.pack("<Q", len(hbytes)))
-                    fo.write(hbytes)
-                    fo.flush()
-                    _append(fi, fo)
-                data_path.unlink()
+                out = _with_header(data_path, json.dumps(full, separators=(",", ":")).encode())
                 self._sink.put(out, name)
                 out.unlink(missing_ok=True)
                 weight_map.update(dict.fromkeys(header, name))

@@ -93,6 +93,12 @@ class ContinualMethod(ABC, Generic[P, S]):
     def fold_tensor(self, params: P, s: TensorStep) -> torch.Tensor:
         """The new state tensor ``D_t`` of one merged tensor."""
 
+    def elementwise(self, params: P, projected: bool) -> bool:
+        """Whether :meth:`fold_tensor` acts entry by entry on ``prev`` and ``tau`` for a tensor
+        that is (or is not) ``projected``: the engine may then fold it a block of entries at a
+        time, so the result must not depend on how the entries are cut."""
+        return False
+
     def finish(self, params: P, scalars: S, stats: FoldStats) -> tuple[S, float]:
         """Return the new scalars and the scale ``s`` of ``θ₀ + s·D``.
 
@@ -121,3 +127,11 @@ class BatchMethod(ABC, Generic[P]):
         ``taus`` are fresh tensors owned by the call (``batch_merge`` makes them): the method
         may overwrite them and return one of them as ``D``.
         """
+
+    def linear_scale(self, params: P, n: int) -> float | None:
+        """``s`` when every merged tensor is ``θ₀ + s·Σ τ_i`` over ``n`` checkpoints, else None.
+
+        A linear method lets ``batch_merge`` sum the checkpoints directly,
+        ``θ₀ + s·(Σ θ_i − n·θ₀)``, instead of forming each ``τ_i``: one pass per input.
+        """
+        return None

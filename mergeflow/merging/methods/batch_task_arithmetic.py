@@ -33,3 +33,6 @@ class BatchTaskArithmetic(BatchMethod[BatchTaskArithmeticParams]):
         self, params: BatchTaskArithmeticParams, key: str, taus: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, float]:
         return sum_in_place(taus), params.scale
+
+    def linear_scale(self, params: BatchTaskArithmeticParams, n: int) -> float:
+        return params.scale

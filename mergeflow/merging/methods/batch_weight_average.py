@@ -24,3 +24,6 @@ class BatchWeightAverage(BatchMethod[BatchWeightAverageParams]):
         self, params: BatchWeightAverageParams, key: str, taus: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, float]:
         return sum_in_place(taus) / len(taus), 1.0
+
+    def linear_scale(self, params: BatchWeightAverageParams, n: int) -> float:
+        return 1.0 / n

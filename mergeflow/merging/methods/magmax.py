@@ -29,3 +29,6 @@ class MagMax(ContinualMethod[MagMaxParams, NoScalars]):
         if s.prev is None:
             return s.tau.clone()
         return torch.where(s.tau.abs() >= s.prev.abs(), s.tau, s.prev)
+
+    def elementwise(self, params: MagMaxParams, projected: bool) -> bool:
+        return True

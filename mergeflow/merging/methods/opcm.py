@@ -73,6 +73,9 @@ class OPCM(ContinualMethod[OPCMParams, OPCMScalars]):
             return s.prev + s.tau
         return s.prev + project(s.tau, s.prev, params.alpha, params.decomposition).to(s.prev.dtype)
 
+    def elementwise(self, params: OPCMParams, projected: bool) -> bool:
+        return not projected
+
     def finish(
         self, params: OPCMParams, scalars: OPCMScalars, stats: FoldStats
     ) -> tuple[OPCMScalars, float]:

@@ -22,3 +22,6 @@ class TaskArithmetic(ContinualMethod[TaskArithmeticParams, NoScalars]):
     def fold_tensor(self, params: TaskArithmeticParams, s: TensorStep) -> torch.Tensor:
         """D_t = D_{t−1} + τ_t."""
         return s.tau.clone() if s.prev is None else s.prev + s.tau
+
+    def elementwise(self, params: TaskArithmeticParams, projected: bool) -> bool:
+        return True

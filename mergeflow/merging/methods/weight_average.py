@@ -30,6 +30,9 @@ class WeightAverage(ContinualMethod[WeightAverageParams, NoScalars]):
             return s.tau.clone()
         return ((s.step - 1) * s.prev + s.tau) / s.step
 
+    def elementwise(self, params: WeightAverageParams, projected: bool) -> bool:
+        return True
+
     def finish(
         self, params: WeightAverageParams, scalars: NoScalars, stats: FoldStats
     ) -> tuple[NoScalars, float]:
