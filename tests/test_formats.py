@@ -241,3 +241,22 @@ def test_shards_are_valid_safetensors_with_the_header_inserted_in_place_or_copie
         for k, v in tensors.items():
             assert torch.equal(f.get_tensor(k), v)
     assert list((tmp_path / "spool").iterdir()) == []
+
+
+def test_a_local_read_into_past_the_end_is_a_truncation_error(tmp_path):
+    """A file that shrank after its header was read: the error names the file and the range,
+    and the source still reads what is there."""
+    from mergeflow.errors import CheckpointError
+    from mergeflow.storage.safetensors_file import LocalFile
+
+    path = tmp_path / "short.bin"
+    path.write_bytes(b"x" * 10)
+    src = LocalFile(path)
+    buf = bytearray(8)
+    with pytest.raises(
+        CheckpointError, match=rf"^checkpoint {path}: truncated: wanted 8 bytes at offset 6, got 4$"
+    ):
+        src.read_into(6, memoryview(buf))
+    src.read_into(0, memoryview(buf))
+    assert bytes(buf) == b"x" * 8
+    src.close()

@@ -13,7 +13,7 @@ import math
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from pydantic import ValidationError
@@ -296,6 +296,12 @@ def fold_tensors(
         c = checkpoint.get(k) if k in present else None
         return base.get(k), c, state.get(k) if state is not None else None
 
+    def refuse(k: str, b: torch.Tensor, c: torch.Tensor | None) -> NoReturn:
+        """‖τ‖² was not finite: name the input with NaN/Inf, else the overflow."""
+        _finite(b, base.source, k)
+        _finite(c if c is not None else b, checkpoint.source, k)
+        raise CheckpointError(checkpoint.source, f"tensor {k!r} overflows against the base")
+
     def compute(
         k: str, loaded: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
     ) -> tuple[torch.Tensor, float, float]:
@@ -312,17 +318,13 @@ def fold_tensors(
                 cdt,
             )
             if not math.isfinite(sq_tau):
-                _finite(raw_b, base.source, k)
-                _finite(raw_c if raw_c is not None else raw_b, checkpoint.source, k)
-                raise CheckpointError(checkpoint.source, f"tensor {k!r} overflows against the base")
+                refuse(k, raw_b, raw_c)
             return new, sq_new, sq_tau
         b = raw_b.to(dev).to(cdt)  # upcast (bf16 -> compute dtype) on the device
         tau = _task_vector(checkpoint.source, raw_c, k, b, cdt, check=False)
         sq_tau = float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
         if not math.isfinite(sq_tau):  # one pass finds NaN/Inf in either input; then say which
-            _finite(b, base.source, k)
-            _finite(raw_c if raw_c is not None else b, checkpoint.source, k)
-            raise CheckpointError(checkpoint.source, f"tensor {k!r} overflows against the base")
+            refuse(k, b, raw_c)
         prev = raw_prev.to(dev).to(cdt) if raw_prev is not None else None
         new = cm.fold_tensor(
             params,

@@ -38,6 +38,7 @@ from botocore.exceptions import (
 from mergeflow.errors import CheckpointChanged, CheckpointError, ConfigError, ServiceUnavailable
 from mergeflow.settings import S3Settings
 from mergeflow.storage.objects import ObjectInfo
+from mergeflow.storage.safetensors_file import truncated_error
 
 MiB = 1 << 20
 
@@ -250,9 +251,7 @@ class S3Object:
             a, e = span
             data = self._get(a, e - 1)
             if len(data) != e - a:
-                raise CheckpointError(
-                    self.name, f"truncated: wanted {e - a} bytes at offset {a}, got {len(data)}"
-                )
+                raise truncated_error(self.name, a, e - a, len(data))
             buf[a - offset : e - offset] = data
 
         if len(spans) == 1:

@@ -42,7 +42,11 @@ DTYPE_SIZES = {
 
 
 class ByteSource(Protocol):
-    """Random access to the bytes of one file-like object."""
+    """Random access to the bytes of one file-like object.
+
+    A source may also offer ``read_into(offset, buf: memoryview) -> None`` (fill ``buf``
+    from ``offset``): readers then read each tensor straight into its memory.
+    """
 
     name: str
 
@@ -51,13 +55,8 @@ class ByteSource(Protocol):
     def read(self, offset: int, length: int) -> bytes: ...
 
 
-class ReadsInto(Protocol):
-    """Optional fast path: a source that fills a caller's buffer (no intermediate copies)."""
-
-    def read_into(self, offset: int, buf: memoryview) -> None: ...
-
-
-def _truncated(name: str, offset: int, length: int, got: int) -> CheckpointError:
+def truncated_error(name: str, offset: int, length: int, got: int) -> CheckpointError:
+    """The error for a byte range that ends early (every byte source says it the same way)."""
     return CheckpointError(name, f"truncated: wanted {length} bytes at offset {offset}, got {got}")
 
 
@@ -78,7 +77,7 @@ class LocalFile:
         self._fh.seek(offset)
         data = self._fh.read(length)
         if len(data) != length:
-            raise _truncated(self.name, offset, length, len(data))
+            raise truncated_error(self.name, offset, length, len(data))
         return data
 
     def read_into(self, offset: int, buf: memoryview) -> None:
@@ -89,7 +88,7 @@ class LocalFile:
         while done < length:
             n = os.preadv(fd, [buf[done:]], offset + done)
             if n == 0:
-                raise _truncated(self.name, offset, length, done)
+                raise truncated_error(self.name, offset, length, done)
             done += n
 
     def close(self) -> None:

@@ -39,6 +39,7 @@ from mergeflow.errors import CheckpointError, ConfigError
 from mergeflow.storage.hf_layout import INDEX_FILE, LayoutError, parse_index, weight_layout
 from mergeflow.storage.hub.refs import SHA_RE, HubRef, hub_errors, resolve_endpoint
 from mergeflow.storage.objects import ObjectInfo
+from mergeflow.storage.safetensors_file import truncated_error
 
 
 @dataclass(frozen=True)
@@ -307,9 +308,7 @@ class HubFile:
                     if len(data) > length:
                         break
         if len(data) != length:
-            raise CheckpointError(
-                self.name, f"truncated: wanted {length} bytes at offset {offset}, got {len(data)}"
-            )
+            raise truncated_error(self.name, offset, length, len(data))
         return bytes(data)
 
     def read_prefix(self, length: int) -> bytes:
