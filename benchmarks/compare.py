@@ -2,8 +2,9 @@
 
 Run from the repository root (the CPU run; benchmarks/README.md gives its measured time)::
 
-    .venv/bin/python benchmarks/compare.py                    # the CPU run: every suite but llama-1b-fp32
-    .venv/bin/python benchmarks/compare.py --suite every      # every suite
+    .venv/bin/python benchmarks/compare.py                    # the CPU run (see "all" below)
+    .venv/bin/python benchmarks/compare.py --suite every      # every suite, every table
+    .venv/bin/python benchmarks/compare.py --suite llama-1b-bf16 --only continual   # Llama folds
     .venv/bin/python benchmarks/compare.py --suite vit-b32    # one suite
     .venv/bin/python benchmarks/compare.py --suite accuracy   # the ill-conditioned accuracy fixture
 
@@ -11,7 +12,9 @@ Run from the repository root (the CPU run; benchmarks/README.md gives its measur
 ``--llama-opcm`` an OPCM fold of 2 checkpoints on the Llama suites (once), and
 ``--ties-rounds`` sets the rounds of the TIES merges at Llama size (default 1: mergekit's
 takes about 6 minutes there). ``llama-1b-fp32`` is left out of the CPU run: its 22 GB of
-inputs are more than the page cache holds, so it times the disk more than the merge.
+inputs are more than the page cache holds, so it times the disk more than the merge. The
+CPU run (``--suite all``, the default) also leaves out the Llama continual-fold table, which
+takes about 9 minutes: ``--suite llama-1b-bf16 --only continual`` runs it.
 
 Suites (random weights with real architectures' tensor names and shapes, written once under
 ``benchmarks/_work/compare/<suite>/`` and reused):
@@ -781,7 +784,8 @@ def main() -> None:
         "--suite",
         choices=[*SUITES, "all", "every"],
         default="all",
-        help="all: every suite but llama-1b-fp32 (the CPU run); every: all of them",
+        help="all: every suite but llama-1b-fp32, without the Llama continual-fold table "
+        "(the CPU run); every: every suite and table",
     )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-fusionbench", action="store_true")
@@ -833,7 +837,7 @@ def main() -> None:
     else:
         suites = [args.suite]
     for suite in suites:
-        print(f"\n== {suite} ==", flush=True)
+        print(f"\n== {suite} == (at {time.perf_counter() - t0:.0f} s)", flush=True)
         continual, batch = args.only != "batch", args.only != "continual"
         if continual and suite in ("vit-b32", "accuracy"):
             rows = suite_continual(
@@ -850,7 +854,7 @@ def main() -> None:
                 ties_rounds=(args.ties_rounds or 1) if big else args.ties_rounds,
             )
             print_table(f"{suite}: batch merges", rows, key="per_merge")
-        if continual and suite.startswith("llama"):
+        if continual and suite.startswith("llama") and args.suite != "all":
             rows = suite_llama_folds(suite, args.rounds, args.llama_opcm)
             print_table(f"{suite}: continual folds", rows)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")

@@ -17,9 +17,11 @@ float64 one.
 Where the time goes (benchmarks/README.md): on a CPU, ``G`` and ``eigh`` go through numpy's
 LAPACK (OpenBLAS: ``AᵀA`` as a symmetric rank-k update, half a product's work; with two
 one-thread workers, as a fold runs, the projections took 1356 ms where torch's MKL path took
-1656 ms on this AMD CPU), and ``M V`` runs in float32 except
-for the columns with ``σ_i < 10⁻²·σ_max``, which are recomputed in float64: a float32 column
-is exact to about ``ε₃₂·σ_max/σ_i``, so every column of ``U`` stays exact to ~10⁻⁵ relative.
+1656 ms on an AMD CPU; on the Intel CPU of 2026-12-06 the two were level), and ``M V`` runs
+in float32 except for the columns with ``σ_i < 10⁻²·σ_max``, which are recomputed in float64:
+a float32 column is exact to about ``ε₃₂·σ_max/σ_i``, so every column of ``U`` stays exact to
+~10⁻⁵ relative. ``σ_i`` is ``√λ_i`` above that share (exact to ``ε·(σ_max/σ_i)²`` ≤ 10⁻¹²)
+and ``‖M v_i‖`` in float64 below it (``ε·κ``, not ``ε·κ²``), so no pass over ``M V`` is added.
 
 Edge cases:
 
@@ -76,13 +78,13 @@ def _apply(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: int, k: int) ->
     """``X − U_r (U_rᵀ X V_r) V_rᵀ − Σ_{r≤i<k} (u_iᵀ X v_i) u_i v_iᵀ`` in ``x``'s dtype."""
     u, v = u[:, :k].to(x.dtype), v[:, :k].to(x.dtype)
     r = min(r, k)
-    xv = x @ v  # m × k
-    left = u * xv  # then [U_r (U_rᵀ X V_r) | u_i·(u_iᵀ X v_i)]: the removed part is left·Vᵀ
-    d = left[:, r:].sum(0)  # u_iᵀ X v_i, i ≥ r
-    torch.mul(u[:, r:], d, out=left[:, r:])
-    if r > 0:
-        torch.mm(u[:, :r], u[:, :r].mT @ xv[:, :r], out=left[:, :r])
-    return torch.addmm(x, left, v.mT, alpha=-1)  # one product, no m × n temporaries
+    left = x @ v  # X V (m × k), then in place [U_r (U_rᵀ X V_r) | u_i·(u_iᵀ X v_i)] ...
+    block = u[:, :r].mT @ left[:, :r] if r > 0 else None
+    tail = left[:, r:].mul_(u[:, r:])
+    torch.mul(u[:, r:], tail.sum(0), out=tail)  # u_iᵀ X v_i, i ≥ r
+    if block is not None:
+        torch.mm(u[:, :r], block, out=left[:, :r])
+    return torch.addmm(x, left, v.mT, alpha=-1)  # ... so the removed part is one product
 
 
 def _gram_eigh(m64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,11 +109,13 @@ def _by_gram(x: torch.Tensor, m: torch.Tensor, alpha: float) -> torch.Tensor | N
         return None
     vk = v[:, :k]
     w = m.to(x.dtype) @ vk.to(x.dtype)  # U Σ in the compute dtype, ...
-    small = (s[:k] < W32_MIN_SHARE * s[0]).nonzero().squeeze(1)
-    if x.dtype != torch.float64 and small.numel():
-        w[:, small] = (m64 @ vk[:, small]).to(x.dtype)  # ... where that is not exact: float64
-    s = torch.linalg.vector_norm(w, dim=0, dtype=torch.float64)  # σ_i = ‖M v_i‖ (ε·κ, not ε·κ²)
-    return _apply(x, w / s.to(w.dtype), v, split_rank(s, alpha), k)
+    s = s[:k].clone()
+    small = (s < W32_MIN_SHARE * s[0]).nonzero().squeeze(1)
+    if small.numel():  # ... where that is not exact, float64; there σ_i = ‖M v_i‖ (ε·κ, not ε·κ²)
+        ws = w[:, small] if x.dtype == torch.float64 else m64 @ vk[:, small]
+        s[small] = torch.linalg.vector_norm(ws, dim=0)
+        w[:, small] = ws.to(x.dtype)
+    return _apply(x, w.div_(s.to(w.dtype)), v, split_rank(s, alpha), k)
 
 
 def project(
