@@ -17,7 +17,8 @@ float64 one.
 Where the time goes (benchmarks/README.md): on a CPU, ``G`` and ``eigh`` go through numpy's
 LAPACK (OpenBLAS: ``AᵀA`` as a symmetric rank-k update, half a product's work; with two
 one-thread workers, as a fold runs, the projections took 1356 ms where torch's MKL path took
-1656 ms on an AMD CPU; on the Intel CPU of 2026-12-06 the two were level), and ``M V`` runs
+1656 ms on an AMD CPU; on the Intel CPU of 2026-12-06 numpy's Gram with torch's ``eigh`` was
+level with numpy's), and ``M V`` runs
 in float32 except for the columns with ``σ_i < 10⁻²·σ_max``, which are recomputed in float64:
 a float32 column is exact to about ``ε₃₂·σ_max/σ_i``, so every column of ``U`` stays exact to
 ~10⁻⁵ relative. ``σ_i`` is ``√λ_i`` above that share (exact to ``ε·(σ_max/σ_i)²`` ≤ 10⁻¹²)
@@ -109,12 +110,13 @@ def _by_gram(x: torch.Tensor, m: torch.Tensor, alpha: float) -> torch.Tensor | N
         return None
     vk = v[:, :k]
     w = m.to(x.dtype) @ vk.to(x.dtype)  # U Σ in the compute dtype, ...
-    s = s[:k].clone()
+    s = s[:k]
     small = (s < W32_MIN_SHARE * s[0]).nonzero().squeeze(1)
     if small.numel():  # ... where that is not exact, float64; there σ_i = ‖M v_i‖ (ε·κ, not ε·κ²)
         ws = w[:, small] if x.dtype == torch.float64 else m64 @ vk[:, small]
         s[small] = torch.linalg.vector_norm(ws, dim=0)
-        w[:, small] = ws.to(x.dtype)
+        if x.dtype != torch.float64:
+            w[:, small] = ws.to(x.dtype)
     return _apply(x, w.div_(s.to(w.dtype)), v, split_rank(s, alpha), k)
 
 
