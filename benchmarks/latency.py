@@ -17,8 +17,9 @@ For each it reads the Prefect runs and task runs and splits publish -> version i
 - ``start``: fold run created -> running (runner poll + the run's process: a fork of the
   warm fork server, or with ``--start spawn`` a fresh Python, as ``mergeflow serve --start``);
 - ``lock``: running -> the fold-checkpoint subflow starts (lineage lock, registry, source listing);
-- ``load``: load the parent state, identify, validate and screen the checkpoint (its
-  ``‖τ‖/‖θ₀‖`` reads the base and the checkpoint);
+- ``load``: load the parent state, identify, validate and screen the checkpoint (headers and
+  ``config.json``; since 2026-12-06 the fold sums ``‖τ‖/‖θ₀‖`` as it reads, so no tensor is
+  read here);
 - ``fold``: the fold task; ``export``: write the merged weights;
 - ``eval``: evaluate (validation + test), the checkpoint's own scores, gate;
 - ``register``: the MLflow run, LoggedModel, artifacts and version (the commit point);
@@ -49,6 +50,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("detect", "start", "lock", "load", "fold", "export", "eval", "register", "total")
+DETECT = ("tick", "watch", "trigger")
+"""``detect`` split (poll mode): publish -> the emitting watch run starts (negative when the
+tick started before the upload ended), that run's own seconds, its end -> fold run created."""
 
 
 def _free_ports() -> dict[str, int]:
@@ -66,9 +70,12 @@ def _free_ports() -> dict[str, int]:
 
 def _runs(client: Any, flow: str, **params: str) -> list[Any]:
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
 
     runs = client.read_flow_runs(
-        flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])), limit=200
+        flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])),
+        sort=FlowRunSort.START_TIME_DESC,
+        limit=200,
     )
     return [r for r in runs if all((r.parameters or {}).get(k) == v for k, v in params.items())]
 
@@ -101,6 +108,12 @@ def measure(lineage: str, ck: str, t_publish: datetime, version: Any) -> dict[st
             or any(t.id == sub.parent_task_run_id for t in _task_runs(client, r.id))
         )
         tasks = _task_runs(client, sub.id)
+        watches = [
+            r
+            for r in _runs(client, "mergeflow-watch")
+            if r.start_time and r.end_time and r.end_time <= parent.created
+        ]
+    watch = max(watches, key=lambda r: r.end_time, default=None)
 
     def dur(*prefixes: str) -> float:
         return sum(
@@ -119,6 +132,9 @@ def measure(lineage: str, ck: str, t_publish: datetime, version: Any) -> dict[st
         "eval": dur("evaluate-", "own-scores", "gate"),
         "register": dur("register-version"),
         "total": _secs(t_publish, version.created_at),
+        "tick": _secs(t_publish, watch.start_time) if watch else float("nan"),
+        "watch": _secs(watch.start_time, watch.end_time) if watch else float("nan"),
+        "trigger": _secs(watch.end_time, parent.created) if watch else float("nan"),
     }
 
 
@@ -325,6 +341,10 @@ def _run(stack: Any, args: argparse.Namespace) -> int:
         print(f"| {name} | {' | '.join(f'{r[p]:.2f}' for p in PHASES)} |")
     med = {p: statistics.median(r[p] for _, r in rows) for p in PHASES}
     print(f"| **median** | {' | '.join(f'{med[p]:.2f}' for p in PHASES)} |")
+    if not args.push:
+        print(f"\ndetect, split ({' | '.join(DETECT)}): the emitting watch run")
+        for name, r in rows:
+            print(f"  {name}: {' | '.join(f'{r[p]:.2f}' for p in DETECT)}")
     return 0
 
 

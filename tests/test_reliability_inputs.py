@@ -1,8 +1,10 @@
 """Hostile and broken checkpoints: refused quickly, with one clear reason, harmlessly.
 
-Every case goes through what a fold runs before folding (``identify``, ``validate``,
-``screen``: headers, files, config, task-vector size) and must raise a ``CheckpointError``
-naming the checkpoint with the expected reason, within :data:`TIME_LIMIT_S` and without
+Every case goes through what a fold runs before it commits (``identify``, ``validate``,
+``screen``: headers, files, config; then the fold, which refuses a task vector too large for
+the base from the norms it sums while reading) and must raise a ``CheckpointError`` naming
+the checkpoint with the expected reason, leave nothing under the fold's prefix, within
+:data:`TIME_LIMIT_S` and without
 allocating more than :data:`ALLOC_LIMIT` (Python allocations, tracemalloc). Pickle and
 remote-code cases also prove no code ran. The cases are the CLI's own list
 (``tests/test_cli.py``) plus: duplicate tensor names, reversed and overlapping offsets,
@@ -37,11 +39,13 @@ from safetensors.torch import save_file
 
 from mergeflow.errors import CheckpointError
 from mergeflow.merging import engine
+from mergeflow.storage import states
 from mergeflow.storage.schemes import open_checkpoint
-from mergeflow.storage.screening import task_vector_norms
-from mergeflow.tasks.fold import validate_checkpoint
+from mergeflow.tasks import layout
+from mergeflow.tasks.fold import fold_checkpoint, validate_checkpoint
 from mergeflow.tasks.guard import identify_checkpoint, screen_checkpoint
-from mergeflow.tasks.values import CheckpointRef
+from mergeflow.tasks.lineage import ensure_init_state
+from mergeflow.tasks.values import CheckpointRef, ParentState
 
 TIME_LIMIT_S = 5.0
 ALLOC_LIMIT = 256 * 2**20
@@ -291,12 +295,28 @@ def _spec(base: Path, root: Path, **kw: Any) -> Any:
     )
 
 
-def screen(spec: Any, uri: str) -> None:
-    """What a fold runs before folding, without Prefect (the tasks' functions)."""
+def screen(spec: Any, uri: str) -> str:
+    """What a fold runs before it commits, without Prefect (the tasks' functions); returns the
+    committed state's URI. A refused checkpoint must leave nothing under the fold's prefix."""
     ck = identify_checkpoint.fn(CheckpointRef(id=uri.rsplit("/", 1)[-1], uri=uri))
     assert ck.digest
     ck = validate_checkpoint.fn(spec, ck)
     screen_checkpoint.fn(spec, ck)
+    parent = ParentState(version=None, state_uri=ensure_init_state(spec), step=0)
+    prefix = layout.new_prefix(spec, 1)
+    try:
+        return fold_checkpoint.fn(spec, parent, ck, "main", parent.params, prefix).state_uri
+    except CheckpointError:
+        assert not layout.store(prefix).list(), "a refused fold left files under its prefix"
+        raise
+
+
+def ratio_of(base: Path, checkpoint: Path) -> float:
+    """‖τ‖/‖θ₀‖ over the merged tensors, summed in float64 from the files (the reference)."""
+    b, c = open_checkpoint(str(base)).reader, open_checkpoint(str(checkpoint)).reader
+    keys = engine.merged_keys(b)
+    tau = sum(float((c.get(k).double() - b.get(k).double()).square().sum()) for k in keys)
+    return (tau / sum(float(b.get(k).double().square().sum()) for k in keys)) ** 0.5
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -308,6 +328,7 @@ def test_hostile_checkpoint_is_refused_quickly_with_its_reason(case: str, tmp_pa
     pub.mkdir()
     path = build(pub, marker)
     spec = _spec(base, pub)
+    ensure_init_state(spec)  # the step-0 state (it imports transformers once) is not timed
     tracemalloc.start()
     t0 = time.perf_counter()
     try:
@@ -343,14 +364,17 @@ def test_a_real_fine_tune_passes_and_its_ratio_is_small(tmp_path: Path) -> None:
         "ok",
         {"config.json": b'{"model_type": "toy"}', "model.safetensors": finetune(tiny_state(0), 1)},
     )
-    screen(_spec(base, pub), str(ck))
-    b = open_checkpoint(str(base))
-    n = task_vector_norms(b.reader, open_checkpoint(str(ck)).reader, engine.merged_keys(b.reader))
-    assert 0 < n.ratio < 0.2
-    other = open_checkpoint(CASES["other-base-same-shapes"][0](pub, tmp_path / "m").as_posix())
-    assert task_vector_norms(b.reader, other.reader, engine.merged_keys(b.reader)).ratio > 1.0
-    # the check is configurable: null disables it (and its extra read)
-    screen(_spec(base, pub, max_task_vector_ratio=None), str(pub / "otherbase.safetensors"))
+    assert 0 < ratio_of(base, ck) < 0.2
+    assert states.has_state(layout.store(screen(_spec(base, pub), str(ck))))
+    other = CASES["other-base-same-shapes"][0](pub, tmp_path / "m")
+    ratio = ratio_of(base, other)
+    assert ratio > 1.0
+    # the fold's own float32 sums give the float64 ratio, and the refusal says it
+    with pytest.raises(CheckpointError, match=f"is {ratio:.3g}x the base's norm"):
+        screen(_spec(base, pub, max_task_vector_ratio=0.99 * ratio), str(other))
+    screen(_spec(base, pub, max_task_vector_ratio=1.01 * ratio), str(other))
+    # the check is configurable: null disables it (and its base norms)
+    screen(_spec(base, pub, max_task_vector_ratio=None), str(other))
 
 
 # ----------------------------------------------------------------------------- services

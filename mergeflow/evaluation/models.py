@@ -16,6 +16,7 @@ parameter instead of being copied into it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -74,8 +75,18 @@ class MLP(nn.Module):
 register_architecture("mlp", MLP)
 
 
+def _no_init_weights() -> AbstractContextManager[Any]:
+    """transformers' own switch that skips random initialisation (1-2 s at 86 M parameters)."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
+    return no_init_weights()
+
+
 def instantiate(config: Mapping[str, Any], architecture: str | None = None) -> nn.Module:
-    """An untrained module for ``config`` (see the module docstring), in eval mode."""
+    """A module for ``config`` (see the module docstring), in eval mode, whose weights are to
+    be loaded next: an HF model's are left uninitialised (``no_init_weights``)."""
     if "mergeflow_architecture" in config:
         name = config["mergeflow_architecture"]
         if name not in ARCHITECTURES:
@@ -100,7 +111,9 @@ def instantiate(config: Mapping[str, Any], architecture: str | None = None) -> n
             hf_config = transformers.AutoConfig.for_model(**cfg_dict)
         except (ValueError, KeyError) as e:
             raise ConfigError(f"config.json cannot be read by transformers: {e}") from None
-        model = cls(hf_config)
+        with _no_init_weights():  # every weight is loaded next (load_weights is strict)
+            model = cls(hf_config)
+        model.tie_weights()  # transformers 5 ties them in the init_weights that was skipped
     else:
         raise ConfigError(
             "cannot build a model: the config has neither 'model_type' (an HF config.json) nor "

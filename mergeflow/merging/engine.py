@@ -131,18 +131,61 @@ BLOCK = 1 << 18
 1 MiB of float32 per buffer, so a block stays in the core's cache."""
 
 
+@dataclass(frozen=True)
+class FoldSums:
+    """Float64 sums of squares over the tensors a fold pass folded: ``‖D_t‖²``, ``‖τ_t‖²`` and,
+    when the pass was asked for it, ``‖θ₀‖²`` (the task-vector ratio's denominator)."""
+
+    state: float
+    task_vector: float
+    base: float | None = None
+
+    def __add__(self, other: FoldSums) -> FoldSums:
+        base = None if self.base is None or other.base is None else self.base + other.base
+        return FoldSums(self.state + other.state, self.task_vector + other.task_vector, base)
+
+
+def task_vector_ratio(sums: FoldSums) -> float:
+    """``‖τ‖/‖θ₀‖`` over the folded tensors (0 when the base is all zeros and τ is too)."""
+    if sums.base is None:
+        raise ValueError("the fold pass did not sum ‖θ₀‖² (base_norm=False)")
+    if sums.base == 0.0:
+        return 0.0 if sums.task_vector == 0.0 else math.inf
+    return math.sqrt(sums.task_vector / sums.base)
+
+
+def check_task_vector_ratio(sums: FoldSums, limit: float, source: str) -> float:
+    """Refuse a checkpoint whose ``‖τ‖/‖θ₀‖`` exceeds ``limit``; returns the ratio.
+
+    A checkpoint with the base's shapes but trained from another base has a task vector as
+    large as the weights themselves (about √2 for an independent base of the same
+    initialisation), while real fine-tunes sit far below 0.5.
+    """
+    ratio = task_vector_ratio(sums)
+    if ratio > limit:
+        raise CheckpointError(
+            source,
+            f"its task vector is {ratio:.3g}x the base's norm (‖τ‖/‖θ₀‖), above the "
+            f"lineage's max_task_vector_ratio {limit:g}: it was most likely not fine-tuned "
+            "from this base (raise max_task_vector_ratio, or set it to null, to fold it anyway)",
+        )
+    return ratio
+
+
 def _fold_in_blocks(
     step: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor],
     raw_b: torch.Tensor,
     raw_c: torch.Tensor | None,
     raw_prev: torch.Tensor | None,
     cdt: torch.dtype,
-) -> tuple[torch.Tensor, float, float]:
-    """An elementwise fold, :data:`BLOCK` entries at a time: ``(D_t, ‖D_t‖², ‖τ_t‖²)``.
+    base_norm: bool = False,
+) -> tuple[torch.Tensor, float, float, float]:
+    """An elementwise fold, :data:`BLOCK` entries at a time: ``(D_t, ‖D_t‖², ‖τ_t‖², ‖θ₀‖²)``.
 
-    τ, the method's step and both squared norms are computed while a block is in the core's
+    τ, the method's step and the squared norms are computed while a block is in the core's
     cache, so each input is read from memory once and no whole-tensor temporary is made
-    (16-bit inputs are upcast block by block). ``‖τ_t‖²`` is not finite when an input is not.
+    (16-bit inputs are upcast block by block). ``‖τ_t‖²`` is not finite when an input is not;
+    ``‖θ₀‖²`` is summed only when ``base_norm`` (0 otherwise).
     """
     n = raw_b.numel()
     size = max(1, min(n, BLOCK))
@@ -152,21 +195,25 @@ def _fold_in_blocks(
     out = torch.empty(n, dtype=cdt)
     tau_buf, base_buf = torch.empty(size, dtype=cdt), torch.empty(size, dtype=cdt)
     prev_buf = torch.empty(size, dtype=cdt) if pf is not None and pf.dtype != cdt else None
-    sq_tau = sq_new = 0.0
+    sq_tau = sq_new = sq_base = 0.0
     for a in range(0, n, size):
         e = min(a + size, n)
         tau = tau_buf[: e - a]
+        if base_norm or cf is not None:
+            b = base_buf[: e - a].copy_(bf[a:e])
+            if base_norm:
+                sq_base += float(torch.linalg.vector_norm(b, dtype=torch.float64)) ** 2
         if cf is None:
             tau.zero_()
         else:
-            tau.copy_(cf[a:e]).sub_(base_buf[: e - a].copy_(bf[a:e]))
+            tau.copy_(cf[a:e]).sub_(b)
         sq_tau += float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
         prev = None if pf is None else pf[a:e]
         if prev is not None and prev_buf is not None:
             prev = prev_buf[: e - a].copy_(prev)
         new = out[a:e].copy_(step(prev, tau))
         sq_new += float(torch.linalg.vector_norm(new, dtype=torch.float64)) ** 2
-    return out.reshape(raw_b.shape), sq_new, sq_tau
+    return out.reshape(raw_b.shape), sq_new, sq_tau, sq_base
 
 
 def _sizes(reader: TensorReader, keys: Sequence[str]) -> dict[str, int]:
@@ -278,10 +325,12 @@ def fold_tensors(
     keys: Sequence[str] | None = None,
     device: str | None = "cpu",
     progress: bool = False,
-) -> tuple[float, float]:
+    base_norm: bool = False,
+) -> FoldSums:
     """Fold ``keys`` (default: all of the plan's) into ``out`` without committing it.
 
-    Returns the partial sums ``(‖D_t‖², ‖τ_t‖²)`` over those tensors, for :func:`finish_fold`.
+    Returns the partial sums over those tensors, for :func:`finish_fold`; ``base_norm`` adds
+    ``‖θ₀‖²`` (from the base tensors the fold reads anyway) for the task-vector ratio.
     """
     cm, params = _continual(info)
     if (info.step > 0) != (state is not None):
@@ -289,7 +338,7 @@ def fold_tensors(
     dev, cdt = resolve_device(device), DTYPES[info.options.compute_dtype]
     present = set(checkpoint.keys())
     todo = list(plan.keys if keys is None else keys)
-    sums = [0.0, 0.0]
+    sums = [0.0, 0.0, 0.0]
     bar = _bar(len(todo), f"fold {plan.checkpoint_id}", progress)
 
     def load(k: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -304,11 +353,11 @@ def fold_tensors(
 
     def compute(
         k: str, loaded: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
-    ) -> tuple[torch.Tensor, float, float]:
+    ) -> tuple[torch.Tensor, float, float, float]:
         raw_b, raw_c, raw_prev = loaded
         projected = info.projection.is_projected(k)
         if dev.type == "cpu" and cm.elementwise(params, projected):
-            new, sq_new, sq_tau = _fold_in_blocks(
+            new, sq_new, sq_tau, sq_base = _fold_in_blocks(
                 lambda prev, tau: cm.fold_tensor(
                     params, TensorStep(k, plan.step, prev, tau, projected, plan.prepared)
                 ),
@@ -316,11 +365,13 @@ def fold_tensors(
                 raw_c,
                 raw_prev,
                 cdt,
+                base_norm,
             )
             if not math.isfinite(sq_tau):
                 refuse(k, raw_b, raw_c)
-            return new, sq_new, sq_tau
+            return new, sq_new, sq_tau, sq_base
         b = raw_b.to(dev).to(cdt)  # upcast (bf16 -> compute dtype) on the device
+        sq_base = float(torch.linalg.vector_norm(b, dtype=torch.float64)) ** 2 if base_norm else 0.0
         tau = _task_vector(checkpoint.source, raw_c, k, b, cdt, check=False)
         sq_tau = float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
         if not math.isfinite(sq_tau):  # one pass finds NaN/Inf in either input; then say which
@@ -331,12 +382,13 @@ def fold_tensors(
             TensorStep(k, plan.step, prev, tau, projected, plan.prepared),
         ).to(cdt)
         sq_new = float(torch.linalg.vector_norm(new, dtype=torch.float64)) ** 2
-        return new.cpu(), sq_new, sq_tau
+        return new.cpu(), sq_new, sq_tau, sq_base
 
-    def consume(k: str, result: tuple[torch.Tensor, float, float]) -> None:
-        out.add(k, result[0])
-        sums[0] += result[1]
-        sums[1] += result[2]
+    def consume(k: str, result: tuple[torch.Tensor, float, float, float]) -> None:
+        tensor, *squares = result
+        out.add(k, tensor)
+        for i, sq in enumerate(squares):
+            sums[i] += sq
         bar.update()
 
     try:
@@ -345,15 +397,26 @@ def fold_tensors(
         )
     finally:
         bar.close()
-    return sums[0], sums[1]
+    return FoldSums(sums[0], sums[1], sums[2] if base_norm else None)
 
 
 def finish_fold(
-    info: StateInfo, plan: FoldPlan, sq_state: float, sq_tau: float, source: str
+    info: StateInfo,
+    plan: FoldPlan,
+    sums: FoldSums,
+    source: str,
+    max_task_vector_ratio: float | None = None,
 ) -> StateInfo:
-    """The method's scalar epilogue on the summed norms; returns the new state's JSON half."""
+    """The method's scalar epilogue on the summed norms; returns the new state's JSON half.
+
+    With ``max_task_vector_ratio``, first refuses a checkpoint above it
+    (:func:`check_task_vector_ratio`; ``sums`` must then hold ``‖θ₀‖²``).
+    """
+    if max_task_vector_ratio is not None:
+        check_task_vector_ratio(sums, max_task_vector_ratio, source)
     cm, params = _continual(info)
-    scalars, scale = cm.finish(params, _scalars(cm, info), FoldStats(plan.step, sq_state, sq_tau))
+    stats = FoldStats(plan.step, sums.state, sums.task_vector)
+    scalars, scale = cm.finish(params, _scalars(cm, info), stats)
     if not math.isfinite(scale):
         raise CheckpointError(
             source, "the fold produced a non-finite scale; the checkpoint's values are too large"
@@ -390,25 +453,37 @@ def fold(
     heads_out: TensorWriter | None = None,
     device: str | None = "cpu",
     progress: bool = False,
+    max_task_vector_ratio: float | None = None,
 ) -> StateInfo:
     """Fold one checkpoint into a state, streaming; returns the new state's JSON half.
 
     Writes the new state tensors to ``out`` and the checkpoint's tensors that the base
     lacks (task heads) to ``heads_out``; commits both only when the whole pass
     succeeded and aborts both otherwise. The input state is never modified.
+    ``max_task_vector_ratio`` refuses a checkpoint from another base before anything is
+    committed, from norms summed during the same pass (no extra read).
     """
     writers = [w for w in (out, heads_out) if w is not None]
     try:
         plan = plan_fold(
             info, base, checkpoint, checkpoint_id=checkpoint_id, digest=digest, device=device
         )
-        sq_state, sq_tau = fold_tensors(
-            info, plan, state, base, checkpoint, out, device=device, progress=progress
+        limit = max_task_vector_ratio
+        sums = fold_tensors(
+            info,
+            plan,
+            state,
+            base,
+            checkpoint,
+            out,
+            device=device,
+            progress=progress,
+            base_norm=limit is not None,
         )
+        new_info = finish_fold(info, plan, sums, checkpoint.source, limit)
         if heads_out is not None:
             for k in plan.heads:
                 heads_out.add(k, checkpoint.get(k))
-        new_info = finish_fold(info, plan, sq_state, sq_tau, checkpoint.source)
         out.commit(state_metadata(plan.step))
         if heads_out is not None:
             heads_out.commit({"mergeflow.checkpoint": checkpoint_id})

@@ -229,11 +229,12 @@ def fold_into(
     device: str | None = "cpu",
     max_shard_size: int = DEFAULT_SHARD,
     progress: bool = False,
+    max_task_vector_ratio: float | None = None,
 ) -> StateManifest:
     """Fold one checkpoint into the state at ``src`` and commit the new state at ``dst``.
 
     ``dst`` may equal ``src`` (an in-place update). Nothing under ``dst`` changes if the
-    fold fails.
+    fold fails, or if ``max_task_vector_ratio`` refuses the checkpoint (``engine.fold``).
     """
     manifest, state = load_state(src)
     write = StateWrite.begin(dst, manifest, src, max_shard_size)
@@ -249,6 +250,7 @@ def fold_into(
             heads_out=write.heads(),
             device=device,
             progress=progress,
+            max_task_vector_ratio=max_task_vector_ratio,
         )
     except BaseException:
         write.abort()

@@ -58,6 +58,7 @@ class GroupResult(BaseModel):
     weight_map: dict[str, str]
     sq_state: float
     sq_tau: float
+    sq_base: float | None = None
 
 
 def split_groups(sizes: list[tuple[str, int]], groups: int) -> list[list[str]]:
@@ -135,7 +136,7 @@ def fold_group(spec: LineageSpec, ck: CheckpointRef, plan: GroupPlan, index: int
     write = _write(plan, manifest)
     part = write.part(index + 1)
     try:
-        sq_state, sq_tau = engine.fold_tensors(
+        sums = engine.fold_tensors(
             manifest.info,
             plan.plan,
             state,
@@ -144,13 +145,17 @@ def fold_group(spec: LineageSpec, ck: CheckpointRef, plan: GroupPlan, index: int
             part,
             keys=keys,
             device=spec.device,
+            base_norm=spec.max_task_vector_ratio is not None,
         )
         names = part.commit(engine.state_metadata(plan.plan.step))
     except BaseException:
         part.abort()
         raise
     return GroupResult(
-        weight_map=write.part_map(index + 1, names, keys), sq_state=sq_state, sq_tau=sq_tau
+        weight_map=write.part_map(index + 1, names, keys),
+        sq_state=sums.state,
+        sq_tau=sums.task_vector,
+        sq_base=sums.base,
     )
 
 
@@ -163,21 +168,18 @@ def commit_groups(
     label: str,
     prefix: str,
 ) -> FoldOutput:
-    """Write the heads, finish the method's scalars on the summed norms, commit the state."""
+    """Screen the summed ‖τ‖/‖θ₀‖, finish the method's scalars, write the heads, commit."""
     base, checkpoint, manifest, _ = _open(spec, ck, plan.src_uri)
     write = _write(plan, manifest)
     p = plan.plan
+    sums = engine.FoldSums(0.0, 0.0, 0.0 if spec.max_task_vector_ratio is not None else None)
+    for r in results:
+        sums += engine.FoldSums(r.sq_state, r.sq_tau, r.sq_base)
+    info = engine.finish_fold(manifest.info, p, sums, checkpoint.uri, spec.max_task_vector_ratio)
     heads = write.heads()
     for k in p.heads:
         heads.add(k, checkpoint.reader.get(k))
     heads.commit({"mergeflow.checkpoint": p.checkpoint_id})
-    info = engine.finish_fold(
-        manifest.info,
-        p,
-        sum(r.sq_state for r in results),
-        sum(r.sq_tau for r in results),
-        checkpoint.uri,
-    )
     by_key = {k: v for r in results for k, v in r.weight_map.items()}
     write.commit(info, parts=[{k: by_key[k] for k in p.keys}])
     return fold_output(label, prefix, info, time.time() - plan.started)

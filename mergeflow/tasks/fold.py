@@ -74,7 +74,10 @@ def fold_checkpoint(
 ) -> FoldOutput:
     """Fold ``ck`` into the parent state and commit the new state at ``<prefix>/state``.
 
-    The parent state is never modified (see :func:`fold_source` for candidates).
+    The parent state is never modified (see :func:`fold_source` for candidates). A task
+    vector above the lineage's ``max_task_vector_ratio`` is refused
+    (:class:`~mergeflow.errors.CheckpointError`) before anything is committed, from norms
+    the fold sums as it reads (screening reads no tensor itself).
     """
     t0 = time.perf_counter()
     base = layout.open_base(spec)
@@ -87,6 +90,7 @@ def fold_checkpoint(
         checkpoint_id=ck.id,
         digest=ck.digest or None,
         device=spec.device,
+        max_task_vector_ratio=spec.max_task_vector_ratio,
     )
     return fold_output(label, prefix, new.info, time.perf_counter() - t0)
 

@@ -2,12 +2,12 @@
 
 - :func:`screen_checkpoint` runs right after validation (headers). It proves the checkpoint
   is still the one the source listed (:class:`~mergeflow.errors.CheckpointChanged`
-  otherwise: skipped, listed again with its new digest), refuses a ``config.json`` of
-  another architecture or one that needs custom code, and refuses a task vector larger
-  than the lineage's ``max_task_vector_ratio`` of the base (one streaming pass over the
-  base and the checkpoint, one tensor pair in memory; skipped when the ratio is null).
-  Refusals are :class:`~mergeflow.errors.CheckpointError`: the fold records a rejected
-  version.
+  otherwise: skipped, listed again with its new digest) and refuses a ``config.json`` of
+  another architecture or one that needs custom code. It reads no tensor: a task vector
+  larger than the lineage's ``max_task_vector_ratio`` of the base is refused by the fold
+  itself, from the norms it sums while reading, before it commits
+  (:func:`mergeflow.tasks.fold.fold_checkpoint`). Refusals are
+  :class:`~mergeflow.errors.CheckpointError`: the fold flow records a rejected version.
 - :func:`confirm_commit` runs right before the version is registered, with the lineage
   lock held and fenced (:func:`mergeflow.flows.lock.fence`). MLflow has no
   compare-and-set, so it re-reads the registry: the fold's parent must still be the last
@@ -21,11 +21,10 @@ import hashlib
 
 from prefect import task
 
-from mergeflow.errors import CheckpointChanged, CheckpointError, MergeflowError, StateError
+from mergeflow.errors import CheckpointChanged, MergeflowError, StateError
 from mergeflow.lineage import LineageSpec
-from mergeflow.merging import engine
 from mergeflow.storage.schemes import open_checkpoint, open_source
-from mergeflow.storage.screening import check_config, task_vector_norms
+from mergeflow.storage.screening import check_config
 from mergeflow.storage.sources import StoreSource
 from mergeflow.tasks import layout
 from mergeflow.tasks.lineage import load_parent, registry
@@ -81,24 +80,12 @@ def identify_checkpoint(ck: CheckpointRef) -> CheckpointRef:
 
 
 @task(name="screen-checkpoint", **io_task)
-def screen_checkpoint(spec: LineageSpec, ck: CheckpointRef) -> float | None:
-    """Checks beyond the headers (module doc). Returns ‖τ‖/‖θ₀‖, or None when not computed."""
+def screen_checkpoint(spec: LineageSpec, ck: CheckpointRef) -> None:
+    """Checks beyond the headers that read no tensor (module doc)."""
     confirm_unchanged(ck)
     base = layout.open_base(spec)
     checkpoint = open_checkpoint(ck.uri, base=base.reader, allow_pickle=spec.allow_pickle)
     check_config(base.config, checkpoint.config, ck.uri)
-    if spec.max_task_vector_ratio is None:
-        return None
-    norms = task_vector_norms(base.reader, checkpoint.reader, engine.merged_keys(base.reader))
-    if norms.ratio > spec.max_task_vector_ratio:
-        raise CheckpointError(
-            ck.uri,
-            f"its task vector is {norms.ratio:.3g}x the base's norm (‖τ‖/‖θ₀‖), above the "
-            f"lineage's max_task_vector_ratio {spec.max_task_vector_ratio:g}: it was most likely "
-            "not fine-tuned from this base (raise max_task_vector_ratio, or set it to null, to "
-            "fold it anyway)",
-        )
-    return norms.ratio
 
 
 @task(name="confirm-commit", **io_task)
