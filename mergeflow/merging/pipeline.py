@@ -6,7 +6,8 @@ the result. :func:`run` streams such a pass through three stages:
 * **read**: one thread calls ``load(key)`` in key order, so a reader keeps one file (or
   shard) open and reads sequentially;
 * **compute**: ``workers`` threads call ``compute(key, loaded)``; on a CPU each runs its
-  torch ops single-threaded (``torch.set_num_threads(1)`` for the pass; numpy's LAPACK,
+  torch ops single-threaded (``torch.set_num_threads(1)`` while any such pass runs: the
+  setting is the process's, so overlapping passes share one save and restore; numpy's LAPACK,
   used for OPCM's ``eigh``, always runs on one thread: its two-thread ``eigh`` was slower,
   also with one worker), which keeps two
   independent decompositions busy on two cores and keeps results bit-identical from run to
@@ -21,9 +22,11 @@ elements than :data:`MAX_INFLIGHT_ELEMENTS` or twice the largest tensor, whichev
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -46,6 +49,34 @@ def default_workers(device: torch.device) -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_saved = 0
+
+
+@contextmanager
+def _single_threaded_ops(active: bool) -> Iterator[None]:
+    """torch ops on one thread while any pass that asks for it runs (the setting is the
+    process's): the first such pass saves the thread count, the last one restores it, so
+    concurrent passes (mapped candidate folds) cannot leave the process on one thread."""
+    global _threads_users, _threads_saved
+    if not active:
+        yield
+        return
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_users += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_saved)
+
+
 def run(
     keys: Iterable[str],
     load: Callable[[str], L],
@@ -61,38 +92,33 @@ def run(
         return
     limit = max(MAX_INFLIGHT_ELEMENTS, 2 * max(sizes.get(k, 0) for k in order))
     window = 2 * workers + 2
-    threads = torch.get_num_threads()
-    if workers > 1:
-        torch.set_num_threads(1)
-    try:
-        with (
-            threadpool_limits(1, user_api="blas"),  # numpy's eigh: one thread was the fastest
-            ThreadPoolExecutor(1, thread_name_prefix="mergeflow-read") as reader,
-            ThreadPoolExecutor(workers, thread_name_prefix="mergeflow-fold") as pool,
-        ):
-            inflight: deque[tuple[str, Future[R]]] = deque()
-            held = 0
-            it = iter(order)
-            nxt: str | None = next(it, None)
+    with (
+        _single_threaded_ops(workers > 1),
+        threadpool_limits(1, user_api="blas"),  # numpy's eigh: one thread was the fastest
+        ThreadPoolExecutor(1, thread_name_prefix="mergeflow-read") as reader,
+        ThreadPoolExecutor(workers, thread_name_prefix="mergeflow-fold") as pool,
+    ):
+        inflight: deque[tuple[str, Future[R]]] = deque()
+        held = 0
+        it = iter(order)
+        nxt: str | None = next(it, None)
 
-            def submit(key: str) -> Future[R]:
-                loaded = reader.submit(load, key)
-                return pool.submit(lambda: compute(key, loaded.result()))
+        def submit(key: str) -> Future[R]:
+            loaded = reader.submit(load, key)
+            return pool.submit(lambda: compute(key, loaded.result()))
 
-            try:
-                while nxt is not None or inflight:
-                    while nxt is not None and len(inflight) < window:
-                        size = sizes.get(nxt, 0)
-                        if inflight and held + size > limit:
-                            break
-                        inflight.append((nxt, submit(nxt)))
-                        held += size
-                        nxt = next(it, None)
-                    key, fut = inflight.popleft()
-                    held -= sizes.get(key, 0)
-                    consume(key, fut.result())
-            finally:
-                for _, fut in inflight:
-                    fut.cancel()
-    finally:
-        torch.set_num_threads(threads)
+        try:
+            while nxt is not None or inflight:
+                while nxt is not None and len(inflight) < window:
+                    size = sizes.get(nxt, 0)
+                    if inflight and held + size > limit:
+                        break
+                    inflight.append((nxt, submit(nxt)))
+                    held += size
+                    nxt = next(it, None)
+                key, fut = inflight.popleft()
+                held -= sizes.get(key, 0)
+                consume(key, fut.result())
+        finally:
+            for _, fut in inflight:
+                fut.cancel()
