@@ -69,12 +69,23 @@ def _free_ports() -> dict[str, int]:
 
 
 def _runs(client: Any, flow: str, **params: str) -> list[Any]:
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    """The latest 200 runs of ``flow`` that left the schedule (the watch keeps ~100 queued)."""
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 
     runs = client.read_flow_runs(
         flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])),
-        sort=FlowRunSort.START_TIME_DESC,
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=[StateType.SCHEDULED]))
+        ),
+        sort=FlowRunSort.EXPECTED_START_TIME_DESC,
         limit=200,
     )
     return [r for r in runs if all((r.parameters or {}).get(k) == v for k, v in params.items())]
@@ -302,6 +313,7 @@ def _run(stack: Any, args: argparse.Namespace) -> int:
     time.sleep(3 * args.watch_seconds)  # let the scheduler start the watch ticks (and the receiver)
     registry = Registry()
     rows: list[tuple[str, dict[str, float]]] = []
+    t_first = datetime.now(timezone.utc)
     for folder in suite.checkpoints:
         dst = open_store(f"{bucket}/published/{folder.name}")
         dst.put_file(folder / "config.json", "config.json")
@@ -345,7 +357,27 @@ def _run(stack: Any, args: argparse.Namespace) -> int:
         print(f"\ndetect, split ({' | '.join(DETECT)}): the emitting watch run")
         for name, r in rows:
             print(f"  {name}: {' | '.join(f'{r[p]:.2f}' for p in DETECT)}")
+        ran, cancelled = _ticks(spec.name, t_first)
+        print(f"watch ticks due while publishing: {ran} ran, {cancelled} cancelled")
     return 0
+
+
+def _ticks(lineage: str, since: datetime) -> tuple[int, int]:
+    """Watch runs of ``lineage`` due between ``since`` and now: how many ran, how many were
+    cancelled (a tick is cancelled when the watch's one slot is taken, ``CANCEL_NEW``)."""
+    from prefect.client.orchestration import get_client
+
+    now = datetime.now(timezone.utc)
+    with get_client(sync_client=True) as client:
+        runs = [
+            r
+            for r in _runs(client, "mergeflow-watch")
+            if lineage in ((r.parameters or {}).get("lineages") or [])
+            and r.expected_start_time
+            and since <= r.expected_start_time <= now
+        ]
+    states = [r.state_type.value if r.state_type else "" for r in runs]
+    return states.count("COMPLETED"), states.count("CANCELLED")
 
 
 if __name__ == "__main__":

@@ -165,6 +165,21 @@ def test_lineages_sharing_a_schedule_share_one_watch_run(tmp_path: Path) -> None
     )
 
 
+def test_the_runner_claims_a_tick_at_most_one_poll_before_it_is_due(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A claimed (pending) watch tick holds the watch's one concurrency slot until it starts:
+    with Prefect's default 10 s prefetch, two of three 5 s ticks were cancelled (CANCEL_NEW)."""
+    from mergeflow.flows import deployments
+
+    made: list[dict[str, Any]] = []
+    monkeypatch.setattr(deployments, "Runner", lambda **kw: made.append(kw) or kw)
+    deployments.make_runner(4, 1.5)
+    assert made == [
+        {"limit": 4, "query_seconds": 1.5, "prefetch_seconds": 1.5, "pause_on_shutdown": False}
+    ]
+
+
 # ----------------------------------------------------------------------------- services
 def _holder_process(stack: RunningStack, spec: LineageSpec, hold_s: float) -> subprocess.Popen:
     proc = subprocess.Popen(

@@ -171,6 +171,25 @@ def build_deployments(
     ]
 
 
+def make_runner(limit: int, poll_seconds: float) -> Runner:
+    """The Prefect runner of ``serve``: ``limit`` runs at once, polling every ``poll_seconds``.
+
+    It claims a scheduled run (and so its deployment's concurrency slot) at most one poll
+    before the run is due (``prefetch_seconds``). With Prefect's default of 10 s a watch tick
+    held the watch's single slot for 10 s before it started, so at a 5 s interval two of every
+    three ticks were cancelled (``CANCEL_NEW``) and detection waited 10-15 s instead of up to 5
+    (``benchmarks/latency.py`` counts the ticks). ``pause_on_shutdown=False``: several serve
+    processes may share the fold deployment, and fold runs triggered while none serves wait as
+    scheduled runs for the next one.
+    """
+    return Runner(
+        limit=limit,
+        query_seconds=poll_seconds,
+        prefetch_seconds=poll_seconds,
+        pause_on_shutdown=False,
+    )
+
+
 def serve(
     lineages: Sequence[LineageSpec],
     *,
@@ -189,9 +208,7 @@ def serve(
 
     install(start)
     ensure_fold_slots(fold_limit)
-    # pause_on_shutdown=False: several serve processes may share the fold deployment, and fold
-    # runs triggered while none serves wait as scheduled runs for the next one.
-    runner = Runner(limit=limit, query_seconds=poll_seconds, pause_on_shutdown=False)
+    runner = make_runner(limit, poll_seconds)
     names = []
     for f, kwargs in deployment_args(lineages, fold_limit=fold_limit, gc_cron=gc_cron):
         runner.add_flow(f, **kwargs)
