@@ -213,9 +213,12 @@ def weed_command(
         "-s3.autoCreateBucket=false",  # behave like S3: writing to a missing bucket is an error
         f"-s3.config={s3_json}",
     ]
+    # glog writes weed.<host>.<user>.log.* files into /tmp unless told to log to stderr only;
+    # stderr already goes to the data folder's weed.log.
     if mode == "mini":
         return [
             str(find_weed()),
+            "-logtostderr",
             "mini",
             *common,
             "-webdav=false",
@@ -227,6 +230,7 @@ def weed_command(
     if mode == "server":
         return [
             str(find_weed()),
+            "-logtostderr",
             "server",
             *common,
             "-filer",
