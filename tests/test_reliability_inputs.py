@@ -377,6 +377,31 @@ def test_a_real_fine_tune_passes_and_its_ratio_is_small(tmp_path: Path) -> None:
     screen(_spec(base, pub, max_task_vector_ratio=None), str(other))
 
 
+def test_a_dask_fold_refuses_another_base_before_it_commits(tmp_path: Path) -> None:
+    """The Dask path sums ‖θ₀‖² per group and refuses in ``commit_groups``: no state is
+    committed (the flow then discards the prefix's uncommitted parts) and the parent is as it was."""
+    from mergeflow.lineage import DaskSpec
+    from mergeflow.tasks.dask import commit_groups, fold_group, plan_groups
+
+    base = make_base(tmp_path)
+    pub = tmp_path / "pub"
+    pub.mkdir()
+    other = CASES["other-base-same-shapes"][0](pub, tmp_path / "m")
+    ratio = ratio_of(base, other)
+    spec = _spec(base, pub, max_task_vector_ratio=1.0, dask=DaskSpec(groups=2))
+    parent = ParentState(version=None, state_uri=ensure_init_state(spec), step=0)
+    before = states.read_manifest(layout.store(parent.state_uri))
+    ck = validate_checkpoint.fn(spec, identify_checkpoint.fn(CheckpointRef(id="o", uri=str(other))))
+    prefix = layout.new_prefix(spec, 1)
+    plan = plan_groups.fn(spec, parent, ck, parent.params, prefix)
+    results = [fold_group.fn(spec, ck, plan, i) for i in range(len(plan.groups))]
+    assert len(results) == 2
+    with pytest.raises(CheckpointError, match=f"is {ratio:.3g}x the base's norm.*ratio 1:"):
+        commit_groups.fn(spec, ck, plan, results, "main", prefix)
+    assert not states.has_state(layout.store(layout.state_uri_of(prefix)))
+    assert states.read_manifest(layout.store(parent.state_uri)) == before
+
+
 # ----------------------------------------------------------------------------- services
 CI_CASES = (
     "cli-badjson.safetensors",

@@ -468,7 +468,6 @@ def fold(
         plan = plan_fold(
             info, base, checkpoint, checkpoint_id=checkpoint_id, digest=digest, device=device
         )
-        limit = max_task_vector_ratio
         sums = fold_tensors(
             info,
             plan,
@@ -478,9 +477,9 @@ def fold(
             out,
             device=device,
             progress=progress,
-            base_norm=limit is not None,
+            base_norm=max_task_vector_ratio is not None,
         )
-        new_info = finish_fold(info, plan, sums, checkpoint.source, limit)
+        new_info = finish_fold(info, plan, sums, checkpoint.source, max_task_vector_ratio)
         if heads_out is not None:
             for k in plan.heads:
                 heads_out.add(k, checkpoint.get(k))
