@@ -9,8 +9,15 @@ import torch
 from helpers.models import finetune, fold_in_memory, tiny_state
 
 from mergeflow.errors import ConfigError
-from mergeflow.merging import engine
-from mergeflow.merging.linalg import GRAM_MAX_CONDITION, numerical_rank, project, split_rank
+from mergeflow.merging import engine, linalg
+from mergeflow.merging.linalg import (
+    GRAM_MAX_CONDITION,
+    RITZ_SHARE,
+    numerical_rank,
+    project,
+    split_rank,
+    thin_svd_by_gram,
+)
 from mergeflow.merging.projection import by_name_rules
 from mergeflow.merging.state import BaseRef, FoldOptions
 from mergeflow.merging.tensors import DictReader
@@ -129,6 +136,52 @@ def test_ill_conditioned_update_falls_back_to_the_float64_svd(shape):
     # singular vectors of σ ≈ 1e-9 with 1e-10 gaps are themselves only defined to ε·σ_max/gap
     # ≈ 2e-6, so two float64 SVD routes (thin on the tall side, full) agree only that far
     assert torch.allclose(ours, ref_project_full(x, m, 0.5), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(60, 60), (90, 60)])
+def test_a_square_noise_like_tail_is_resolved_without_the_svd_fallback(shape):
+    """One σ five decades down, as a square task vector's noise gives (σ_max/σ_min = 5e5 >
+    the Gram limit of the first engine): the tail's SVD resolves it, no full SVD needed."""
+    sigma = [1.0, 0.6] + [0.02 * (1 - i / 60) for i in range(57)] + [2e-6]
+    m = spectrum(shape, sigma, seed=8)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    svd = thin_svd_by_gram(m, torch.float64)
+    assert svd is not None and svd[1].numel() == 60
+    assert torch.allclose(svd[1], torch.linalg.svdvals(m), rtol=1e-9, atol=0)
+    ref = ref_project_full(x, m, 0.5)
+    # the head's Gram vectors are exact to ε·σ_max²/(σ_i·gap_i) (~3e-10 at σ = 1.3e-3, gaps
+    # 3e-4); rounding M to float32, as the state is stored, moves the result by 1e-6 to 3e-4
+    assert float((project(x, m, 0.5, "auto") - ref).abs().max()) < 1e-8
+
+
+def test_clustered_tail_singular_values_are_resolved_by_the_tail_svd(monkeypatch):
+    """Tiny σ_i 1e-3 apart (relative): √λ_i of the Gram matrix cannot tell them apart (its
+    eigenvalues are exact to ε·σ_max² = 2e-16, they differ by 1e-14), the tail's SVD can."""
+    shape = (70, 40)
+    sigma = [2.0 - 0.04 * i for i in range(30)] + [3e-5 * (1 - 1e-3 * i) for i in range(10)]
+    m = spectrum(shape, sigma, seed=10)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    ref = ref_project_full(x, m, 0.5)
+    assert 3e-5 < RITZ_SHARE * 2.0 and 2.0 / 2.7e-5 < GRAM_MAX_CONDITION
+    err = float((project(x, m, 0.5, "auto") - ref).norm() / x.norm())
+    monkeypatch.setattr(linalg, "RITZ_SHARE", 0.0)  # the Gram path alone, as before
+    err_gram = float((project(x, m, 0.5, "auto") - ref).norm() / x.norm())
+    assert err < 1e-8, err
+    assert err_gram > 1000 * err, (err_gram, err)
+
+
+@pytest.mark.parametrize("shape", [(60, 24), (24, 60)])
+def test_a_low_rank_update_keeps_the_gram_path_with_its_exact_rank(shape):
+    """A rank-4 update (a LoRA adapter's first fold): the null directions' √λ ≈ √ε·σ_max
+    would count as kept and force the full SVD; the tail's SVD puts them at ε level."""
+    m = spectrum(shape, [5.0, 3.0, 2.0, 1.0], seed=12)
+    tall = m if shape[0] >= shape[1] else m.mT
+    svd = thin_svd_by_gram(tall, torch.float32)
+    assert svd is not None
+    u, s, v = svd
+    assert s.numel() == 4 and u.shape == (max(shape), 4) and u.dtype == torch.float32
+    assert torch.allclose(s, torch.tensor([5.0, 3.0, 2.0, 1.0], dtype=torch.float64), rtol=1e-12)
+    assert torch.allclose(u.double() * s @ v.mT, tall, atol=1e-6)
 
 
 def test_projection_keeps_the_input_dtype():
