@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save
 
 from mergeflow.errors import CheckpointError, ConfigError
-from mergeflow.services.s3_server import ObjectStoreServer, is_healthy
+from mergeflow.services.s3_server import ObjectStoreServer, is_healthy, sockets
 from mergeflow.storage.objects import StoreSink
 from mergeflow.storage.s3 import S3Object, S3Settings, S3Store, make_s3_client
 from mergeflow.storage.safetensors_file import SafetensorsReader, ShardedWriter
@@ -251,8 +251,10 @@ def test_embedded_store_keeps_objects_across_restart(tmp_path: Path) -> None:
         server.client().put_object(Bucket="keep", Key="a/b", Body=b"survives")
         with pytest.raises(ConfigError, match="in use"):
             ObjectStoreServer(tmp_path / "other", port=server.port).start()
+        assert sockets(server.port), "weed made no unix socket in /tmp (moved?)"
         server.stop(grace=0.0)  # SIGKILL right after the write: acknowledged objects are on disk
         assert not is_healthy(server.endpoint_url, timeout=0.5)
+        assert not sockets(server.port)  # weed leaves them; stop removes them
         server.start()
         assert server.client().get_object(Bucket="keep", Key="a/b")["Body"].read() == b"survives"
     finally:

@@ -120,6 +120,7 @@ def test_up_status_down_keeps_data(
         assert "deployments" in [s.name for s in stack.status()]
 
         pids = [r.pid for r in read_records(stack.run_dir)]
+        assert s3_server.sockets(settings.s3_port), "weed made no unix socket in /tmp (moved?)"
         code, out = _cli(capsys, "down")
         assert code == 0, out
         assert "deployments" in out and "prefect" in out
@@ -129,6 +130,7 @@ def test_up_status_down_keeps_data(
         assert not http_ok(f"{settings.prefect_api_url}/health")
         assert not http_ok(f"{settings.mlflow_url}/health")
         assert not s3_server.is_healthy(settings.local_s3_url, timeout=1.0)
+        assert not s3_server.sockets(settings.s3_port)  # weed leaves them; down removes them
         code, out = _cli(capsys, "status")
         assert code == 1 and out.count("stopped") == 3, out
         code, out = _cli(capsys, "down")

@@ -26,6 +26,7 @@ Two ways to run it:
       wait_healthy(endpoint_url(port), timeout=60)
       is_healthy(endpoint_url(port))
       stop_detached(pid)
+      remove_sockets(port)                               # what weed leaves in /tmp
 """
 
 from __future__ import annotations
@@ -388,6 +389,31 @@ def start_detached(
     return proc.pid
 
 
+SOCKET_DIR = Path("/tmp")
+"""Where weed puts a unix socket for each of its HTTP and gRPC ports (hard-coded in weed)."""
+
+
+def sockets(port: int) -> list[Path]:
+    """The unix sockets weed keeps in ``SOCKET_DIR`` for the block of ports from ``port``
+    (``seaweedfs-<service>[-grpc]-<port>.sock``)."""
+    block = range(port, port + PORTS_PER_SERVER)
+    found = (q for p in block for q in SOCKET_DIR.glob(f"seaweedfs-*-{p}.sock"))
+    return [q for q in found if q.is_socket()]
+
+
+def remove_sockets(port: int) -> list[Path]:
+    """Remove what :func:`sockets` finds, once the server is stopped; the removed paths.
+
+    weed never removes them, so every test run and every ``mergeflow up`` on free ports left
+    a few more in /tmp.
+    """
+    removed = []
+    for path in sockets(port):
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
 def stop_detached(pid: int, grace: float = 5.0) -> None:
     """Stop a store started by :func:`start_detached`: SIGTERM to its group, SIGKILL after ``grace``.
 
@@ -471,6 +497,7 @@ class ObjectStoreServer:
         if self.pid is not None:
             stop_detached(self.pid, grace)
             self.pid = None
+            remove_sockets(self.port)
 
     def __enter__(self) -> ObjectStoreServer:
         return self.start()

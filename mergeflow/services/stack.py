@@ -358,7 +358,7 @@ class Stack:
             for spec in reversed(started):
                 record = read_record(self.run_dir, spec.name)
                 if record is not None:
-                    stop(record, self.run_dir, spec.stop_grace_s)
+                    self._stop(record, spec.stop_grace_s)
             raise
         return self.status()
 
@@ -373,14 +373,21 @@ class Stack:
             self._wait(spec, timeout)
         except BaseException:
             if record is not None:
-                stop(record, self.run_dir, spec.stop_grace_s)
+                self._stop(record, spec.stop_grace_s)
             raise
         return self._status_of(read_record(self.run_dir, spec.name), spec.name, spec.url)
 
     def stop_process(self, name: str, *, timeout: float = 20.0) -> bool:
         """Stop one recorded process; True if it was running."""
         record = read_record(self.run_dir, name)
-        return record is not None and stop(record, self.run_dir, timeout)
+        return record is not None and self._stop(record, timeout)
+
+    def _stop(self, record: ProcessRecord, timeout: float) -> bool:
+        """Stop one recorded process; the object store's sockets in /tmp go with it."""
+        was_running = stop(record, self.run_dir, timeout)
+        if record.name == "s3" and record.port is not None:
+            s3_server.remove_sockets(record.port)
+        return was_running
 
     def down(self, *, timeout: float = 20.0, only: Collection[str] | None = None) -> list[str]:
         """Stop every recorded process (or those named in ``only``): extras first, then
@@ -394,7 +401,7 @@ class Stack:
         servers = [r for r in records if r.name in CORE_SERVICES]
 
         def _stop(record: ProcessRecord) -> bool:
-            return stop(record, self.run_dir, 5.0 if record.name == "s3" else timeout)
+            return self._stop(record, 5.0 if record.name == "s3" else timeout)
 
         # Clients (served deployments) first, newest first; then the servers together:
         # nothing needs the object store while shutting down, and MLflow alone takes ~5 s.
