@@ -128,8 +128,6 @@ def thin_svd_by_gram(
     lam, v = _gram_eigh(m64)
     lam, v = lam.flip(0), v.flip(1)  # descending
     s = lam.clamp_min(0).sqrt()
-    if float(s[0]) == 0:
-        return m.new_zeros((m.shape[0], 0), dtype=dtype), s[:0], v[:, :0]
     head = int((s >= RITZ_SHARE * s[0]).sum())
     tail_w = None
     if head < s.numel():  # the tail: an SVD of M V_tail in float64 (m × (n − head))
@@ -138,7 +136,7 @@ def thin_svd_by_gram(
         s = torch.cat([s[:head], st])
         tail_w = p
     k = numerical_rank(s, (m.shape[0], m.shape[1]))
-    if k == 0:
+    if k == 0:  # M = 0 (or below float64's range in G)
         return m.new_zeros((m.shape[0], 0), dtype=dtype), s[:0], v[:, :0]
     if float(s[0]) > GRAM_MAX_CONDITION * float(s[k - 1]):
         return None
