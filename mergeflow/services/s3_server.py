@@ -401,17 +401,11 @@ def sockets(port: int) -> list[Path]:
     return [q for q in found if q.is_socket()]
 
 
-def remove_sockets(port: int) -> list[Path]:
-    """Remove what :func:`sockets` finds, once the server is stopped; the removed paths.
-
-    weed never removes them, so every test run and every ``mergeflow up`` on free ports left
-    a few more in /tmp.
-    """
-    removed = []
+def remove_sockets(port: int) -> None:
+    """Remove what :func:`sockets` finds, once the server is stopped: weed never removes them,
+    so every test run and every ``mergeflow up`` on free ports left a few more in /tmp."""
     for path in sockets(port):
         path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
 
 
 def stop_detached(pid: int, grace: float = 5.0) -> None:

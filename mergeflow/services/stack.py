@@ -400,14 +400,14 @@ class Stack:
         extras = [r for r in records if r.name not in CORE_SERVICES]
         servers = [r for r in records if r.name in CORE_SERVICES]
 
-        def _stop(record: ProcessRecord) -> bool:
+        def stop_one(record: ProcessRecord) -> bool:
             return self._stop(record, 5.0 if record.name == "s3" else timeout)
 
         # Clients (served deployments) first, newest first; then the servers together:
         # nothing needs the object store while shutting down, and MLflow alone takes ~5 s.
-        stopped = [r.name for r in reversed(extras) if _stop(r)]
+        stopped = [r.name for r in reversed(extras) if stop_one(r)]
         with ThreadPoolExecutor(max_workers=max(1, len(servers))) as pool:
-            results = list(pool.map(_stop, servers))
+            results = list(pool.map(stop_one, servers))
         order = {name: i for i, name in enumerate(("mlflow", "prefect", "s3"))}
         ran = [r.name for r, ok in zip(servers, results, strict=True) if ok]
         stopped += sorted(ran, key=lambda name: order[name])
