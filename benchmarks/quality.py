@@ -45,7 +45,8 @@ from safetensors.torch import load_file
 from mergeflow.architecture import resolve_projection
 from mergeflow.evaluation import AccuracyMatrix, build_evaluator, normalized, plot_accuracy_matrix
 from mergeflow.examples.suite import SuiteFiles
-from mergeflow.merging.engine import export, fold, new_state
+from mergeflow.merging.engine import fold, new_state
+from mergeflow.merging.export import export
 from mergeflow.merging.state import BaseRef
 from mergeflow.merging.tensors import DictReader, DictWriter
 

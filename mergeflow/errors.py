@@ -32,3 +32,10 @@ class ConfigError(MergeflowError):
 class ServiceUnavailable(ConfigError):
     """A service (S3, MLflow, Prefect) did not answer. Maybe a wrong endpoint, maybe a restart:
     IO tasks retry it (``tasks/retry.py``), and it fails with the same message after that."""
+
+
+class LearningError(MergeflowError):
+    """A method that learns from calibration data diverged (a non-finite loss or coefficient).
+
+    The fold turns it into a :class:`CheckpointError` of the checkpoint being folded, so a
+    lineage registers that checkpoint as rejected with this reason."""

@@ -65,6 +65,19 @@ def test_splits_are_disjoint_and_labelled(small_suite: digits.DigitsSuite) -> No
         assert (
             shared <= 2
         )  # the digits set itself holds a few identical images; the index split is disjoint
+        # calibration: the first 64 train images, in the validation format, apart from both
+        cal = np.load(small_suite.data[name]["calibration"])
+        assert cal["pixel_values"].shape == (64, 1, 8, 8) and cal["labels"].shape == (64,)
+        assert cal["pixel_values"].dtype == val["pixel_values"].dtype
+        assert cal["labels"].dtype == val["labels"].dtype
+        rows_test = {r.tobytes() for r in test["pixel_values"]}
+        assert sum(r.tobytes() in rows_val | rows_test for r in cal["pixel_values"]) <= 2
+        assert small_suite.data[name]["calibration"] == small_suite.data[name][
+            "validation"
+        ].with_name("calibration.npz")
+    assert json.loads((small_suite.root / "suite.json").read_text())["n_calibration"] == 64
+    es = small_suite.evaluation_suite()
+    assert es.tasks[0].calibration_uri() == str(small_suite.data[es.tasks[0].name]["calibration"])
     digit_labels = np.load(small_suite.data["rot90"]["test"])["labels"]
     assert set(digit_labels.tolist()) == set(range(10))
 
@@ -96,6 +109,8 @@ def test_reuse_and_bad_args(small_suite: digits.DigitsSuite) -> None:
     assert again == small_suite
     with pytest.raises(ValueError, match="n_tasks must be between 1 and 8"):
         digits.build_digits_suite(small_suite.root / "x", n_tasks=9)
+    with pytest.raises(ValueError, match="n_calibration must be between 1 and 600, got 0"):
+        digits.build_digits_suite(small_suite.root / "x", n_calibration=0)
     with pytest.raises(ValueError, match="need 3 checkpoint ids, got 1"):
         small_suite.evaluation_suite(["only-one"])
 
@@ -157,6 +172,10 @@ def test_text_suite_builds_checkpoints_on_demand_and_reuses_them(tmp_path: Path)
     assert manifest["built"]["02-city_country-lr3e-3"] == {"task": "city_country", "lr": 3e-3}
     for name in two.task_names:
         assert len(np.load(two.data[name]["validation"])["labels"]) == 16
+        val, cal = np.load(two.data[name]["validation"]), np.load(two.data[name]["calibration"])
+        assert len(cal["labels"]) == 24  # n_calibration (64) capped at the 24 train examples
+        assert set(cal.files) == set(val.files)
+        assert cal["input_ids"].shape[0] == 24 and cal["attention_mask"][:, -1].any()
     # one more checkpoint: the first two are reused as they are, only the third is trained
     three = text.build_text_suite(
         tmp_path, checkpoints=["name_gender", hot, "entity_type"], **small

@@ -14,12 +14,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import mergeflow.cli.stats
 from mergeflow.architecture import resolve_projection
-from mergeflow.errors import ConfigError, MergeflowError, StateError
+from mergeflow.errors import CheckpointError, ConfigError, MergeflowError, StateError
 from mergeflow.merging import batch, engine
 from mergeflow.merging.engine import resolve_device
 from mergeflow.merging.methods import get_method, method_table
 from mergeflow.merging.state import BaseRef, FoldOptions
+from mergeflow.merging.stats import STATS_FILE
 from mergeflow.storage import states
 from mergeflow.storage.objects import LocalStore, StoreSink
 from mergeflow.storage.safetensors_file import ShardedWriter
@@ -217,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", required=True)
     p.set_defaults(func=cmd_state_show)
 
+    mergeflow.cli.stats.register(sub)
+
     for mod in ("mergeflow.cli.services", "mergeflow.cli.pipeline"):
         try:
             module = __import__(mod, fromlist=["register"])
@@ -258,6 +262,18 @@ def _new_info(args: argparse.Namespace, base):
         projection,
         options,
     )
+
+
+def _validate(info, base, cks) -> None:
+    """Every checkpoint's headers (and statistics, for a method that reads them) before any work."""
+    for c in cks:
+        engine.check_compatible(base.reader, c.reader, info.options)
+        if engine.needs_statistics(info) and c.stats(base.reader) is None:
+            raise CheckpointError(
+                c.uri,
+                f"method {info.method!r} needs the statistics of every checkpoint, and this one "
+                f"carries no {STATS_FILE}; compute one with `mergeflow stats`",
+            )
 
 
 class _Output:
@@ -324,8 +340,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             )
             return 0
         info = _new_info(args, base)
-        for c in cks:  # validate every checkpoint's headers before any work
-            engine.check_compatible(base.reader, c.reader, info.options)
+        _validate(info, base, cks)
         work = out.tmp.parent / f".{out.final.name}.state-{os.getpid()}"
         try:
             store = LocalStore(work)
@@ -395,8 +410,7 @@ def cmd_state_fold(args: argparse.Namespace) -> int:
             f"base {base.uri} has digest {base.digest()} but the state was built on {manifest.info.base.uri} ({manifest.info.base.digest})"
         )
     cks = _open_checkpoints(args.checkpoints, base, args.allow_pickle)
-    for c in cks:
-        engine.check_compatible(base.reader, c.reader, manifest.info.options)
+    _validate(manifest.info, base, cks)
     for c in cks:
         m = states.fold_into(
             store,

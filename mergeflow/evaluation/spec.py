@@ -7,10 +7,10 @@ Example (the ``evaluation:`` and ``gate:`` blocks of a lineage spec)::
       tasks:
         - name: rot90                     # unique; used as the MLflow metric key
           checkpoint: 01-rot90            # id of the checkpoint whose head scores it
-          data: s3://bucket/digits/rot90/{split}.npz   # {split} -> validation | test
+          data: s3://bucket/digits/rot90/{split}.npz   # {split} -> validation | test | calibration
           metric: accuracy                # accuracy | perplexity | my_pkg.evals:score
         - name: wiki
-          data: {validation: ./val.txt, test: ./test.txt}
+          data: {validation: ./val.txt, test: ./test.txt}   # no calibration split
           metric: perplexity
           options: {block_size: 128}
     gate:
@@ -28,7 +28,12 @@ per split in ``data`` (its data come from the task's YAML)::
           data: {validation: qa_val, test: qa_test}    # or qa_{split}
           options: {include_path: ./lm_tasks, metric: acc, limit: 200, batch_size: 8}
 
-Splits: selection and the gate read ``validation``; every reported score reads ``test``.
+Splits: selection and the gate read ``validation``; every reported score reads ``test``;
+data-informed merging methods (those that learn from data, e.g. AdaMerging's coefficients)
+read only ``calibration`` (:mod:`mergeflow.evaluation.calibration`), never the two splits
+they are judged on. A template's ``{split}`` becomes ``calibration`` for it (the file may
+be absent when no method needs it); a mapping names it under an optional ``calibration``
+key. Example suites draw their calibration split from each task's training data.
 """
 
 from __future__ import annotations
@@ -39,7 +44,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Split = Literal["validation", "test"]
+"""An evaluation split: ``validation`` (selection, the gate) or ``test`` (reported scores)."""
 SPLITS: tuple[Split, ...] = ("validation", "test")
+CALIBRATION = "calibration"
+"""The split learning methods read (never evaluated on)."""
+DATA_KEYS: tuple[str, ...] = (*SPLITS, CALIBRATION)
+"""The keys a ``data`` mapping may hold (``validation`` and ``test`` required)."""
 BUILTIN_METRICS: dict[str, bool] = {"accuracy": True, "perplexity": False, "lm_eval": True}
 """Built-in metric name -> higher is better (``lm_eval``: see :attr:`TaskSpec.higher_is_better`)."""
 LM_EVAL_LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "ter")
@@ -62,7 +72,8 @@ class TaskSpec(BaseModel):
       scored at every step (e.g. LM perplexity); it is not part of ACC/BWT bookkeeping by
       checkpoint and counts from step 1.
     - ``data``: where the split lives: a URI template containing ``{split}`` or a mapping
-      ``{validation: uri, test: uri}``. Classification data: ``.npz``, ``.safetensors`` or
+      ``{validation: uri, test: uri}`` with an optional ``calibration: uri`` (the split
+      data-informed merging methods learn from, see :meth:`calibration_uri`). Classification data: ``.npz``, ``.safetensors`` or
       ``.parquet`` holding ``labels`` (or ``y``) plus inputs: ``x`` (passed positionally) or
       model keyword arrays (``pixel_values``, ``input_ids``, ``attention_mask``,
       ``token_type_ids``). Perplexity data: a UTF-8 text file.
@@ -79,7 +90,7 @@ class TaskSpec(BaseModel):
 
     name: str
     checkpoint: str | None = None
-    data: str | dict[Split, str]
+    data: str | dict[str, str]
     metric: str = "accuracy"
     options: dict[str, OptionValue] = Field(default_factory=dict)
 
@@ -105,6 +116,11 @@ class TaskSpec(BaseModel):
             if missing:
                 raise ValueError(
                     f"data mapping lacks {missing}: it needs both 'validation' and 'test'"
+                )
+            unknown = sorted(k for k in v if k not in DATA_KEYS)
+            if unknown:
+                raise ValueError(
+                    f"data mapping has unknown keys {unknown}: allowed are 'validation', 'test' and 'calibration'"
                 )
         return v
 
@@ -138,6 +154,13 @@ class TaskSpec(BaseModel):
         if isinstance(self.data, str):
             return self.data.replace("{split}", split)
         return self.data[split]
+
+    def calibration_uri(self) -> str | None:
+        """The URI of the calibration split (learning methods read only this one), or None
+        when the ``data`` mapping names none. A template always gives one; its file may not exist."""
+        if isinstance(self.data, str):
+            return self.data.replace("{split}", CALIBRATION)
+        return self.data.get(CALIBRATION)
 
 
 class EvaluationSuite(BaseModel):

@@ -13,6 +13,7 @@ Layout written under ``out_dir`` (HF layout, one folder per checkpoint, ready to
     checkpoints/01-rot90/config.json, model.safetensors  backbone + its own ``classifier.*``
     ...
     data/rot90/validation.npz, data/rot90/test.npz     ``pixel_values`` (N,1,8,8) f32, ``labels`` i64
+    data/rot90/calibration.npz                         the same, the first ``n_calibration`` train images
     suite.json                                         manifest (reused when it matches)
 """
 
@@ -158,6 +159,7 @@ def build_digits_suite(
     *,
     pretrain_epochs: int = 30,
     finetune_epochs: int = 8,
+    n_calibration: int = 64,
     reuse: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> DigitsSuite:
@@ -165,13 +167,17 @@ def build_digits_suite(
 
     Seeded and deterministic on one machine. When ``out_dir`` already holds a suite built
     with the same arguments it is reused (``reuse=False`` rebuilds). N=6 takes about a
-    minute on 2 CPU cores. Returns the paths (see :class:`DigitsSuite`).
+    minute on 2 CPU cores. Each task's ``calibration.npz`` holds the first ``n_calibration``
+    examples of its train split (data-informed merging methods learn from it; it never
+    overlaps validation or test). Returns the paths (see :class:`DigitsSuite`).
     """
     # heavy: only when the suite is built
     from sklearn.datasets import load_digits
 
     if not 1 <= n_tasks <= MAX_TASKS:
         raise ValueError(f"n_tasks must be between 1 and {MAX_TASKS}, got {n_tasks}")
+    if not 1 <= n_calibration <= TRAIN_N:
+        raise ValueError(f"n_calibration must be between 1 and {TRAIN_N}, got {n_calibration}")
     root = Path(out_dir)
     key = {
         "format": SUITE_FORMAT,
@@ -179,6 +185,7 @@ def build_digits_suite(
         "seed": seed,
         "pretrain_epochs": pretrain_epochs,
         "finetune_epochs": finetune_epochs,
+        "n_calibration": n_calibration,
     }
     built = reuse_or_clear(root, key, reuse)
     if built is not None:
@@ -196,6 +203,9 @@ def build_digits_suite(
         "validation": rest[TRAIN_N : TRAIN_N + VAL_N],
         "test": rest[TRAIN_N + VAL_N :],
     }
+    splits["calibration"] = splits["train"][
+        :n_calibration
+    ]  # a fixed subset of train: no extra draw
 
     def tensors(idx: np.ndarray, task: DigitsTask | None) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = images[idx], labels[idx]
@@ -230,7 +240,7 @@ def build_digits_suite(
         folder = f"{i + 1:02d}-{task.name}"
         save_tensors(root / "checkpoints" / folder, cfg, m.state_dict())
         folders.append(folder)
-        for split in ("validation", "test"):
+        for split in ("validation", "test", "calibration"):
             x, y = tensors(splits[split], task)
             d = root / "data" / task.name
             d.mkdir(parents=True, exist_ok=True)

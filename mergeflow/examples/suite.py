@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from mergeflow.evaluation.spec import EvaluationSuite, TaskSpec
+from mergeflow.evaluation.spec import CALIBRATION, SPLITS, EvaluationSuite, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class SuiteFiles:
 
     ``base``: HF folder without task heads; ``checkpoints``: one HF folder per task, in
     publication order, each with its own head; ``data[task][split]``: the labelled ``.npz``
-    of the validation and test splits (the train split stays private to the builder).
+    of the validation, test and calibration splits. The train split stays private to the
+    builder; ``calibration`` is a fixed subset of it, for data-informed merging methods.
     """
 
     root: Path
@@ -40,7 +41,7 @@ class SuiteFiles:
             checkpoints=tuple(root / "checkpoints" / c for c in manifest["checkpoints"]),
             task_names=names,
             data={
-                n: {s: root / "data" / n / f"{s}.npz" for s in ("validation", "test")}
+                n: {s: root / "data" / n / f"{s}.npz" for s in (*SPLITS, CALIBRATION)}
                 for n in names
             },
         )

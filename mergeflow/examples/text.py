@@ -22,7 +22,8 @@ head) fine-tuned on its task with AdamW, seeded; a :class:`TextCheckpoint` may s
 learning rate (the demo's checkpoint with a learning rate high enough to wreck the shared
 backbone). Checkpoints are built on demand and cached one by one, so asking for more
 reuses the ones built. Layout: as :mod:`mergeflow.examples.digits` (``base/`` also holds
-the tokenizer files).
+the tokenizer files); each task's ``calibration.npz`` holds the first ``n_calibration``
+examples of its train split.
 """
 
 from __future__ import annotations
@@ -220,6 +221,7 @@ def build_text_suite(
     epochs: int = 3,
     lr: float = 1e-4,
     max_length: int = 16,
+    n_calibration: int = 64,
     reuse: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> SuiteFiles:
@@ -228,7 +230,9 @@ def build_text_suite(
     that publication order; each checkpoint's task must differ.
 
     Everything built in ``out_dir`` with the same arguments (seed, sizes, epochs, lr,
-    max_length) is reused, checkpoint by checkpoint; other arguments clear it first.
+    max_length, n_calibration) is reused, checkpoint by checkpoint; other arguments clear it
+    first. ``n_calibration``: how many of each task's train examples (the first ones, at
+    most all of them) its ``calibration.npz`` holds, for data-informed merging methods.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # heavy: only when the suite is built
@@ -244,6 +248,8 @@ def build_text_suite(
         raise ValueError(f"unknown text tasks {unknown}; known: {all_task_names}")
     if len(set(names)) != len(names):
         raise ValueError(f"each checkpoint needs its own task, got {names}")
+    if n_calibration < 1:
+        raise ValueError(f"n_calibration must be at least 1, got {n_calibration}")
     root = Path(out_dir)
     key = {
         "format": SUITE_FORMAT,
@@ -254,6 +260,7 @@ def build_text_suite(
         "epochs": epochs,
         "lr": lr,
         "max_length": max_length,
+        "n_calibration": n_calibration,
     }
     manifest = _manifest(root, key, reuse)
     say = log or (lambda _m: None)
@@ -271,7 +278,17 @@ def build_text_suite(
             if f not in todo:
                 continue
             score = _finetune(
-                root, f, c, enc[c.task], base_cfg, backbone, seed, epochs, c.lr or lr, transformers
+                root,
+                f,
+                c,
+                enc[c.task],
+                base_cfg,
+                backbone,
+                seed,
+                epochs,
+                c.lr or lr,
+                n_calibration,
+                transformers,
             )
             manifest["built"][f] = recipes[f]
             manifest["finetuned_validation"][f] = score
@@ -357,6 +374,7 @@ def _finetune(
     seed: int,
     epochs: int,
     lr: float,
+    n_calibration: int,
     transformers: Any,
 ) -> float:
     """Fine-tune the backbone and a new head on one task; write the checkpoint and the task's data."""
@@ -384,8 +402,12 @@ def _finetune(
     )
     d = root / "data" / ck.task
     d.mkdir(parents=True, exist_ok=True)
-    for split in ("validation", "test"):
-        arrays, y = enc[split]
+    for split in ("validation", "test", "calibration"):
+        arrays, y = enc["train" if split == "calibration" else split]
+        if split == "calibration":  # the first train examples, cut to their own longest width
+            y = y[:n_calibration]
+            width = int(arrays["attention_mask"][: len(y)].sum(1).max(initial=1))
+            arrays = {k: v[: len(y), :width] for k, v in arrays.items()}
         payload: dict[str, Any] = {"labels": y, **arrays}
         np.savez(d / f"{split}.npz", **payload)
     return _accuracy(model, *enc["validation"])

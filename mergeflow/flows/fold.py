@@ -217,6 +217,7 @@ def _metrics(
     m: dict[str, float] = {
         "load_seconds": load_s,
         "fold_seconds": fold.seconds,
+        "stats_seconds": fold.stats_seconds,
         "export_seconds": model.seconds,
         "eval_seconds": ev.seconds,
         "peak_rss_mb": fold.peak_rss_mb,

@@ -13,13 +13,13 @@ from mergeflow.merging.engine import (
     DTYPES,
     _bar,
     _finite,
-    _out_dtype,
     _sizes,
     _task_vector,
     check_compatible,
     merged_keys,
     resolve_device,
 )
+from mergeflow.merging.export import _out_dtype
 from mergeflow.merging.methods import get_batch, validate_params
 from mergeflow.merging.pipeline import default_workers
 from mergeflow.merging.state import FoldOptions

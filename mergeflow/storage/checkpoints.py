@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from mergeflow.errors import CheckpointError, ConfigError
+from mergeflow.merging.stats import STATS_FILE, CheckpointStats, check_stats
 from mergeflow.merging.tensors import TORCH_TO_SAFETENSORS, DictReader, TensorMeta, TensorReader
 from mergeflow.storage.hf_layout import (
     ADAPTER_CONFIG,
@@ -321,6 +322,16 @@ class OpenedCheckpoint:
     def small_files(self) -> list[str]:
         """Non-weight files worth copying next to a merged model (config, tokenizer)."""
         return [f for f in SMALL_FILES if self.store.exists(self.prefix + f)]
+
+    def stats(self, base: TensorReader) -> CheckpointStats | None:
+        """The ``mergeflow_stats.safetensors`` published beside the weights, validated against
+        ``base`` from its header (:func:`~mergeflow.merging.stats.check_stats`); None if absent."""
+        name = self.prefix + STATS_FILE
+        if not self.store.exists(name):
+            return None
+        check_regular_files(self.store, [name], self.uri)
+        reader = SafetensorsReader(self.store.byte_source(name), f"{self.uri} ({STATS_FILE})")
+        return check_stats(reader, reader.metadata, base)
 
 
 def _read_json(

@@ -6,7 +6,8 @@ names match one of these layouts, tried in this order:
 1. ``sharded``: ``model.safetensors.index.json`` plus every shard its ``weight_map`` names;
 2. ``single``: ``model.safetensors``;
 3. ``adapter``: a PEFT adapter, ``adapter_config.json`` plus ``adapter_model.safetensors``;
-4. ``bare``: exactly one ``*.safetensors`` file;
+4. ``bare``: exactly one ``*.safetensors`` file (a ``mergeflow_stats.safetensors`` beside the
+   weights holds statistics, :mod:`mergeflow.merging.stats`, and never counts as weights);
 5. ``pickle``: exactly one pickle file (``.bin``, ``.pt``, ...), only read on request.
 
 Readers (:mod:`mergeflow.storage.checkpoints`), folder watchers
@@ -20,6 +21,8 @@ import json
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Literal
+
+from mergeflow.merging.stats import STATS_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -145,7 +148,7 @@ def weight_layout(names: Collection[str], index: Mapping[str, str] | None = None
         if ADAPTER_FILE not in present:
             raise LayoutError(f"adapter folder has {ADAPTER_CONFIG} but no {ADAPTER_FILE}")
         return WeightLayout("adapter", (ADAPTER_FILE,), (ADAPTER_CONFIG,))
-    bare = sorted(n for n in present if n.endswith(SAFETENSORS_SUFFIX))
+    bare = sorted(n for n in present if n.endswith(SAFETENSORS_SUFFIX) and n != STATS_FILE)
     if len(bare) == 1:
         return WeightLayout("bare", (bare[0],))
     if len(bare) > 1:

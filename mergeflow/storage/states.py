@@ -20,8 +20,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mergeflow.errors import StateError
-from mergeflow.merging import engine
+from mergeflow.merging import engine, export
+from mergeflow.merging.methods.base import Objective
 from mergeflow.merging.state import StateInfo
+from mergeflow.merging.stats import CheckpointStats
 from mergeflow.merging.tensors import TensorReader
 from mergeflow.storage.checkpoints import OpenedCheckpoint, open_weights
 from mergeflow.storage.hf_layout import INDEX_FILE
@@ -230,13 +232,19 @@ def fold_into(
     max_shard_size: int = DEFAULT_SHARD,
     progress: bool = False,
     max_task_vector_ratio: float | None = None,
+    stats: CheckpointStats | None = None,
+    objective: Objective | None = None,
 ) -> StateManifest:
     """Fold one checkpoint into the state at ``src`` and commit the new state at ``dst``.
 
     ``dst`` may equal ``src`` (an in-place update). Nothing under ``dst`` changes if the
     fold fails, or if ``max_task_vector_ratio`` refuses the checkpoint (``engine.fold``).
+    A method that reads statistics gets ``stats``, else the checkpoint's published
+    ``mergeflow_stats.safetensors``; ``objective`` is for methods that learn.
     """
     manifest, state = load_state(src)
+    if stats is None and engine.needs_statistics(manifest.info):
+        stats = checkpoint.stats(base)
     write = StateWrite.begin(dst, manifest, src, max_shard_size)
     try:
         new_info = engine.fold(
@@ -251,6 +259,8 @@ def fold_into(
             device=device,
             progress=progress,
             max_task_vector_ratio=max_task_vector_ratio,
+            stats=stats,
+            objective=objective,
         )
     except BaseException:
         write.abort()
@@ -269,7 +279,7 @@ def export_state(
 ) -> StateInfo:
     """Stream the merged model of the state at ``store`` into ``out``."""
     manifest, state = load_state(store)
-    engine.export(manifest.info, state, base, out, dtype=dtype, device=device, progress=progress)
+    export.export(manifest.info, state, base, out, dtype=dtype, device=device, progress=progress)
     return manifest.info
 
 

@@ -27,11 +27,13 @@ from pydantic import BaseModel, ConfigDict
 
 from mergeflow.lineage import LineageSpec
 from mergeflow.merging import engine
+from mergeflow.merging.methods import get_continual
 from mergeflow.merging.tensors import TensorReader
 from mergeflow.storage import states
 from mergeflow.storage.checkpoints import OpenedCheckpoint
 from mergeflow.storage.schemes import open_checkpoint
 from mergeflow.tasks import layout
+from mergeflow.tasks.calibration import checkpoint_stats, fold_objective
 from mergeflow.tasks.fold import fold_output, fold_source
 from mergeflow.tasks.retry import io_task
 from mergeflow.tasks.values import CheckpointRef, FoldOutput, ParentState
@@ -107,7 +109,8 @@ def plan_groups(
     assert spec.dask is not None
     t0 = time.time()
     src = fold_source(parent, params, prefix)
-    base, checkpoint, manifest, _ = _open(spec, ck, src.uri)
+    base, checkpoint, manifest, state = _open(spec, ck, src.uri)
+    method = get_continual(spec.method)
     plan = engine.plan_fold(
         manifest.info,
         base.reader,
@@ -115,6 +118,13 @@ def plan_groups(
         checkpoint_id=ck.id,
         digest=ck.digest,
         device=spec.device,
+        state=state,
+        stats=checkpoint_stats(spec, ck, checkpoint, base)[0] if method.statistics else None,
+        objective=(
+            fold_objective(spec, parent, ck, checkpoint, base, params)
+            if method.needs_objective
+            else None
+        ),
     )
     out = layout.store(layout.state_uri_of(prefix))
     states.StateWrite.begin(out, manifest, src)
@@ -146,6 +156,7 @@ def fold_group(spec: LineageSpec, ck: CheckpointRef, plan: GroupPlan, index: int
             keys=keys,
             device=spec.device,
             base_norm=spec.max_task_vector_ratio is not None,
+            stats=checkpoint_stats(spec, ck, checkpoint, base)[0] if plan.plan.with_stats else None,
         )
         names = part.commit(engine.state_metadata(plan.plan.step))
     except BaseException:

@@ -12,12 +12,14 @@ from prefect import task
 
 from mergeflow.lineage import LineageSpec
 from mergeflow.merging import engine
+from mergeflow.merging.methods import get_continual
 from mergeflow.merging.state import StateInfo
 from mergeflow.storage import states
 from mergeflow.storage.objects import ObjectStore, StoreSink
 from mergeflow.storage.safetensors_file import ShardedWriter
 from mergeflow.storage.schemes import open_checkpoint
 from mergeflow.tasks import layout
+from mergeflow.tasks.calibration import checkpoint_stats, fold_objective
 from mergeflow.tasks.retry import io_task
 from mergeflow.tasks.values import CheckpointRef, FoldOutput, ModelOutput, ParentState
 
@@ -36,7 +38,9 @@ def fold_source(parent: ParentState, params: dict[str, Any], prefix: str) -> Obj
     return states.with_params(src, layout.store(layout.state_uri_of(prefix)), params)
 
 
-def fold_output(label: str, prefix: str, info: StateInfo, seconds: float) -> FoldOutput:
+def fold_output(
+    label: str, prefix: str, info: StateInfo, seconds: float, stats_seconds: float = 0.0
+) -> FoldOutput:
     """What a fold task returns about the state it committed at ``<prefix>/state``."""
     return FoldOutput(
         label=label,
@@ -46,6 +50,7 @@ def fold_output(label: str, prefix: str, info: StateInfo, seconds: float) -> Fol
         step=info.step,
         folded=tuple(c.id for c in info.checkpoints),
         seconds=seconds,
+        stats_seconds=stats_seconds,
         peak_rss_mb=peak_rss_mb(),
     )
 
@@ -82,6 +87,15 @@ def fold_checkpoint(
     t0 = time.perf_counter()
     base = layout.open_base(spec)
     checkpoint = open_checkpoint(ck.uri, base=base.reader, allow_pickle=spec.allow_pickle)
+    method = get_continual(spec.method)
+    stats, stats_s = (
+        checkpoint_stats(spec, ck, checkpoint, base) if method.statistics else (None, 0.0)
+    )
+    objective = (
+        fold_objective(spec, parent, ck, checkpoint, base, params)
+        if method.needs_objective
+        else None
+    )
     new = states.fold_into(
         fold_source(parent, params, prefix),
         layout.store(layout.state_uri_of(prefix)),
@@ -91,8 +105,10 @@ def fold_checkpoint(
         digest=ck.digest or None,
         device=spec.device,
         max_task_vector_ratio=spec.max_task_vector_ratio,
+        stats=stats,
+        objective=objective,
     )
-    return fold_output(label, prefix, new.info, time.perf_counter() - t0)
+    return fold_output(label, prefix, new.info, time.perf_counter() - t0, stats_s)
 
 
 @task(name="export-model", task_run_name="export-{fold.label}", **io_task)

@@ -51,6 +51,8 @@ class FoldOutput(BaseModel):
     folded: tuple[str, ...]
     seconds: float
     peak_rss_mb: float
+    stats_seconds: float = 0.0
+    """Seconds spent computing the checkpoint's statistics (0 when published or cached)."""
 
 
 class ModelOutput(BaseModel):

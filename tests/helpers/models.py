@@ -52,7 +52,7 @@ def fold_in_memory(
     dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, torch.Tensor], Any]:
     """Fold ``ckpts`` into ``base`` with the engine over in-memory readers; returns (merged, info)."""
-    from mergeflow.merging import engine
+    from mergeflow.merging import engine, export
     from mergeflow.merging.projection import by_name_rules
     from mergeflow.merging.state import BaseRef
     from mergeflow.merging.tensors import DictReader, DictWriter
@@ -68,5 +68,5 @@ def fold_in_memory(
         )
         state = w.reader()
     out = DictWriter()
-    engine.export(info, state, br, out, dtype=dtype)
+    export.export(info, state, br, out, dtype=dtype)
     return out.tensors, info

@@ -8,13 +8,16 @@ from typing import Any, Literal, TypedDict, get_args, get_origin
 from pydantic import ValidationError
 
 from mergeflow.errors import ConfigError
+from mergeflow.merging.methods.adamerging import AdaMerging
 from mergeflow.merging.methods.base import BatchMethod, ContinualMethod, MethodParams
 from mergeflow.merging.methods.batch_dare import BatchDare
 from mergeflow.merging.methods.batch_task_arithmetic import BatchTaskArithmetic
 from mergeflow.merging.methods.batch_ties import BatchTies
 from mergeflow.merging.methods.batch_weight_average import BatchWeightAverage
+from mergeflow.merging.methods.fisher import Fisher
 from mergeflow.merging.methods.magmax import MagMax
 from mergeflow.merging.methods.opcm import OPCM
+from mergeflow.merging.methods.regmean import RegMean
 from mergeflow.merging.methods.task_arithmetic import TaskArithmetic
 from mergeflow.merging.methods.ties import Ties
 from mergeflow.merging.methods.weight_average import WeightAverage
@@ -29,6 +32,9 @@ METHODS: tuple[Method, ...] = (
     WeightAverage(),
     MagMax(),
     Ties(),
+    AdaMerging(),
+    RegMean(),
+    Fisher(),
     BatchTaskArithmetic(),
     BatchTies(),
     BatchDare(),

@@ -6,6 +6,21 @@ so that the merged model is ``θ₀ + s·D``. A fold streams tensor by tensor:
 into the new ``D``; ``finish`` then updates the method's scalars from whole-model
 statistics (norms) gathered during the pass and returns the new scale.
 
+Data-informed methods grow this in three general ways, with no per-method branch in the
+engine:
+
+- **statistics in**: a method lists the statistics it reads (``statistics``, e.g.
+  ``{"gram"}``, see :mod:`mergeflow.merging.stats`); the engine hands each tensor's
+  statistics of the incoming checkpoint to ``fold_tensor`` as ``TensorStep.stats``;
+- **extra state tensors**: ``fold_tensor`` may return :class:`Folded`, the new ``D`` plus
+  named extra tensors (``slots``, e.g. RegMean's ``A = ΣG̃`` and ``B = ΣG̃τᵀ``); the engine
+  stores them as ``<name>:<slot>`` beside ``D`` and hands them back as ``TensorStep.extra``;
+- **a whole-model step**: ``prepare`` receives a :class:`WholeModel` (passes over the base,
+  the previous merge, the task vector and the statistics, and an :class:`Objective` that
+  evaluates a merged model on calibration data) between reading τ and folding; its
+  result reaches every ``fold_tensor`` as ``TensorStep.prepared`` (plain floats, so a plan
+  ships to other workers).
+
 Batch methods merge all checkpoints at once, still tensor by tensor.
 
 Subclass :class:`ContinualMethod` or :class:`BatchMethod` and list the method in
@@ -15,13 +30,14 @@ Subclass :class:`ContinualMethod` or :class:`BatchMethod` and list the method in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Generic, Literal, TypeVar
+from typing import ClassVar, Generic, Literal, Protocol, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from mergeflow.merging.stats import CheckpointStats, StatKind
 from mergeflow.merging.tensors import TauPass
 
 
@@ -57,6 +73,49 @@ class TensorStep:
     tau: torch.Tensor  # incoming task vector θ_t − θ₀
     projected: bool  # whether the projection rule selects this tensor
     prepared: dict[str, float] = field(default_factory=dict)  # output of ``prepare``
+    stats: Mapping[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # kind -> this tensor's statistic
+    extra: Mapping[str, torch.Tensor] = field(default_factory=dict)  # slot -> previous extra state
+
+
+@dataclass(frozen=True)
+class Folded:
+    """A fold step's result with extra state tensors: the new ``D`` and ``slot -> tensor``."""
+
+    state: torch.Tensor
+    extra: Mapping[str, torch.Tensor]
+
+
+class Objective(Protocol):
+    """A differentiable loss of a merged model on calibration data.
+
+    ``tensors``: the merged model's floating-point tensors by base name (they may require
+    grad); ``step``: the optimisation step, which picks the minibatch (deterministic for a
+    seed). Returns a scalar: the mean over the tasks folded so far of each task's loss.
+    """
+
+    tasks: tuple[str, ...]
+
+    def __call__(self, tensors: Mapping[str, torch.Tensor], step: int) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class WholeModel:
+    """What a method's whole-model step (:meth:`ContinualMethod.prepare`) may read.
+
+    Each pass streams ``(name, tensor)`` over the merged tensors anew: ``taus`` the
+    incoming task vectors, ``base`` θ₀, ``merged`` the previous merged task vector
+    ``s·D_{t−1}`` (None at step 1). ``stats``: the checkpoint's statistics when it has
+    any; ``objective``: calibration loss when the caller supplies data (None otherwise).
+    """
+
+    step: int
+    taus: TauPass
+    base: TauPass
+    merged: TauPass | None = None
+    stats: CheckpointStats | None = None
+    objective: Objective | None = None
 
 
 @dataclass(frozen=True)
@@ -80,18 +139,24 @@ class ContinualMethod(ABC, Generic[P, S]):
     kind: ClassVar[Literal["continual"]] = "continual"
     Params: ClassVar[type[MethodParams]]
     Scalars: ClassVar[type[MethodScalars]] = NoScalars
+    statistics: ClassVar[frozenset[StatKind]] = frozenset()
+    """Statistics every folded checkpoint must carry (a fold without them is refused)."""
+    slots: ClassVar[tuple[str, ...]] = ()
+    """Names of the extra state tensors :meth:`fold_tensor` may return beside ``D``."""
+    needs_objective: ClassVar[bool] = False
+    """Whether :meth:`prepare` needs calibration data (``WholeModel.objective``)."""
 
-    def prepare(self, params: P, taus: TauPass) -> dict[str, float] | None:
-        """Optional whole-model pre-pass over the incoming task vectors (may call ``taus()`` repeatedly).
+    def prepare(self, params: P, whole: WholeModel) -> dict[str, float] | None:
+        """Optional whole-model step before the per-tensor pass (may stream ``whole``'s passes repeatedly).
 
         The result reaches every :meth:`fold_tensor` call as ``TensorStep.prepared``.
-        Default: no pre-pass.
+        Default: no step.
         """
         return None
 
     @abstractmethod
-    def fold_tensor(self, params: P, s: TensorStep) -> torch.Tensor:
-        """The new state tensor ``D_t`` of one merged tensor."""
+    def fold_tensor(self, params: P, s: TensorStep) -> torch.Tensor | Folded:
+        """The new state tensor ``D_t`` of one merged tensor (with extra slots: :class:`Folded`)."""
 
     def elementwise(self, params: P, projected: bool) -> bool:
         """Whether :meth:`fold_tensor` acts entry by entry on ``prev`` and ``tau`` for a tensor

@@ -21,8 +21,8 @@ from mergeflow.merging.methods.base import (
     ContinualMethod,
     NoScalars,
     ScaledParams,
-    TauPass,
     TensorStep,
+    WholeModel,
 )
 from mergeflow.merging.sparsify import global_threshold, tensor_threshold, trim
 
@@ -89,10 +89,10 @@ class Ties(ContinualMethod[TiesParams, NoScalars]):
     )
     Params = TiesParams
 
-    def prepare(self, params: TiesParams, taus: TauPass) -> dict[str, float] | None:
+    def prepare(self, params: TiesParams, whole: WholeModel) -> dict[str, float] | None:
         """With ``trim=global``: the exact global top-k magnitude threshold (two passes)."""
         if params.trim == "global":
-            return {"threshold": global_threshold(taus, params.density)}
+            return {"threshold": global_threshold(whole.taus, params.density)}
         return None
 
     def fold_tensor(self, params: TiesParams, s: TensorStep) -> torch.Tensor:
