@@ -10,6 +10,14 @@ Three suites, all real data and real fine-tuning on CPU:
   first-name origin tasks, several of them language-identification tasks that pull the
   backbone in conflicting directions).
 
+Methods: the five data-free continual methods (OPCM, task arithmetic, weight averaging,
+MagMax, TIES) and the three data-informed ones (issue 19): ``adamerging`` learns its
+per-tensor coefficients at every fold on the calibration split of every task folded so
+far; ``regmean`` and ``fisher`` read each checkpoint's statistics (input Grams, diagonal
+Fisher), computed once per checkpoint on its own task's calibration split (64 examples
+drawn from the task's train data, never validation or test) and timed apart from the
+folds.
+
 Normalized ACC is the mean over tasks of a_i(θ̄_T)/a_i(θ_i): each task's final score over
 its own checkpoint's score alone.
 
@@ -21,8 +29,13 @@ Hyperparameters are the paper's defaults; nothing is tuned. All reported numbers
     python benchmarks/quality.py                 # vision and text, 5 orders
     python benchmarks/quality.py --suite text8 --orders 2
     python benchmarks/quality.py --suite vision --orders 2
+    python benchmarks/quality.py --suite vision --methods adamerging,regmean,fisher
 
 Writes ``benchmarks/results/quality_{suite}.json`` / ``.png`` and prints a markdown table.
+With ``--methods`` only those methods run; their results replace theirs in an existing
+``quality_{suite}.json`` of the same suite (same tasks, fold orders and individual
+scores), and the other methods' results there are kept, so a table can be completed
+method by method.
 """
 
 from __future__ import annotations
@@ -33,21 +46,28 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import numpy as np
+import torch
 from safetensors.torch import load_file
 
 from mergeflow.architecture import resolve_projection
 from mergeflow.evaluation import AccuracyMatrix, build_evaluator, normalized, plot_accuracy_matrix
+from mergeflow.evaluation.calibration import build_objective
+from mergeflow.evaluation.statistics import stats_for_checkpoint
 from mergeflow.examples.suite import SuiteFiles
 from mergeflow.merging.engine import fold, new_state
 from mergeflow.merging.export import export
+from mergeflow.merging.methods.base import Objective
 from mergeflow.merging.state import BaseRef
+from mergeflow.merging.stats import CheckpointStats, check_stats
 from mergeflow.merging.tensors import DictReader, DictWriter
 
 HERE = Path(__file__).resolve().parent
@@ -57,14 +77,25 @@ METHODS: list[tuple[str, str, dict]] = [
     ("continual weight average", "weight_average", {}),
     ("MagMax (s=0.5)", "magmax", {"scale": 0.5}),
     ("continual TIES (defaults)", "ties", {}),
+    ("learned coefficients (adamerging, 80 steps)", "adamerging", {}),
+    ("continual RegMean (α=0.9)", "regmean", {}),
+    ("continual Fisher (normalized)", "fisher", {}),
 ]
+# the paper's CLIP ViT-B/32 8-task ACC; AdaMerging's is the published batch layer-wise
+# AdaMerging, and RegMean and Fisher merging are not in the OPCM paper's table
 PAPER = {
     "opcm": "75.5 ± 0.5",
     "magmax": "70.7",
     "task_arithmetic": "67.5",
     "weight_average": "66.3",
     "ties": "49.0 ± 10.2",
+    "adamerging": "80.4 (layer-wise AdaMerging, batch)",
+    "regmean": "–",
+    "fisher": "–",
 }
+LEARNING = {"adamerging"}  # methods that take a calibration objective at every fold
+WITH_STATS = {"regmean", "fisher"}  # methods that read per-checkpoint statistics
+STATS_MAX_EXAMPLES = 256
 
 
 @dataclass
@@ -72,18 +103,20 @@ class Loaded:
     suite: SuiteFiles
     config: dict
     base: dict
-    checkpoints: dict[str, dict]  # id -> backbone tensors
+    checkpoints: dict[str, dict]  # id -> all its tensors (backbone and head)
     heads: dict[str, dict]  # id -> head tensors
     task_of: dict[str, str]  # checkpoint id -> task name
+    configs: dict[str, dict]  # checkpoint id -> its own config.json
 
 
 def load(suite: SuiteFiles) -> Loaded:
     base = load_file(str(suite.base / "model.safetensors"))
-    cks, heads = {}, {}
+    cks, heads, configs = {}, {}, {}
     for p in suite.checkpoints:
         sd = load_file(str(p / "model.safetensors"))
         cks[p.name] = sd
         heads[p.name] = {k: v for k, v in sd.items() if k not in base}
+        configs[p.name] = json.loads((p / "config.json").read_text())
     config = json.loads((suite.base / "config.json").read_text())
     return Loaded(
         suite,
@@ -92,13 +125,89 @@ def load(suite: SuiteFiles) -> Loaded:
         cks,
         heads,
         dict(zip(suite.checkpoint_ids, suite.task_names, strict=True)),
+        configs,
     )
 
 
+def checkpoint_stats(ld: Loaded) -> tuple[dict[str, CheckpointStats], dict[str, float]]:
+    """Each checkpoint's Grams and diagonal Fisher on its own task's calibration split.
+
+    Computed once per checkpoint (a one-off, not a per-fold cost) with the checkpoint's own
+    config and all its tensors, head included; the head's statistics (tensors the base
+    lacks) are dropped, then the rest is validated against the base. Returns the stats and
+    the seconds each checkpoint took.
+    """
+    es = ld.suite.evaluation_suite()
+    base_r = DictReader(ld.base, "base")
+    out: dict[str, CheckpointStats] = {}
+    secs: dict[str, float] = {}
+    for cid in ld.checkpoints:
+        task = es.task(ld.task_of[cid])
+        uri = task.calibration_uri()
+        assert uri is not None
+        t0 = time.perf_counter()
+        tensors, metadata = stats_for_checkpoint(
+            ld.configs[cid],
+            ld.checkpoints[cid],
+            [(uri, Path(uri).read_bytes())],
+            max_examples=STATS_MAX_EXAMPLES,
+            source=cid,
+        )
+        secs[cid] = time.perf_counter() - t0
+        kept = {k: v for k, v in tensors.items() if k.rpartition(":")[0] in ld.base}
+        out[cid] = check_stats(DictReader(kept, f"stats of {cid}"), metadata, base_r)
+    return out, secs
+
+
+class TimedObjective:
+    """Wraps a calibration objective: when each call starts, and the loss it returns.
+
+    The learning step runs ``n`` calls, each followed by its backward and Adam update, so
+    ``(start of call n − start of call 1)·n/(n − 1)`` is the step's wall time, measured
+    without touching the method.
+    """
+
+    def __init__(self, inner: Objective) -> None:
+        self.inner = inner
+        self.tasks = inner.tasks
+        self.starts: list[float] = []
+        self.losses: list[float] = []
+
+    def __call__(self, tensors: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
+        self.starts.append(time.perf_counter())
+        loss = self.inner(tensors, step)
+        self.losses.append(float(loss.detach()))
+        return loss
+
+    def seconds(self) -> float:
+        n = len(self.starts)
+        return 0.0 if n < 2 else (self.starts[-1] - self.starts[0]) * n / (n - 1)
+
+
+@dataclass
+class FoldTimes:
+    """Per-order timings (sums over the order's folds) and, for learning methods, the losses."""
+
+    fold: float = 0.0  # fold + export, objective building and learning included
+    learn: float = 0.0  # the learning step alone
+    objective: float = 0.0  # building the calibration objective (reads the data)
+    losses: list[tuple[float, float]] = field(default_factory=list)  # (first, last) per fold
+
+
 def fold_order(
-    ld: Loaded, evaluator, method: str, params: dict, order: list[str]
-) -> tuple[AccuracyMatrix, float]:
-    """Fold checkpoints in ``order`` through the engine; score every folded task after each step."""
+    ld: Loaded,
+    evaluator: Any,
+    method: str,
+    params: dict,
+    order: list[str],
+    stats: Mapping[str, CheckpointStats] | None = None,
+) -> tuple[AccuracyMatrix, FoldTimes]:
+    """Fold checkpoints in ``order`` through the engine; score every folded task after each step.
+
+    ``stats``: each checkpoint's statistics, for the methods that read them. Learning
+    methods get, at every fold, the calibration objective of every task folded so far,
+    the new one included, with the method's batch size, seed and loss.
+    """
     es = ld.suite.evaluation_suite()
     base_r = DictReader(ld.base, "base")
     info = new_state(
@@ -110,10 +219,25 @@ def fold_order(
     state = None
     heads: dict[str, dict] = {}
     matrix = AccuracyMatrix()
-    fold_s = 0.0
-    for cid in order:
+    times = FoldTimes()
+    for i, cid in enumerate(order):
         w, hw = DictWriter(), DictWriter()
         t0 = time.perf_counter()
+        objective = None
+        if method in LEARNING:
+            folded = order[: i + 1]
+            objective = TimedObjective(
+                build_objective(
+                    es,
+                    ld.config,
+                    {c: ld.heads[c] for c in folded},
+                    folded,
+                    batch_size=int(params.get("batch_size", 32)),
+                    seed=int(params.get("seed", 0)),
+                    loss=params.get("loss", "auto"),
+                )
+            )
+            times.objective += time.perf_counter() - t0
         info = fold(
             info,
             state,
@@ -123,18 +247,23 @@ def fold_order(
             digest=cid,
             out=w,
             heads_out=hw,
+            stats=stats[cid] if stats is not None and method in WITH_STATS else None,
+            objective=objective,
         )
         state = w.reader("state")
         mw = DictWriter()
         export(info, state, base_r, mw)
-        fold_s += time.perf_counter() - t0
+        times.fold += time.perf_counter() - t0
+        if objective is not None:
+            times.learn += objective.seconds()
+            times.losses.append((objective.losses[0], objective.losses[-1]))
         heads[cid] = hw.tensors
         tasks = es.tasks_for([c.id for c in info.checkpoints])
         # the task folded at this step first, so it enters the matrix in fold order
         tasks = sorted(tasks, key=lambda t: order.index(t.checkpoint))
         scores = evaluator.evaluate(mw.reader(f"merged@{info.step}"), heads, tasks, "test")
         matrix = matrix.append(cid, scores)
-    return matrix, fold_s
+    return matrix, times
 
 
 def task_vector_stats(ld: Loaded) -> dict[str, float]:
@@ -166,7 +295,41 @@ def mean_std(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
 
 
-def run_suite(name: str, suite: SuiteFiles, n_orders: int, seed: int, out_dir: Path) -> dict:
+def previous_methods(path: Path, summary: dict, ran: set[str]) -> dict[str, dict]:
+    """The results in ``path`` of methods not run now, when they are of the same suite.
+
+    The same suite: same tasks, fold orders and split, and the same individual and
+    pretrained scores (a rebuilt suite that trained differently gives other scores). Else
+    nothing is kept, and it says why.
+    """
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    for key in ("tasks", "orders", "split"):
+        if old.get(key) != summary[key]:
+            print(f"  {path.name}: other {key}; its results are not kept", flush=True)
+            return {}
+    for key in ("individual", "pretrained"):
+        a, b = old.get(key, {}).get("scores", {}), summary[key]["scores"]
+        if set(a) != set(b) or any(abs(a[t] - b[t]) > 1e-9 for t in b):
+            print(
+                f"  {path.name}: other {key} scores (the suite was rebuilt differently); "
+                "its results are not kept",
+                flush=True,
+            )
+            return {}
+    return {m: r for m, r in old.get("methods", {}).items() if m not in ran}
+
+
+def run_suite(
+    name: str,
+    suite: SuiteFiles,
+    n_orders: int,
+    seed: int,
+    out_dir: Path,
+    methods: list[str] | None = None,
+) -> dict:
+    """Run ``methods`` (default all of METHODS) on the suite; merge into its existing JSON."""
     ld = load(suite)
     es = suite.evaluation_suite()
     evaluator = build_evaluator(es, model_config=ld.config)
@@ -181,18 +344,32 @@ def run_suite(name: str, suite: SuiteFiles, n_orders: int, seed: int, out_dir: P
         ]
     rng = np.random.default_rng(seed)
     orders = [[ids[i] for i in rng.permutation(len(ids))] for _ in range(n_orders)]
+    selected = [row for row in METHODS if methods is None or row[1] in methods]
+    stats: dict[str, CheckpointStats] | None = None
+    stats_secs: dict[str, float] = {}
+    if any(m in WITH_STATS for _, m, _ in selected):
+        stats, stats_secs = checkpoint_stats(ld)
+        print(
+            f"  [{name}] statistics (Grams + diagonal Fisher, calibration split): "
+            f"{statistics.mean(stats_secs.values()):.2f} s per checkpoint "
+            f"({sum(stats_secs.values()):.1f} s for {len(stats_secs)})",
+            flush=True,
+        )
     results: dict[str, dict] = {}
-    for label, method, params in METHODS:
-        accs, norms, bwts, curves, secs = [], [], [], [], []
+    for label, method, params in selected:
+        accs, norms, bwts, curves, secs, learns, objs, losses = [], [], [], [], [], [], [], []
         first_matrix = None
         for order in orders:
-            m, s = fold_order(ld, evaluator, method, params, order)
+            m, times = fold_order(ld, evaluator, method, params, order, stats)
             accs.append(m.acc())
             final = normalized(m.values[-1], own)
             norms.append(statistics.mean(final.values()))
             bwts.append(m.bwt())
             curves.append(m.acc_curve())
-            secs.append(s)
+            secs.append(times.fold)
+            learns.append(times.learn)
+            objs.append(times.objective)
+            losses.append(times.losses)
             first_matrix = first_matrix or m
         results[method] = {
             "label": label,
@@ -202,9 +379,19 @@ def run_suite(name: str, suite: SuiteFiles, n_orders: int, seed: int, out_dir: P
             "bwt": bwts,
             "acc_curves": curves,
             "fold_seconds": secs,
+            "load": os.getloadavg()[0],
         }
+        if method in LEARNING:
+            results[method] |= {
+                "learn_seconds": learns,
+                "objective_seconds": objs,
+                "losses": losses,
+            }
+        if method in WITH_STATS:
+            results[method]["stats_seconds"] = stats_secs
         print(
-            f"  [{name}] {label:36s} ACC {mean_std(accs):>12s}   nACC {mean_std(norms):>12s}   BWT {mean_std(bwts):>12s}",
+            f"  [{name}] {label:36s} ACC {mean_std(accs):>12s}   nACC {mean_std(norms):>12s}   "
+            f"BWT {mean_std(bwts):>12s}   {seconds_per_fold(results[method], len(ids))} s/fold",
             flush=True,
         )
         if method == "opcm" and first_matrix is not None:
@@ -221,9 +408,14 @@ def run_suite(name: str, suite: SuiteFiles, n_orders: int, seed: int, out_dir: P
         "task_vectors": task_vector_stats(ld),
         "pretrained": {"scores": base_scores, "acc": statistics.mean(base_scores.values())},
         "individual": {"scores": own, "acc": statistics.mean(own.values())},
-        "methods": results,
+        "methods": {},
     }
-    (out_dir / f"quality_{name}.json").write_text(json.dumps(summary, indent=1))
+    path = out_dir / f"quality_{name}.json"
+    kept = previous_methods(path, summary, set(results)) if methods is not None else {}
+    merged = kept | results
+    order_of = {m: i for i, (_, m, _) in enumerate(METHODS)}
+    summary["methods"] = dict(sorted(merged.items(), key=lambda kv: order_of.get(kv[0], 99)))
+    path.write_text(json.dumps(summary, indent=1))
     plot(summary, out_dir / f"quality_{name}.png")
     return summary
 
@@ -272,22 +464,35 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def seconds_per_fold(r: dict, n_tasks: int) -> str:
+    """Mean seconds per fold (fold + export), with the learning step's share where there is one."""
+    per = statistics.mean(r["fold_seconds"]) / n_tasks
+    text = f"{per:.3g}"
+    if "learn_seconds" in r:
+        text += f" (learning {statistics.mean(r['learn_seconds']) / n_tasks:.3g})"
+    if "stats_seconds" in r:
+        text += f" + stats {statistics.mean(r['stats_seconds'].values()):.3g} s/checkpoint once"
+    return text
+
+
 def table(summary: dict) -> str:
+    n = len(summary["tasks"])
     lines = [
-        f"**{summary['suite']}** ({len(summary['tasks'])} tasks, {len(summary['orders'])} orders, test split)",
+        f"**{summary['suite']}** ({n} tasks, {len(summary['orders'])} orders, test split)",
         "",
         "task vectors: mean ‖τ‖/‖θ₀‖ = {rel_norm_mean:.3f}, pairwise cosine mean {cos_mean:.3f} (min {cos_min:.3f}, max {cos_max:.3f})".format(
             **summary["task_vectors"]
         ),
         "",
-        "| method | ACC (%) | normalized ACC (%) | BWT (%) | paper ACC (CLIP ViT-B/32, 8 tasks) |",
-        "|---|---|---|---|---|",
-        f"| pretrained base + each task's own head | {100 * summary['pretrained']['acc']:.1f} | – | – | – |",
-        f"| individually fine-tuned | {100 * summary['individual']['acc']:.1f} | 100.0 | – | – |",
+        "| method | ACC (%) | normalized ACC (%) | BWT (%) | s/fold | paper ACC (CLIP ViT-B/32, 8 tasks) |",
+        "|---|---|---|---|---|---|",
+        f"| pretrained base + each task's own head | {100 * summary['pretrained']['acc']:.1f} | – | – | – | – |",
+        f"| individually fine-tuned | {100 * summary['individual']['acc']:.1f} | 100.0 | – | – | – |",
     ]
     for m, r in summary["methods"].items():
         lines.append(
-            f"| {r['label']} | {mean_std(r['acc'])} | {mean_std(r.get('norm_acc', []))} | {mean_std(r['bwt'])} | {PAPER[m]} |"
+            f"| {r['label']} | {mean_std(r['acc'])} | {mean_std(r.get('norm_acc', []))} | "
+            f"{mean_std(r['bwt'])} | {seconds_per_fold(r, n)} | {PAPER.get(m, '–')} |"
         )
     ranked = sorted(summary["methods"].values(), key=lambda r: -statistics.mean(r["acc"]))
     lines += ["", "ordering by ACC: " + " > ".join(r["label"] for r in ranked)]
@@ -306,9 +511,26 @@ def main(argv: list[str] | None = None) -> int:
         help="where suites are built (reused)",
     )
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated method names to run (default all: "
+        + ",".join(m for _, m, _ in METHODS)
+        + "); their results merge into the suite's existing JSON",
+    )
     args = ap.parse_args(argv)
+    methods = None
+    if args.methods is not None:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = sorted(set(methods) - {m for _, m, _ in METHODS})
+        if unknown or not methods:
+            ap.error(
+                f"--methods: unknown {unknown or 'empty list'}; "
+                f"choose from {','.join(m for _, m, _ in METHODS)}"
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     tables = []
     if args.suite in ("vision", "all"):
         from mergeflow.examples.digits import build_digits_suite
@@ -320,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             log=lambda m: print("  " + m, flush=True),
         )
-        tables.append(table(run_suite("vision", suite, args.orders, args.seed, args.out)))
+        tables.append(table(run_suite("vision", suite, args.orders, args.seed, args.out, methods)))
     if args.suite in ("text", "all"):
         from mergeflow.examples.text import build_text_suite
 
@@ -328,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         suite = build_text_suite(
             args.work / "text", seed=args.seed, log=lambda m: print("  " + m, flush=True)
         )
-        tables.append(table(run_suite("text", suite, args.orders, args.seed, args.out)))
+        tables.append(table(run_suite("text", suite, args.orders, args.seed, args.out, methods)))
     if args.suite == "text8":
         from mergeflow.examples.text import all_task_names, build_text_suite
 
@@ -339,12 +561,13 @@ def main(argv: list[str] | None = None) -> int:
             checkpoints=all_task_names,
             log=lambda m: print("  " + m, flush=True),
         )
-        tables.append(table(run_suite("text8", suite, args.orders, args.seed, args.out)))
+        tables.append(table(run_suite("text8", suite, args.orders, args.seed, args.out, methods)))
     print()
     print("\n\n".join(tables))
     cpu = os.times()
     print(
-        f"\nwall {time.time() - t0:.0f} s, CPU user+sys {cpu.user + cpu.system:.0f} s; results in {args.out}"
+        f"\nwall {time.time() - t0:.0f} s, CPU user+sys {cpu.user + cpu.system:.0f} s, "
+        f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}; results in {args.out}"
     )
     return 0
 

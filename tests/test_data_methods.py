@@ -402,3 +402,14 @@ def test_cli_refuses_a_checkpoint_without_stats_and_writes_nothing(cli, tmp_path
     assert (
         state / "state.json"
     ).read_text() == before  # the first checkpoint was not folded either
+
+
+def test_statistics_of_the_checkpoints_own_head_are_accepted_and_unused() -> None:
+    base = base_model()
+    ck = checkpoint(0, base) | {"head.weight": torch.ones(2, 4, dtype=torch.float64)}
+    tensors = {"fc.weight:gram": gram(0, 4), "head.weight:fisher": torch.ones(2, 4)}
+    md = stats_metadata(4, 4, "t")
+    st = check_stats(DictReader(tensors), md, DictReader(base), DictReader(ck))
+    assert st.names("gram") == ["fc.weight"] and st.names("fisher") == []
+    with pytest.raises(CheckpointError, match="'head.weight', which the base does not have"):
+        check_stats(DictReader(tensors), md, DictReader(base))

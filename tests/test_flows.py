@@ -105,7 +105,7 @@ def build_mlp_suite(root: Path) -> MlpSuite:
         )
         _train(m, x[train], fn(y[train]), 60, i + 1)
         checkpoints[name] = _save(root / "checkpoints" / name, _mlp_config(k), m.state_dict())
-        for split, idx in (("validation", val), ("test", test)):
+        for split, idx in (("validation", val), ("test", test), ("calibration", train[:64])):
             (root / "data" / name).mkdir(parents=True, exist_ok=True)
             np.savez(
                 root / "data" / name / f"{split}.npz", x=x[idx].numpy(), labels=fn(y[idx]).numpy()

@@ -110,14 +110,18 @@ def _count(metadata: Mapping[str, str], key: str, source: str) -> int:
 
 
 def check_stats(
-    reader: TensorReader, metadata: Mapping[str, str] | None, base: TensorReader
+    reader: TensorReader,
+    metadata: Mapping[str, str] | None,
+    base: TensorReader,
+    checkpoint: TensorReader | None = None,
 ) -> CheckpointStats:
     """Validate a stats file against the base from its header: format, names, kinds, shapes.
 
     Refused, each with one message naming the statistic: an unknown or missing ``format``,
     missing counts, a name without a known ``:kind``, a statistic of a tensor the base
     lacks, a Gram of a tensor that is not 2-D, a wrong shape (typically a file made for
-    another base) and a non-float dtype.
+    another base) and a non-float dtype. Statistics of the ``checkpoint``'s own task head
+    (its tensors the base lacks, which are never merged) are accepted and left unused.
     """
     src = reader.source
     meta = dict(metadata or {})
@@ -128,6 +132,7 @@ def check_stats(
         )
     examples, tokens = _count(meta, "examples", src), _count(meta, "tokens", src)
     base_keys = set(base.keys())
+    head_keys = set(checkpoint.keys()) - base_keys if checkpoint is not None else set()
     available: set[tuple[str, StatKind]] = set()
     for key in reader.keys():
         name, _, kind = key.rpartition(":")
@@ -135,6 +140,8 @@ def check_stats(
             raise CheckpointError(
                 src, f"stats tensor {key!r} is not named '<tensor>:gram' or '<tensor>:fisher'"
             )
+        if name in head_keys:
+            continue
         if name not in base_keys:
             raise CheckpointError(
                 src, f"stats tensor {key!r} is for {name!r}, which the base does not have"

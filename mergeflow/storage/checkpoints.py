@@ -331,7 +331,7 @@ class OpenedCheckpoint:
             return None
         check_regular_files(self.store, [name], self.uri)
         reader = SafetensorsReader(self.store.byte_source(name), f"{self.uri} ({STATS_FILE})")
-        return check_stats(reader, reader.metadata, base)
+        return check_stats(reader, reader.metadata, base, self.reader)
 
 
 def _read_json(

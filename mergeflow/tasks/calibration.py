@@ -78,7 +78,10 @@ def checkpoint_stats(
             raise CheckpointError(ck.uri, f"its statistics cannot be computed: {e}") from None
         store.write_bytes(key, save(tensors, metadata))
     reader = SafetensorsReader(store.byte_source(key), f"{spec.store}/{key}")
-    return check_stats(reader, reader.metadata, base.reader), time.perf_counter() - t0
+    return (
+        check_stats(reader, reader.metadata, base.reader, checkpoint.reader),
+        time.perf_counter() - t0,
+    )
 
 
 def fold_objective(
