@@ -310,6 +310,23 @@ def test_rebuild_refolds_the_same_checkpoints_with_another_method(
     assert r.returncode == 0 and "0 fold(s)" in r.stdout  # resumable: nothing left to do
 
 
+@pytest.mark.parametrize(
+    ("method", "params"), [("regmean", []), ("adamerging", ["--param", "steps=5"])]
+)
+def test_rebuild_turns_a_lineage_into_a_data_informed_one(
+    lineages: Lineages, cli: Callable[..., Result], method: str, params: list[str]
+) -> None:
+    """Statistics (regmean) and the objective (adamerging) come from the tasks' calibration split."""
+    new = f"rebuild-{method}-{uuid.uuid4().hex[:6]}"
+    r = cli("lineage", "rebuild", lineages.ref.name, "--as", new, "--method", method, *params)
+    assert r.returncode == 0, r.stderr
+    vs = _versions(lineages.ref.model_copy(update={"registered_model": new}))
+    assert [(v.checkpoint_id, v.status, v.method) for v in vs] == [
+        (c, "accepted", method) for c in ("t1", "t3", "t4")
+    ]
+    assert all(0.0 <= v.metrics["test/avg"] <= 1.0 for v in vs)
+
+
 # ----------------------------------------------------------------------------- unit
 def _v(version: str, ck: str, status: str = "accepted", **kw: Any) -> Any:
     from mergeflow.storage.registry import VersionRecord
