@@ -247,6 +247,9 @@ def test_every_method_listed_with_defaults():
             "weight_average",
             "magmax",
             "ties",
+            "adamerging",
+            "regmean",
+            "fisher",
             "batch_task_arithmetic",
             "batch_ties",
             "batch_dare",
@@ -258,6 +261,19 @@ def test_every_method_listed_with_defaults():
         "decomposition": "auto",
     }
     assert {p["name"]: p["default"] for p in rows["magmax"]["params"]} == {"scale": 0.5}
+    assert {p["name"]: p["default"] for p in rows["regmean"]["params"]} == {"alpha": 0.9}
+    assert {p["name"]: p["default"] for p in rows["fisher"]["params"]} == {
+        "min_fisher": 1e-6,
+        "normalize": True,
+    }
+    assert {p["name"]: p["default"] for p in rows["adamerging"]["params"]} == {
+        "steps": 80,
+        "lr": 0.01,
+        "granularity": "tensor",
+        "loss": "auto",
+        "batch_size": 32,
+        "seed": 0,
+    }
 
 
 def test_unknown_method_and_bad_params_are_refused():
@@ -303,7 +319,7 @@ def test_kind_is_an_attribute_and_wrong_kinds_are_refused():
     with pytest.raises(
         ConfigError,
         match=r"^method 'batch_ties' is a batch method \(a one-shot merge\); folding into a state "
-        r"needs a continual method: opcm, task_arithmetic, weight_average, magmax, ties$",
+        r"needs a continual method: opcm, task_arithmetic, weight_average, magmax, ties, adamerging, regmean, fisher$",
     ):
         get_continual("batch_ties")
     with pytest.raises(ConfigError, match=r"^method 'opcm' is a continual method .* batch_dare"):
