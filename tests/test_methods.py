@@ -254,6 +254,8 @@ def test_every_method_listed_with_defaults():
             "batch_ties",
             "batch_dare",
             "batch_weight_average",
+            "batch_adamerging",
+            "fw_merging",
         }
     )
     assert {p["name"]: p["default"] for p in rows["opcm"]["params"]} == {

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import mergeflow.cli.pool
 import mergeflow.cli.stats
 from mergeflow.architecture import resolve_projection
 from mergeflow.errors import CheckpointError, ConfigError, MergeflowError, StateError
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         required=True,
-        help="merging method (see `mergeflow methods`): opcm, task_arithmetic, weight_average, magmax, ties, batch_*",
+        help="merging method (see `mergeflow methods`): opcm, task_arithmetic, weight_average, magmax, ties, adamerging, regmean, fisher, batch_*, fw_merging",
     )
     p.add_argument(
         "--out",
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     _state_options(p)
     _output_options(p)
     _common_fold_options(p)
+    p.add_argument("--calibration", metavar="SUITE", help=mergeflow.cli.pool.CALIBRATION_HELP)
     p.add_argument(
         "checkpoints",
         nargs="+",
@@ -318,6 +320,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     base = _open_base(args.base)
     cks = _open_checkpoints(args.checkpoints, base, args.allow_pickle)
     with _Output(args.out, args.overwrite) as out:
+        if method.kind == "pool":
+            params = parse_key_values(args.param)
+            _write_model(
+                out.tmp,
+                base,
+                lambda w: mergeflow.cli.pool.merge_pool(args, base, cks, params, w, device),
+                args.max_shard_size,
+            )
+            return 0
         if method.kind == "batch":
             options = FoldOptions(
                 compute_dtype=args.compute_dtype, missing="zero" if args.allow_missing else "error"

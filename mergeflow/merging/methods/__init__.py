@@ -9,12 +9,14 @@ from pydantic import ValidationError
 
 from mergeflow.errors import ConfigError
 from mergeflow.merging.methods.adamerging import AdaMerging
-from mergeflow.merging.methods.base import BatchMethod, ContinualMethod, MethodParams
+from mergeflow.merging.methods.base import BatchMethod, ContinualMethod, MethodParams, PoolMethod
+from mergeflow.merging.methods.batch_adamerging import BatchAdaMerging
 from mergeflow.merging.methods.batch_dare import BatchDare
 from mergeflow.merging.methods.batch_task_arithmetic import BatchTaskArithmetic
 from mergeflow.merging.methods.batch_ties import BatchTies
 from mergeflow.merging.methods.batch_weight_average import BatchWeightAverage
 from mergeflow.merging.methods.fisher import Fisher
+from mergeflow.merging.methods.fw_merging import FWMerging
 from mergeflow.merging.methods.magmax import MagMax
 from mergeflow.merging.methods.opcm import OPCM
 from mergeflow.merging.methods.regmean import RegMean
@@ -23,8 +25,8 @@ from mergeflow.merging.methods.ties import Ties
 from mergeflow.merging.methods.weight_average import WeightAverage
 
 # Each method has its own Params/Scalars types; a registry entry is any one of them.
-Method = ContinualMethod[Any, Any] | BatchMethod[Any]
-Kind = Literal["continual", "batch"]
+Method = ContinualMethod[Any, Any] | BatchMethod[Any] | PoolMethod[Any]
+Kind = Literal["continual", "batch", "pool"]
 
 METHODS: tuple[Method, ...] = (
     OPCM(),
@@ -39,6 +41,8 @@ METHODS: tuple[Method, ...] = (
     BatchTies(),
     BatchDare(),
     BatchWeightAverage(),
+    BatchAdaMerging(),
+    FWMerging(),
 )
 
 
@@ -95,6 +99,16 @@ def get_batch(name: str) -> BatchMethod[Any]:
     return m
 
 
+def get_pool(name: str) -> PoolMethod[Any]:
+    """A pool method by name; another kind raises :class:`ConfigError`."""
+    m = get_method(name)
+    if not isinstance(m, PoolMethod):
+        raise ConfigError(
+            f"method {name!r} is not a pool method; pool methods: {', '.join(method_names('pool'))}"
+        )
+    return m
+
+
 def validate_params(method: Method, raw: Mapping[str, object]) -> MethodParams:
     """Validate raw parameters (strings from the CLI are coerced) into the method's frozen model."""
     try:
@@ -143,6 +157,7 @@ __all__ = [
     "ParamRow",
     "get_batch",
     "get_continual",
+    "get_pool",
     "get_method",
     "method_names",
     "method_table",

@@ -21,7 +21,9 @@ engine:
   result reaches every ``fold_tensor`` as ``TensorStep.prepared`` (plain floats, so a plan
   ships to other workers).
 
-Batch methods merge all checkpoints at once, still tensor by tensor.
+Batch methods merge all checkpoints at once, still tensor by tensor. Pool methods merge a
+pool of checkpoints by whole-model optimisation on calibration data (:class:`PoolMethod`):
+they read each checkpoint tensor by tensor through a :class:`Pool` as often as they need.
 
 Subclass :class:`ContinualMethod` or :class:`BatchMethod` and list the method in
 :mod:`mergeflow.merging.methods` (the one registry).
@@ -30,7 +32,7 @@ Subclass :class:`ContinualMethod` or :class:`BatchMethod` and list the method in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Generic, Literal, Protocol, TypeVar
 
@@ -200,3 +202,34 @@ class BatchMethod(ABC, Generic[P]):
         ``θ₀ + s·(Σ θ_i − n·θ₀)``, instead of forming each ``τ_i``: one pass per input.
         """
         return None
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A pool of checkpoints for a :class:`PoolMethod`, read tensor by tensor on demand.
+
+    ``keys``: the merged tensors' names; ``base(k)``: θ₀ of one tensor; ``tau(i, k)``: the
+    task vector of checkpoint ``i`` for one tensor (read anew on every call, so memory does
+    not grow with ``size``). All in the compute dtype, on the compute device.
+    """
+
+    keys: tuple[str, ...]
+    size: int
+    base: Callable[[str], torch.Tensor]
+    tau: Callable[[int, str], torch.Tensor]
+    names: tuple[str, ...] = ()
+
+
+class PoolMethod(ABC, Generic[P]):
+    """A one-shot merge of a pool by whole-model optimisation on calibration data; ``P`` its Params."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    kind: ClassVar[Literal["pool"]] = "pool"
+    Params: ClassVar[type[MethodParams]]
+
+    @abstractmethod
+    def merge(
+        self, params: P, pool: Pool, objective: Objective, log: Callable[[str], None]
+    ) -> dict[str, torch.Tensor]:
+        """The merged task vector ``θ̄ − θ₀`` of every tensor in ``pool.keys``; ``log`` reports progress."""
