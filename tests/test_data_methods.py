@@ -413,3 +413,33 @@ def test_statistics_of_the_checkpoints_own_head_are_accepted_and_unused() -> Non
     assert st.names("gram") == ["fc.weight"] and st.names("fisher") == []
     with pytest.raises(CheckpointError, match="'head.weight', which the base does not have"):
         check_stats(DictReader(tensors), md, DictReader(base))
+
+
+class Unfit:
+    """An objective whose data does not fit the model (as the evaluation reports it)."""
+
+    tasks = ("toy",)
+
+    def __call__(self, tensors, step):
+        raise ConfigError(
+            "task 'toy': calibration data 'x.npz' does not fit the model: shape mismatch"
+        )
+
+
+def test_calibration_data_that_does_not_fit_refuses_the_checkpoint() -> None:
+    base = base_model()
+    br = DictReader(base, "base")
+    rule = by_name_rules({k: br.meta(k) for k in br.keys()})
+    info = engine.new_state("adamerging", {}, BaseRef(uri="base", digest="b"), rule, F64)
+    with pytest.raises(CheckpointError, match="does not fit the model.*nothing was folded"):
+        engine.fold(
+            info,
+            None,
+            br,
+            DictReader(checkpoint(0, base), "ck"),
+            checkpoint_id="ck",
+            digest="ck",
+            out=(w := DictWriter()),
+            objective=Unfit(),
+        )
+    assert not w.committed

@@ -188,7 +188,7 @@ def plan_fold(
     )
     try:
         prepared = cm.prepare(params, whole) or {}
-    except LearningError as e:
+    except (LearningError, ConfigError) as e:  # diverged, or calibration data that does not fit
         raise CheckpointError(checkpoint.source, f"{e}; nothing was folded") from None
     bad = [k for k, v in prepared.items() if not math.isfinite(v)]
     if bad:
