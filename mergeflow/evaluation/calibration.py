@@ -19,9 +19,8 @@ from torch.func import functional_call
 
 from mergeflow.errors import ConfigError, MergeflowError, ServiceUnavailable
 from mergeflow.evaluation.data import (
-    LABEL_KEYS,
-    MODEL_INPUT_KEYS,
     ReadBytes,
+    calibration_inputs,
     data_format,
     parse_arrays,
     read_local_bytes,
@@ -215,28 +214,8 @@ def _read_task(
         raise
     except (MergeflowError, FileNotFoundError) as e:
         raise ConfigError(f"task {task.name!r} has no calibration data: {e}") from None
-    arrays = parse_arrays(raw, uri)
-    label_key = next((k for k in LABEL_KEYS if k in arrays), None)
-    labels = None if label_key is None else np.asarray(arrays[label_key])
-    if labels is not None and (labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer)):
-        raise ConfigError(
-            f"calibration data {uri!r}: labels must be a 1-D integer array, got {labels.dtype}{list(labels.shape)}"
-        )
-    x = arrays.get("x")
-    kwargs = {k: arrays[k] for k in MODEL_INPUT_KEYS if k in arrays}
-    if x is None and not kwargs:
-        raise ConfigError(
-            f"calibration data {uri!r} has no inputs: expected 'x' or one of {list(MODEL_INPUT_KEYS)} (found {sorted(arrays)})"
-        )
-    named = ([("x", x)] if x is not None else []) + list(kwargs.items())
-    if labels is not None:
-        named.append((label_key or "labels", labels))
-    first, n = named[0][0], len(named[0][1])
-    for name, arr in named[1:]:
-        if len(arr) != n:
-            raise ConfigError(
-                f"calibration data {uri!r}: {name!r} has {len(arr)} rows but {first!r} has {n}"
-            )
+    x, kwargs, labels = calibration_inputs(parse_arrays(raw, uri), uri)
+    n = len(x) if x is not None else len(next(iter(kwargs.values())))
     if n == 0:
         raise ConfigError(f"task {task.name!r}: calibration data {uri!r} has no examples")
     m = n if max_examples is None else min(n, max_examples)

@@ -8,7 +8,7 @@ from a ``read_bytes(uri) -> bytes`` callable: the default reads local paths and
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -18,6 +18,8 @@ from safetensors.numpy import load
 from mergeflow.errors import ConfigError
 
 ReadBytes = Callable[[str], bytes]
+Arrays = tuple[np.ndarray | None, dict[str, np.ndarray], np.ndarray | None]
+"""One data file split into (positional ``x`` or None, keyword inputs, labels or None)."""
 
 LABEL_KEYS = ("labels", "y")
 MODEL_INPUT_KEYS = (
@@ -110,3 +112,31 @@ def split_inputs(
                 f"evaluation data {uri!r}: {name!r} has {len(arr)} rows but labels has {len(labels)}"
             )
     return x, kwargs, labels
+
+
+def calibration_inputs(arrays: Mapping[str, np.ndarray], uri: str) -> Arrays:
+    """Split decoded arrays into (positional ``x`` or None, keyword inputs, labels or None)."""
+    label_key = next((k for k in LABEL_KEYS if k in arrays), None)
+    labels = None if label_key is None else np.asarray(arrays[label_key])
+    if labels is not None and (labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer)):
+        raise ConfigError(
+            f"calibration data {uri!r}: labels must be a 1-D integer array, got {labels.dtype}{list(labels.shape)}"
+        )
+    x = arrays.get("x")
+    kwargs = {k: np.asarray(arrays[k]) for k in MODEL_INPUT_KEYS if k in arrays}
+    if x is None and not kwargs:
+        raise ConfigError(
+            f"calibration data {uri!r} has no inputs: expected 'x' or one of {list(MODEL_INPUT_KEYS)} (found {sorted(arrays)})"
+        )
+    named = ([("x", np.asarray(x))] if x is not None else []) + list(kwargs.items())
+    rows = len(named[0][1]) if named[0][1].ndim else -1
+    for name, arr in named + ([("labels", labels)] if labels is not None else []):
+        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) or arr.ndim == 0:
+            raise ConfigError(
+                f"calibration data {uri!r}: {name!r} is a {arr.dtype}{list(arr.shape)} array; inputs must be numeric arrays with one row per example"
+            )
+        if len(arr) != rows:
+            raise ConfigError(
+                f"calibration data {uri!r}: {name!r} has {len(arr)} rows but {named[0][0]!r} has {rows}"
+            )
+    return (None if x is None else np.asarray(x)), kwargs, labels

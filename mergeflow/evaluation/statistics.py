@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mergeflow.errors import ConfigError, MergeflowError
-from mergeflow.evaluation.data import LABEL_KEYS, MODEL_INPUT_KEYS, data_format, parse_arrays
+from mergeflow.evaluation.data import Arrays, calibration_inputs, data_format, parse_arrays
 from mergeflow.evaluation.models import instantiate, load_weights, logits_of
 from mergeflow.merging.stats import check_stats, stats_key, stats_metadata
 from mergeflow.merging.tensors import DictReader
@@ -35,7 +35,6 @@ FisherLabels = Literal["auto", "empirical", "predicted"]
 FISHER_LABELS: tuple[FisherLabels, ...] = get_args(FisherLabels)
 Batch = tuple[list[Tensor], dict[str, Tensor], Tensor | None]
 """(positional args, keyword inputs, labels or None), as the classification evaluator builds them."""
-Arrays = tuple[np.ndarray | None, dict[str, np.ndarray], np.ndarray | None]
 
 
 class _GramHooks:
@@ -247,34 +246,6 @@ def _finite(t: Tensor, key: str) -> Tensor:
     if not bool(torch.isfinite(t).all()):
         raise ConfigError(f"statistic {key!r} has NaN or Inf values (non-finite activations?)")
     return t.to(device="cpu", dtype=torch.float32).contiguous()
-
-
-def calibration_inputs(arrays: Mapping[str, np.ndarray], uri: str) -> Arrays:
-    """Split decoded arrays into (positional ``x`` or None, keyword inputs, labels or None)."""
-    label_key = next((k for k in LABEL_KEYS if k in arrays), None)
-    labels = None if label_key is None else np.asarray(arrays[label_key])
-    if labels is not None and (labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer)):
-        raise ConfigError(
-            f"calibration data {uri!r}: labels must be a 1-D integer array, got {labels.dtype}{list(labels.shape)}"
-        )
-    x = arrays.get("x")
-    kwargs = {k: np.asarray(arrays[k]) for k in MODEL_INPUT_KEYS if k in arrays}
-    if x is None and not kwargs:
-        raise ConfigError(
-            f"calibration data {uri!r} has no inputs: expected 'x' or one of {list(MODEL_INPUT_KEYS)} (found {sorted(arrays)})"
-        )
-    named = ([("x", np.asarray(x))] if x is not None else []) + list(kwargs.items())
-    rows = len(named[0][1]) if named[0][1].ndim else -1
-    for name, arr in named + ([("labels", labels)] if labels is not None else []):
-        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) or arr.ndim == 0:
-            raise ConfigError(
-                f"calibration data {uri!r}: {name!r} is a {arr.dtype}{list(arr.shape)} array; inputs must be numeric arrays with one row per example"
-            )
-        if len(arr) != rows:
-            raise ConfigError(
-                f"calibration data {uri!r}: {name!r} has {len(arr)} rows but {named[0][0]!r} has {rows}"
-            )
-    return (None if x is None else np.asarray(x)), kwargs, labels
 
 
 def _tensor(a: np.ndarray, device: str) -> Tensor:

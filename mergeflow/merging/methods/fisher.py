@@ -33,6 +33,7 @@ from mergeflow.merging.methods.base import (
     TensorStep,
     WholeModel,
 )
+from mergeflow.merging.methods.weight_average import running_mean
 from mergeflow.merging.stats import StatKind
 
 
@@ -70,9 +71,7 @@ class Fisher(ContinualMethod[FisherParams, NoScalars]):
     def fold_tensor(self, params: FisherParams, s: TensorStep) -> torch.Tensor | Folded:
         """``D_t = (W·D_{t−1} + wτ)/(W + w)``, ``w = c(F + ε)``, with a Fisher; the running mean without."""
         if "fisher" not in s.stats:
-            if s.prev is None:
-                return s.tau.clone()
-            return ((s.step - 1) * s.prev + s.tau) / s.step
+            return running_mean(s)
         w = (s.stats["fisher"].to(s.tau.dtype) + params.min_fisher) * s.prepared.get("c", 1.0)
         if s.prev is None or "weight" not in s.extra:
             return Folded(s.tau.clone(), {"weight": w})

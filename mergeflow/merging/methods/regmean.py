@@ -37,6 +37,7 @@ from mergeflow.merging.methods.base import (
     NoScalars,
     TensorStep,
 )
+from mergeflow.merging.methods.weight_average import running_mean
 from mergeflow.merging.stats import StatKind
 
 MAX_CONDITION = 1e12
@@ -86,9 +87,7 @@ class RegMean(ContinualMethod[RegMeanParams, NoScalars]):
     def fold_tensor(self, params: RegMeanParams, s: TensorStep) -> torch.Tensor | Folded:
         """``A += G̃``, ``B += G̃τᵀ``, ``D = (A⁻¹B)ᵀ`` with a Gram; the running mean without."""
         if "gram" not in s.stats:
-            if s.prev is None:
-                return s.tau.clone()
-            return ((s.step - 1) * s.prev + s.tau) / s.step
+            return running_mean(s)
         g = reduce_gram(s.stats["gram"].to(s.tau.dtype), params.alpha)
         gt = g @ s.tau.T
         a = g if "A" not in s.extra else s.extra["A"] + g

@@ -15,6 +15,13 @@ from mergeflow.merging.methods.base import (
 )
 
 
+def running_mean(s: TensorStep) -> torch.Tensor:
+    """D_t = ((t−1)·D_{t−1} + τ_t)/t, the mean task vector (D_1 = τ_1)."""
+    if s.prev is None:
+        return s.tau.clone()
+    return ((s.step - 1) * s.prev + s.tau) / s.step
+
+
 class WeightAverageParams(MethodParams):
     pass
 
@@ -26,9 +33,7 @@ class WeightAverage(ContinualMethod[WeightAverageParams, NoScalars]):
 
     def fold_tensor(self, params: WeightAverageParams, s: TensorStep) -> torch.Tensor:
         """D_t = ((t−1)·D_{t−1} + τ_t)/t, the mean task vector."""
-        if s.prev is None:
-            return s.tau.clone()
-        return ((s.step - 1) * s.prev + s.tau) / s.step
+        return running_mean(s)
 
     def elementwise(self, params: WeightAverageParams, projected: bool) -> bool:
         return True
