@@ -212,3 +212,28 @@ def test_cli_pool_merge_refuses_bad_calibration_and_writes_nothing(cli, tmp_path
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert r.stderr.count("mergeflow: error:") == 1
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_cli_adamerging_merge_equals_state_fold_one_at_a_time(cli, tmp_path) -> None:
+    """The continual learned method in the CLI: each fold's objective covers the tasks folded so
+    far (heads read back from the state), so two state folds give the merge's bits."""
+    bd, cks, suite = _mlp_files(tmp_path)
+    one = tmp_path / "one"
+    r = cli("merge", "--base", bd, "--method", "adamerging", "--param", "steps=4",
+            "--calibration", suite, "--out", one, *cks)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    state = tmp_path / "state"
+    r = cli("state", "init", "--state", state, "--base", bd, "--method", "adamerging",
+            "--param", "steps=4")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = cli("state", "fold", "--state", state, cks[0])
+    assert r.returncode == 2 and "pass --calibration" in r.stderr  # refused before any work
+    for c in cks:
+        r = cli("state", "fold", "--state", state, "--calibration", suite, c)
+        assert r.returncode == 0, r.stderr
+    two = tmp_path / "two"
+    assert cli("state", "export", "--state", state, "--out", two).returncode == 0
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    base = load_file(str(bd / "model.safetensors"))
+    assert any(not torch.equal(a[k], base[k]) for k in a)

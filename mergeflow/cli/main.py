@@ -12,11 +12,11 @@ import re
 import shutil
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import mergeflow.cli.pool
 import mergeflow.cli.stats
 from mergeflow.architecture import resolve_projection
+from mergeflow.cli.output import Output, write_model
 from mergeflow.errors import CheckpointError, ConfigError, MergeflowError, StateError
 from mergeflow.merging import batch, engine
 from mergeflow.merging.engine import resolve_device
@@ -24,8 +24,7 @@ from mergeflow.merging.methods import get_method, method_table
 from mergeflow.merging.state import BaseRef, FoldOptions
 from mergeflow.merging.stats import STATS_FILE
 from mergeflow.storage import states
-from mergeflow.storage.objects import LocalStore, StoreSink
-from mergeflow.storage.safetensors_file import ShardedWriter
+from mergeflow.storage.objects import LocalStore
 from mergeflow.storage.schemes import open_checkpoint, open_store
 
 SIZE_UNITS = {
@@ -200,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest state shard (default: 5GB)",
     )
     _common_fold_options(p)
+    p.add_argument("--calibration", metavar="SUITE", help=mergeflow.cli.pool.CALIBRATION_HELP)
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
     p.set_defaults(func=cmd_state_fold)
 
@@ -278,39 +278,13 @@ def _validate(info, base, cks) -> None:
             )
 
 
-class _Output:
-    """A temporary sibling folder renamed onto OUT at the end, removed on any failure."""
-
-    def __init__(self, out: str, overwrite: bool) -> None:
-        self.final = Path(out).expanduser().absolute()
-        if self.final.exists() and not overwrite:
-            raise ConfigError(f"output {out} already exists; pass --overwrite to replace it")
-        if self.final.exists() and not self.final.is_dir():
-            raise ConfigError(f"output {out} exists and is not a folder")
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.final.parent / f".{self.final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
-
-    def __enter__(self) -> _Output:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        os.replace(self.tmp, self.final)
-
-
-def _write_model(out_dir: Path, base, write, max_shard_size: int) -> None:
-    """Copy the base's small files, then stream the model through ``write(writer)``."""
-
-    store = LocalStore(out_dir)
-    for name in base.small_files():
-        store.write_bytes(name, base.store.read_bytes(base.prefix + name))
-    write(ShardedWriter(StoreSink(store), max_shard_size))
+def _objective(args, info, base, folded, suite, device):
+    """A merge's objective for its next fold (None for a method that does not learn)."""
+    if suite is None:
+        return None
+    keys = set(base.reader.keys())
+    heads = {c.uri: mergeflow.cli.pool.head_of(c.reader, keys) for c in folded}
+    return mergeflow.cli.pool.fold_objective(suite, base, heads, dict(info.params), device)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -319,10 +293,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     device = _device(args)
     base = _open_base(args.base)
     cks = _open_checkpoints(args.checkpoints, base, args.allow_pickle)
-    with _Output(args.out, args.overwrite) as out:
+    with Output(args.out, args.overwrite) as out:
         if method.kind == "pool":
             params = parse_key_values(args.param)
-            _write_model(
+            write_model(
                 out.tmp,
                 base,
                 lambda w: mergeflow.cli.pool.merge_pool(args, base, cks, params, w, device),
@@ -333,7 +307,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             options = FoldOptions(
                 compute_dtype=args.compute_dtype, missing="zero" if args.allow_missing else "error"
             )
-            _write_model(
+            write_model(
                 out.tmp,
                 base,
                 lambda w: batch.batch_merge(
@@ -352,13 +326,24 @@ def cmd_merge(args: argparse.Namespace) -> int:
             return 0
         info = _new_info(args, base)
         _validate(info, base, cks)
+        suite = (
+            mergeflow.cli.pool.require_calibration(args, info.method)
+            if engine.needs_objective(info)
+            else None
+        )
         work = out.tmp.parent / f".{out.final.name}.state-{os.getpid()}"
         try:
             store = LocalStore(work)
             states.init_state(store, info)
-            for c in cks:
+            for i, c in enumerate(cks):
                 states.fold_into(
-                    store, store, base.reader, c, device=device, progress=_progress(args)
+                    store,
+                    store,
+                    base.reader,
+                    c,
+                    device=device,
+                    progress=_progress(args),
+                    objective=_objective(args, info, base, cks[: i + 1], suite, device),
                 )
 
             def write(w):
@@ -366,7 +351,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                     store, base.reader, w, dtype=args.dtype, device=device, progress=_progress(args)
                 )
 
-            _write_model(out.tmp, base, write, args.max_shard_size)
+            write_model(out.tmp, base, write, args.max_shard_size)
             manifest = states.read_manifest(store)
             (out.tmp / "mergeflow.json").write_text(
                 json.dumps(states.summary(manifest) | {"tensors": None, "heads": {}}, indent=2)
@@ -422,7 +407,17 @@ def cmd_state_fold(args: argparse.Namespace) -> int:
         )
     cks = _open_checkpoints(args.checkpoints, base, args.allow_pickle)
     _validate(manifest.info, base, cks)
+    learns = engine.needs_objective(manifest.info)
+    suite = mergeflow.cli.pool.require_calibration(args, manifest.info.method) if learns else None
     for c in cks:
+        objective = None
+        if suite is not None:
+            m0 = states.read_manifest(store)
+            heads = mergeflow.cli.pool.state_heads(store, m0)
+            heads[c.uri] = mergeflow.cli.pool.head_of(c.reader, set(base.reader.keys()))
+            objective = mergeflow.cli.pool.fold_objective(
+                suite, base, heads, dict(m0.info.params), device
+            )
         m = states.fold_into(
             store,
             store,
@@ -431,6 +426,7 @@ def cmd_state_fold(args: argparse.Namespace) -> int:
             device=device,
             max_shard_size=args.max_shard_size,
             progress=_progress(args),
+            objective=objective,
         )
         print(f"folded {c.uri} as step {m.info.step}", file=sys.stderr)
     return 0
@@ -442,8 +438,8 @@ def cmd_state_export(args: argparse.Namespace) -> int:
     manifest = states.read_manifest(store)
     device = _device(args)
     base = _open_base(args.base or manifest.info.base.uri)
-    with _Output(args.out, args.overwrite) as out:
-        _write_model(
+    with Output(args.out, args.overwrite) as out:
+        write_model(
             out.tmp,
             base,
             lambda w: states.export_state(

@@ -28,6 +28,7 @@ from mergeflow.merging.plan import (
     FoldPlan,
     _continual,
     _scalars,
+    needs_objective,
     needs_statistics,
     plan_fold,
     slot_key,
@@ -330,6 +331,7 @@ def fold(
 
 __all__ = [
     "FoldPlan",
+    "needs_objective",
     "needs_statistics",
     "plan_fold",
     "slot_key",

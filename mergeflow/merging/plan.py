@@ -74,6 +74,11 @@ def needs_statistics(info: StateInfo) -> bool:
     return bool(_continual(info)[0].statistics)
 
 
+def needs_objective(info: StateInfo) -> bool:
+    """Whether the state's method learns from calibration data at every fold."""
+    return _continual(info)[0].needs_objective
+
+
 def slot_key(key: str, slot: str) -> str:
     """The state-file name of an extra state tensor: ``<tensor name>:<slot>``."""
     return f"{key}:{slot}"
