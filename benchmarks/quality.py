@@ -23,7 +23,7 @@ its own checkpoint's score alone.
 
 Every fold goes through the engine (``mergeflow.merging.engine.fold``/``export`` with
 in-memory readers and writers) and every score through ``mergeflow.evaluation``.
-Hyperparameters are the paper's defaults; nothing is tuned. All reported numbers are on the
+Hyperparameters are the papers' (and the methods') defaults; nothing is tuned. All reported numbers are on the
 **test** split (no selection happens here, so the validation split is unused).
 
     python benchmarks/quality.py                 # vision and text, 5 orders
@@ -33,9 +33,10 @@ Hyperparameters are the paper's defaults; nothing is tuned. All reported numbers
 
 Writes ``benchmarks/results/quality_{suite}.json`` / ``.png`` and prints a markdown table.
 With ``--methods`` only those methods run; their results replace theirs in an existing
-``quality_{suite}.json`` of the same suite (same tasks, fold orders and individual
-scores), and the other methods' results there are kept, so a table can be completed
-method by method.
+``quality_{suite}.json`` of the same suite (same tasks and individual and pretrained
+scores, and fold orders of which one run's are the first of the other's, e.g. ``--orders
+2`` after 5), and the other methods' results there are kept, so a table can be completed
+method by method. A row run on fewer orders than the table's is marked.
 """
 
 from __future__ import annotations
@@ -303,20 +304,31 @@ def mean_std(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
 
 
-def previous_methods(path: Path, summary: dict, ran: set[str]) -> dict[str, dict]:
-    """The results in ``path`` of methods not run now, when they are of the same suite.
+def previous_methods(
+    path: Path, summary: dict, ran: set[str]
+) -> tuple[dict[str, dict], list[list[str]]]:
+    """The results in ``path`` of methods not run now, when they are of the same suite, and
+    the longer of the two runs' fold orders.
 
-    The same suite: same tasks, fold orders and split, and the same individual and
-    pretrained scores (a rebuilt suite that trained differently gives other scores). Else
-    nothing is kept, and it says why.
+    The same suite: same tasks and split, fold orders of which one run's are the first of
+    the other's (the same seed with fewer ``--orders``; each method then keeps its own
+    number of orders, ``len(acc)``), and the same individual and pretrained scores (a
+    rebuilt suite that trained differently gives other scores). Else nothing is kept, and
+    it says why.
     """
+    orders = summary["orders"]
     if not path.exists():
-        return {}
+        return {}, orders
     old = json.loads(path.read_text())
-    for key in ("tasks", "orders", "split"):
+    for key in ("tasks", "split"):
         if old.get(key) != summary[key]:
             print(f"  {path.name}: other {key}; its results are not kept", flush=True)
-            return {}
+            return {}, orders
+    old_orders = old.get("orders", [])
+    n = min(len(old_orders), len(orders))
+    if old_orders[:n] != orders[:n]:
+        print(f"  {path.name}: other fold orders; its results are not kept", flush=True)
+        return {}, orders
     for key in ("individual", "pretrained"):
         a, b = old.get(key, {}).get("scores", {}), summary[key]["scores"]
         if set(a) != set(b) or any(abs(a[t] - b[t]) > 1e-9 for t in b):
@@ -325,8 +337,9 @@ def previous_methods(path: Path, summary: dict, ran: set[str]) -> dict[str, dict
                 "its results are not kept",
                 flush=True,
             )
-            return {}
-    return {m: r for m, r in old.get("methods", {}).items() if m not in ran}
+            return {}, orders
+    kept = {m: r for m, r in old.get("methods", {}).items() if m not in ran}
+    return kept, max(old_orders, orders, key=len) if kept else orders
 
 
 def run_suite(
@@ -419,7 +432,9 @@ def run_suite(
         "methods": {},
     }
     path = out_dir / f"quality_{name}.json"
-    kept = previous_methods(path, summary, set(results)) if methods is not None else {}
+    kept: dict[str, dict] = {}
+    if methods is not None:
+        kept, summary["orders"] = previous_methods(path, summary, set(results))
     merged = kept | results
     order_of = {m: i for i, (_, m, _) in enumerate(METHODS)}
     summary["methods"] = dict(sorted(merged.items(), key=lambda kv: order_of.get(kv[0], 99)))
@@ -501,8 +516,11 @@ def table(summary: dict) -> str:
         f"| individually fine-tuned | {100 * summary['individual']['acc']:.1f} | 100.0 | – | – | – |",
     ]
     for m, r in summary["methods"].items():
+        label = r["label"]
+        if len(r["acc"]) != len(summary["orders"]):
+            label += f" [first {len(r['acc'])} orders only]"
         lines.append(
-            f"| {r['label']} | {mean_std(r['acc'])} | {mean_std(r.get('norm_acc', []))} | "
+            f"| {label} | {mean_std(r['acc'])} | {mean_std(r.get('norm_acc', []))} | "
             f"{mean_std(r['bwt'])} | {seconds_per_fold(r, n)} | {PAPER.get(m, '–')} |"
         )
     ranked = sorted(summary["methods"].values(), key=lambda r: -statistics.mean(r["acc"]))
