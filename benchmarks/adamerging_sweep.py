@@ -37,6 +37,11 @@ GRID: list[dict] = [
     {"steps": 200},
     {"granularity": "module"},
     {"batch_size": 64},
+    {"lr": 0.1, "steps": 120},
+    {"lr": 0.05, "steps": 200},
+    {"lr": 0.05, "steps": 120, "batch_size": 64},
+    {"update": "projected"},
+    {"update": "projected", "alpha": 0.8},
 ]
 
 
@@ -80,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", choices=["vision", "text"], default="vision")
     ap.add_argument("--orders", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", type=str, default="", help="comma-separated GRID indices to run")
     args = ap.parse_args(argv)
     assert "adamerging" in LEARNING
     if args.suite == "vision":
@@ -96,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     orders = [[ids[i] for i in rng.permutation(len(ids))] for _ in range(args.orders)]
     print(f"| setting | validation nACC (%), {args.orders} orders | s |\n|---|---|---|")
-    for params in GRID:
+    chosen = [GRID[int(i)] for i in args.only.split(",")] if args.only else GRID
+    for params in chosen:
         t0 = time.perf_counter()
         vals = [final_validation(ld, evaluator, params, o) for o in orders]
         label = ", ".join(f"{k}={v}" for k, v in params.items()) or "defaults"

@@ -443,3 +443,31 @@ def test_calibration_data_that_does_not_fit_refuses_the_checkpoint() -> None:
             objective=Unfit(),
         )
     assert not w.committed
+
+
+def test_adamerging_projected_learns_coefficients_of_the_opcm_update() -> None:
+    """With update=projected, the second fold is θ₀ + a·M₁ + b·X̃₂ for the projected matrices,
+    X̃₂ the OPCM projection of τ₂ against M₁ (float64 full-SVD reference from test_opcm_math)."""
+    from test_opcm_math import ref_project_full
+
+    base = base_model()
+    cks = [checkpoint(i, base) for i in range(2)]
+    taus = [{k: c[k] - base[k] for k in base} for c in cks]
+    params = {"steps": 400, "lr": 0.05, "update": "projected", "alpha": 0.5}
+    # step 1: b₁ lands on a known optimum, so M₁ = b₁·τ₁ is known to the test
+    first = {k: base[k] + 0.9 * taus[0][k] for k in base}
+    _, s1 = fold_all("adamerging", params, base, [("c0", cks[0], None)], Quadratic(first))
+    m1 = {k: s1.get(k) for k in base}
+    assert all(torch.allclose(m1[k], 0.9 * taus[0][k], atol=2e-3) for k in base)
+    projected = {"fc.weight", "out.weight"}
+    x2 = {
+        k: ref_project_full(taus[1][k], m1[k], 0.5) if k in projected else taus[1][k] for k in base
+    }
+    target = {k: base[k] + 0.6 * m1[k] + 1.4 * x2[k] for k in base}
+    _, s2 = fold_all(
+        "adamerging", params, base, [("c0", cks[0], None), ("c1", cks[1], None)], Quadratic(target)
+    )
+    # the rerun's first fold learns another multiple of τ₁; X̃₂ depends only on M₁'s singular
+    # vectors, so the target stays reachable with a = 0.6·0.9/b₁
+    for k in base:
+        assert torch.allclose(base[k] + s2.get(k), target[k], atol=5e-3), k

@@ -190,6 +190,7 @@ def plan_fold(
         merged=merged if info.step > 0 and state is not None else None,
         stats=stats,
         objective=objective,
+        projected=frozenset(info.projection.projected),
     )
     try:
         prepared = cm.prepare(params, whole) or {}

@@ -7,7 +7,9 @@ fold learns, per tensor (``granularity: tensor``) or per module (``module``), th
 
     M_t = a·M_{t−1} + b·τ_t,        θ̄_t = θ₀ + M_t
 
-where ``M_{t−1}`` is the previous merged task vector. The pairs start at the running mean's
+where ``M_{t−1}`` is the previous merged task vector (with ``update: projected``, ``τ_t`` of
+each projected matrix is first replaced by its OPCM projection X̃_t against ``M_{t−1}``, so
+the coefficients scale an update that leaves the merge's top singular directions alone). The pairs start at the running mean's
 ``((t−1)/t, 1/t)`` and take ``steps`` Adam steps (learning rate ``lr``) on the
 calibration objective of every task folded so far, the new one included: cross-entropy
 where the calibration data has labels, AdaMerging's entropy of the predictions where it
@@ -31,6 +33,7 @@ import torch
 from pydantic import Field
 
 from mergeflow.errors import LearningError
+from mergeflow.merging.linalg import project
 from mergeflow.merging.methods.base import (
     ContinualMethod,
     FoldStats,
@@ -54,6 +57,13 @@ class AdaMergingParams(MethodParams):
     )
     batch_size: int = Field(32, ge=1, description="calibration examples per task and step")
     seed: int = Field(0, description="seed of the minibatch order")
+    update: Literal["task_vector", "projected"] = Field(
+        "task_vector",
+        description="what b scales: τ_t, or for projected tensors its OPCM projection X̃_t against M_{t−1}",
+    )
+    alpha: float = Field(
+        0.5, ge=0.0, lt=1.0, description="with update=projected: OPCM's protected share of M_{t−1}"
+    )
 
 
 def group_of(key: str, granularity: str) -> str:
@@ -71,6 +81,9 @@ def learn_coefficients(
     base = dict(whole.base())
     taus = dict(whole.taus())
     merged = dict(whole.merged()) if whole.merged is not None else {}
+    if params.update == "projected":
+        for k in whole.projected & merged.keys():
+            taus[k] = _update(params, taus[k], merged[k])
     groups = sorted({group_of(k, params.granularity) for k in base})
     index = {g: i for i, g in enumerate(groups)}
     gi = {k: index[group_of(k, params.granularity)] for k in base}
@@ -105,6 +118,11 @@ def learn_coefficients(
     return out, losses
 
 
+def _update(params: AdaMergingParams, tau: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """X̃ = τ projected off M_{t−1}'s protected subspace (OPCM's projection, :mod:`..linalg`)."""
+    return project(tau, prev, params.alpha, "auto").to(tau.dtype)
+
+
 class AdaMerging(ContinualMethod[AdaMergingParams, NoScalars]):
     name: ClassVar[str] = "adamerging"
     summary: ClassVar[str] = (
@@ -127,10 +145,15 @@ class AdaMerging(ContinualMethod[AdaMergingParams, NoScalars]):
         b = s.prepared[f"b:{g}"]
         if s.prev is None:
             return s.tau * b
-        return s.prev * s.prepared[f"a:{g}"] + s.tau * b
+        x = _update(params, s.tau, s.prev) if self._projects(params, s.projected) else s.tau
+        return s.prev * s.prepared[f"a:{g}"] + x * b
+
+    @staticmethod
+    def _projects(params: AdaMergingParams, projected: bool) -> bool:
+        return params.update == "projected" and projected
 
     def elementwise(self, params: AdaMergingParams, projected: bool) -> bool:
-        return True
+        return not self._projects(params, projected)
 
     def finish(
         self, params: AdaMergingParams, scalars: NoScalars, stats: FoldStats

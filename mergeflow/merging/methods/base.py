@@ -118,6 +118,8 @@ class WholeModel:
     merged: TauPass | None = None
     stats: CheckpointStats | None = None
     objective: Objective | None = None
+    projected: frozenset[str] = frozenset()
+    """The tensors the state's projection rule selects (the ``nn.Linear`` weights)."""
 
 
 @dataclass(frozen=True)
