@@ -11,7 +11,8 @@ reuses) the digits suite of ``benchmarks/quality.py`` and merges pools of
   of the same norm, cycling over the relevant checkpoints.
 
 Methods, each on the same pools, scored on the relevant tasks' **test** split with their
-own heads: ``fw_merging`` (FW-Hard, the authors' defaults), ``batch_adamerging`` (learned
+own heads: ``fw_merging`` (FW-Hard with FusionBench's defaults; with the authors'
+discriminative config's step size 1; and with that step size starting at the base), ``batch_adamerging`` (learned
 coefficients, one per checkpoint and tensor), batch task arithmetic (s = 0.3), batch TIES
 (defaults) and continual ``opcm`` (pool folded relevant-first, in pool order). The learning
 methods read only the relevant tasks' **calibration** split (64 training images each).
@@ -110,12 +111,14 @@ def main(argv: list[str] | None = None) -> int:
             s = evaluator.evaluate(DictReader(merged, "merged"), heads, es.tasks, "test")
             return statistics.mean(s.values())
 
-        for label, run in (
-            ("fw_merging", "fw"),
-            ("learned coefficients (batch_adamerging)", "ada"),
-            ("task arithmetic (s=0.3)", "ta"),
-            ("TIES (defaults)", "ties"),
-            ("OPCM (α=0.5, continual)", "opcm"),
+        for label, run, fw_params in (
+            ("fw_merging (FusionBench defaults)", "fw", {}),
+            ("fw_merging, step_size 1", "fw", {"step_size": 1.0}),
+            ("fw_merging, init base, step_size 1", "fw", {"step_size": 1.0, "init": "base"}),
+            ("learned coefficients (batch_adamerging)", "ada", {}),
+            ("task arithmetic (s=0.3)", "ta", {}),
+            ("TIES (defaults)", "ties", {}),
+            ("OPCM (α=0.5, continual)", "opcm", {}),
         ):
             t0 = time.perf_counter()
             out = DictWriter()
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                     seed=args.seed,
                     loss="cross_entropy" if run == "fw" else "auto",
                 )
-                pool_merge(method, {}, br, readers, out, objective, log=None)
+                pool_merge(method, fw_params, br, readers, out, objective, log=None)
                 merged = out.tensors
             elif run in ("ta", "ties"):
                 batch_merge(

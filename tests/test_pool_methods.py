@@ -46,9 +46,9 @@ class Quadratic:
         return sum(((tensors[k] - self.target[k]) ** 2).sum() for k in tensors)
 
 
-def fw_reference(base, cks, target, iters=10, step_size=0.1, lam=0.3):
+def fw_reference(base, cks, target, iters=10, step_size=0.1, lam=0.3, from_base=False):
     """FW-Hard as the authors' code runs it, on whole in-memory models in float64."""
-    init = {k: base[k] + lam * sum(c[k] - base[k] for c in cks) for k in base}
+    init = {k: base[k] + (0 if from_base else lam) * sum(c[k] - base[k] for c in cks) for k in base}
     theta = {k: v.clone() for k, v in init.items()}
     cands = [*cks, init]
     for t in range(iters):
@@ -63,14 +63,17 @@ def fw_reference(base, cks, target, iters=10, step_size=0.1, lam=0.3):
     return theta
 
 
-def test_fw_merging_equals_the_authors_algorithm_on_a_known_loss() -> None:
+@pytest.mark.parametrize(
+    "params", [{}, {"step_size": 1.0}, {"step_size": 1.0, "init": "base", "max_iters": 7}]
+)
+def test_fw_merging_equals_the_authors_algorithm_on_a_known_loss(params: dict) -> None:
     base = model(0)
     cks = [model(i, base) for i in range(1, 5)]
     target = {k: base[k] + 0.8 * (cks[1][k] - base[k]) for k in base}
     out = DictWriter()
     pool_merge(
         "fw_merging",
-        {},
+        params,
         DictReader(base, "base"),
         [DictReader(c, f"c{i}") for i, c in enumerate(cks)],
         out,
@@ -78,7 +81,14 @@ def test_fw_merging_equals_the_authors_algorithm_on_a_known_loss() -> None:
         options=F64,
         log=None,
     )
-    want = fw_reference(base, cks, target)
+    want = fw_reference(
+        base,
+        cks,
+        target,
+        iters=params.get("max_iters", 10),
+        step_size=params.get("step_size", 0.1),
+        from_base=params.get("init") == "base",
+    )
     for k in base:
         assert torch.allclose(out.tensors[k], want[k], atol=1e-12), k
     # the loss went down from task arithmetic's

@@ -12,7 +12,8 @@ the pool, ``θ̄⁰ = θ₀ + λ·Σ_i τ_i`` (λ = ``scaling_factor``), each it
 3. the step ``γ_t = 2/(t+2)·step_size`` and the local merge
    ``θ̄ᵗ⁺¹ = θ̄ᵗ + γ_t·λ·(θ_m − θ̄ᵗ)``.
 
-Memory does not grow with the pool: the initialisation and the oracle stream each
+``init: base`` starts at θ₀ instead (FusionBench's ``init_weight: base``); the oracle's
+extra candidate is then the base. Memory does not grow with the pool: the initialisation and the oracle stream each
 checkpoint tensor by tensor (:class:`~mergeflow.merging.methods.base.Pool`), so the step
 holds θ₀, θ̄, θ̄⁰ and the gradient (four copies of the model) whatever the pool's size; the
 chosen checkpoint is read again for the update. Defaults are the authors' (FusionBench's
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -39,6 +40,10 @@ class FWMergingParams(MethodParams):
         0.3, gt=0.0, description="λ: task arithmetic's scale at the start and in every local merge"
     )
     examples: int = Field(100, ge=1, description="calibration examples per task for each gradient")
+    init: Literal["task_arithmetic", "base"] = Field(
+        "task_arithmetic",
+        description="start at task arithmetic of the pool (FusionBench's default) or at the base (init_weight: base)",
+    )
 
 
 def _cos_sum(g: dict[str, torch.Tensor], weights: Callable[[str], torch.Tensor]) -> float:
@@ -65,7 +70,7 @@ class FWMerging(PoolMethod[FWMergingParams]):
     name: ClassVar[str] = "fw_merging"
     summary: ClassVar[str] = (
         "FW-Merging (FW-Hard): Frank-Wolfe over a pool of checkpoints with a linear oracle on "
-        "the calibration gradient; robust to irrelevant checkpoints in the pool"
+        "the calibration gradient (the paper claims robustness to irrelevant checkpoints: see benchmarks/fw_pool.py)"
     )
     Params = FWMergingParams
 
@@ -76,9 +81,10 @@ class FWMerging(PoolMethod[FWMergingParams]):
         lam = params.scaling_factor
         base = {k: pool.base(k) for k in pool.keys}
         init: dict[str, torch.Tensor] = {k: torch.zeros_like(b) for k, b in base.items()}
-        for i in range(pool.size):
-            for k in pool.keys:
-                init[k].add_(pool.tau(i, k), alpha=lam)
+        if params.init == "task_arithmetic":
+            for i in range(pool.size):
+                for k in pool.keys:
+                    init[k].add_(pool.tau(i, k), alpha=lam)
         delta = {k: v.clone() for k, v in init.items()}  # θ̄ − θ₀
         names = pool.names or tuple(str(i) for i in range(pool.size))
         for t in range(params.max_iters):
