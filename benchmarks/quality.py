@@ -67,6 +67,7 @@ from mergeflow.examples.suite import SuiteFiles
 from mergeflow.merging.engine import fold, new_state
 from mergeflow.merging.export import export
 from mergeflow.merging.methods.base import Objective
+from mergeflow.merging.pool import pool_merge
 from mergeflow.merging.state import BaseRef
 from mergeflow.merging.stats import CheckpointStats, check_stats
 from mergeflow.merging.tensors import DictReader, DictWriter
@@ -81,7 +82,17 @@ METHODS: list[tuple[str, str, dict]] = [
     ("learned coefficients (adamerging, 80 steps)", "adamerging", {}),
     ("continual RegMean (α=0.9)", "regmean", {}),
     ("continual Fisher (normalized)", "fisher", {}),
+    ("learned coefficients, projected update (adamerging)", "adamerging", {"update": "projected"}),
+    ("layer-wise AdaMerging, batch over all checkpoints", "batch_adamerging", {}),
 ]
+POOL = {"batch_adamerging"}  # one merge of every checkpoint at once: no fold order, no BWT
+
+
+def key_of(method: str, params: dict) -> str:
+    """The results key of a METHODS row: the method, or method_<update> for a variant."""
+    return f"{method}_{params['update']}" if "update" in params else method
+
+
 # the paper's CLIP ViT-B/32 8-task ACC; AdaMerging's is the published batch layer-wise
 # AdaMerging, and RegMean and Fisher merging are not in the OPCM paper's table
 PAPER = {
@@ -91,6 +102,7 @@ PAPER = {
     "weight_average": "66.3",
     "ties": "49.0 ± 10.2",
     "adamerging": "80.4 (layer-wise AdaMerging, batch)",
+    "batch_adamerging": "80.4 (layer-wise AdaMerging, batch)",
     "regmean": "–",
     "fisher": "–",
 }
@@ -342,6 +354,33 @@ def previous_methods(
     return kept, max(old_orders, orders, key=len) if kept else orders
 
 
+def pool_row(ld: Loaded, evaluator: Any, label: str, method: str, params: dict, own: dict) -> dict:
+    """One pool merge of every checkpoint (calibration data of every task), scored on test."""
+    es = ld.suite.evaluation_suite()
+    ids = list(ld.suite.checkpoint_ids)
+    objective = build_objective(
+        es, ld.config, {c: ld.heads[c] for c in ids}, ids,
+        batch_size=int(params.get("batch_size", 32)), seed=int(params.get("seed", 0)),
+    )  # fmt: skip
+    out = DictWriter()
+    t0 = time.perf_counter()
+    pool_merge(method, params, DictReader(ld.base, "base"),
+               [DictReader(ld.checkpoints[c], c) for c in ids], out, objective, log=None)  # fmt: skip
+    secs = time.perf_counter() - t0
+    scores = evaluator.evaluate(out.reader(), ld.heads, es.tasks, "test")
+    norm = normalized(scores, own)
+    return {
+        "label": label,
+        "params": params,
+        "acc": [statistics.mean(scores.values())],
+        "norm_acc": [statistics.mean(norm.values())],
+        "bwt": [],
+        "acc_curves": [],
+        "fold_seconds": [secs],  # one merge of every checkpoint: per checkpoint in the table
+        "load": os.getloadavg()[0],
+    }
+
+
 def run_suite(
     name: str,
     suite: SuiteFiles,
@@ -365,7 +404,11 @@ def run_suite(
         ]
     rng = np.random.default_rng(seed)
     orders = [[ids[i] for i in rng.permutation(len(ids))] for _ in range(n_orders)]
-    selected = [row for row in METHODS if methods is None or row[1] in methods]
+    selected = [
+        row
+        for row in METHODS
+        if methods is None or row[1] in methods or key_of(row[1], row[2]) in methods
+    ]
     stats: dict[str, CheckpointStats] | None = None
     stats_secs: dict[str, float] = {}
     if any(m in WITH_STATS for _, m, _ in selected):
@@ -378,6 +421,11 @@ def run_suite(
         )
     results: dict[str, dict] = {}
     for label, method, params in selected:
+        key = key_of(method, params)
+        if method in POOL:
+            results[key] = pool_row(ld, evaluator, label, method, params, own)
+            print(f"  [{name}] {label:36s} ACC {mean_std(results[key]['acc']):>12s}", flush=True)
+            continue
         accs, norms, bwts, curves, secs, learns, objs, losses = [], [], [], [], [], [], [], []
         first_matrix = None
         for order in orders:
@@ -392,7 +440,7 @@ def run_suite(
             objs.append(times.objective)
             losses.append(times.losses)
             first_matrix = first_matrix or m
-        results[method] = {
+        results[key] = {
             "label": label,
             "params": params,
             "acc": accs,
@@ -403,16 +451,16 @@ def run_suite(
             "load": os.getloadavg()[0],
         }
         if method in LEARNING:
-            results[method] |= {
+            results[key] |= {
                 "learn_seconds": learns,
                 "objective_seconds": objs,
                 "losses": losses,
             }
         if method in WITH_STATS:
-            results[method]["stats_seconds"] = stats_secs
+            results[key]["stats_seconds"] = stats_secs
         print(
             f"  [{name}] {label:36s} ACC {mean_std(accs):>12s}   nACC {mean_std(norms):>12s}   "
-            f"BWT {mean_std(bwts):>12s}   s/fold {seconds_per_fold(results[method], len(ids))}",
+            f"BWT {mean_std(bwts):>12s}   s/fold {seconds_per_fold(results[key], len(ids))}",
             flush=True,
         )
         if method == "opcm" and first_matrix is not None:
@@ -471,6 +519,8 @@ def plot(summary: dict, path: Path) -> None:
     a1.set_ylabel("final ACC (%) on test, mean ± std over orders")
     a1.legend(fontsize=7)
     for m in names:
+        if not methods[m]["acc_curves"]:
+            continue  # a pool merge has no curve over steps
         curves = np.array(methods[m]["acc_curves"]) * 100
         steps = np.arange(1, curves.shape[1] + 1)
         a2.plot(steps, curves.mean(0), marker="o", ms=3, label=m)
@@ -516,8 +566,8 @@ def table(summary: dict) -> str:
         f"| individually fine-tuned | {100 * summary['individual']['acc']:.1f} | 100.0 | – | – | – |",
     ]
     for m, r in summary["methods"].items():
-        label = r["label"]
-        if len(r["acc"]) != len(summary["orders"]):
+        label = r["label"] + (" (one merge, no order)" if not r["acc_curves"] else "")
+        if r["acc_curves"] and len(r["acc"]) != len(summary["orders"]):
             label += f" [first {len(r['acc'])} orders only]"
         lines.append(
             f"| {label} | {mean_std(r['acc'])} | {mean_std(r.get('norm_acc', []))} | "
@@ -544,18 +594,18 @@ def main(argv: list[str] | None = None) -> int:
         "--methods",
         default=None,
         help="comma-separated method names to run (default all: "
-        + ",".join(m for _, m, _ in METHODS)
+        + ",".join(key_of(m, p) for _, m, p in METHODS)
         + "); their results merge into the suite's existing JSON",
     )
     args = ap.parse_args(argv)
     methods = None
     if args.methods is not None:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        unknown = sorted(set(methods) - {m for _, m, _ in METHODS})
+        unknown = sorted(set(methods) - {k for _, m, p in METHODS for k in (m, key_of(m, p))})
         if unknown or not methods:
             ap.error(
                 f"--methods: unknown {unknown or 'empty list'}; "
-                f"choose from {','.join(m for _, m, _ in METHODS)}"
+                f"choose from {','.join(key_of(m, p) for _, m, p in METHODS)}"
             )
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
