@@ -275,6 +275,8 @@ def test_every_method_listed_with_defaults():
         "loss": "auto",
         "batch_size": 32,
         "seed": 0,
+        "update": "task_vector",
+        "alpha": 0.5,
     }
 
 
