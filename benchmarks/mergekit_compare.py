@@ -354,8 +354,20 @@ def main() -> None:
         "--quiet",
     ]  # fmt: skip
     small = ["--out-shard-size", MK_SHARD]
-    mf = [str(REPO / ".venv" / "bin" / "python"), "-m", "mergeflow", "merge", "--base",
-          str(base_dir), "--device", "cpu", "--no-progress", "--overwrite"]  # fmt: skip
+    mf = [
+        str(REPO / ".venv" / "bin" / "python"),
+        "-m",
+        "mergeflow",
+        "merge",
+        "--base",
+        str(base_dir),
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--overwrite",
+        "--max-task-vector-ratio",
+        "none",
+    ]  # fmt: skip  (no other-base screen: mergekit has none)
     cks_s = [str(c) for c in cks]
     ta = f"scale={TA_WEIGHT}"
     ties = ["--param", f"density={TIES_DENSITY}", "--param", "scale=1.0",

@@ -405,3 +405,40 @@ def test_state_commands_report_missing_state(cli, tmp_path):
     r = cli("state", "fold", "--state", tmp_path / "nostate", tmp_path / "x.safetensors")
     assert r.returncode == 2 and "no merge state at" in r.stderr
     assert not (tmp_path / "nostate").exists()
+
+
+@pytest.mark.parametrize("method", ["opcm", "batch_task_arithmetic"])
+def test_merge_refuses_a_checkpoint_of_another_base_unless_turned_off(
+    cli, model_files, tmp_path, method
+):
+    """The lineage's other-base screen (‖τ‖/‖θ₀‖ > 1) guards `merge` and `state fold` too."""
+    base, cks = model_files(2)
+    other = tmp_path / "other.safetensors"
+    save_file(tiny_state(7), str(other))  # same names and shapes, trained from another base
+    out = tmp_path / "out"
+    r = cli("merge", "--base", base, "--method", method, "--out", out, cks[0], other)
+    assert r.returncode == 2 and "above max_task_vector_ratio 1" in r.stderr, r.stderr
+    assert f"checkpoint {other}" in r.stderr and not out.exists()
+    r = cli("merge", "--base", base, "--method", method, "--max-task-vector-ratio", "none",
+            "--out", out, cks[0], other)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = cli("merge", "--base", base, "--method", method, "--max-task-vector-ratio", "0",
+            "--out", tmp_path / "o2", cks[0])  # fmt: skip
+    assert r.returncode == 2 and "must be positive" in r.stderr
+
+
+def test_state_fold_refuses_a_checkpoint_of_another_base_and_keeps_the_state(
+    cli, model_files, tmp_path
+):
+    base, cks = model_files(1)
+    other = tmp_path / "other.safetensors"
+    save_file(tiny_state(7), str(other))
+    state = tmp_path / "state"
+    cli("state", "init", "--state", state, "--base", base, "--method", "opcm")
+    assert cli("state", "fold", "--state", state, cks[0]).returncode == 0
+    before = (state / "state.json").read_text()
+    r = cli("state", "fold", "--state", state, other)
+    assert r.returncode == 2 and "most likely not fine-tuned from this base" in r.stderr
+    assert (state / "state.json").read_text() == before
+    r = cli("state", "fold", "--state", state, "--max-task-vector-ratio", "5", other)
+    assert r.returncode == 0, r.stderr

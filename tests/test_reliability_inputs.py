@@ -247,7 +247,7 @@ def _cases() -> dict[str, tuple[Builder, str]]:
         "link-to-device": (device, "model.safetensors is not a regular file"),
         "link-out-of-folder": (outside, "outside the checkpoint folder"),
         "other-architecture": (other_arch, "declares model_type 'gpt2' but the base is 'toy'"),
-        "other-base-same-shapes": (other_base, "above the lineage's max_task_vector_ratio 1"),
+        "other-base-same-shapes": (other_base, "above max_task_vector_ratio 1"),
         "needs-remote-code": (remote_code, "needs custom model code (auto_map"),
         "pickle-refused": (evil_pickle, "only pickle weights found (pytorch_model.bin)"),
         "lora-rank-zero": (lora({"r": 0, "lora_alpha": 8}), "positive integer 'r'"),

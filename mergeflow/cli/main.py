@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from collections.abc import Sequence
 import mergeflow.cli.pool
 import mergeflow.cli.stats
 from mergeflow.architecture import resolve_projection
+from mergeflow.cli.args import parse_key_values, parse_ratio, parse_size
 from mergeflow.cli.output import Output, write_model
 from mergeflow.errors import CheckpointError, ConfigError, MergeflowError, StateError
 from mergeflow.merging import batch, engine
@@ -26,40 +26,6 @@ from mergeflow.merging.stats import STATS_FILE
 from mergeflow.storage import states
 from mergeflow.storage.objects import LocalStore
 from mergeflow.storage.schemes import open_checkpoint, open_store
-
-SIZE_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-}
-
-
-def parse_size(text: str) -> int:
-    """``5GB`` (10^9), ``500MiB`` (2^20) or plain bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).upper() not in SIZE_UNITS:
-        raise argparse.ArgumentTypeError(
-            f"invalid size {text!r}: use e.g. 5GB, 500MB, 2GiB or a number of bytes"
-        )
-    n = int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
-    if n <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return n
-
-
-def parse_key_values(items: Sequence[str] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--param {item!r} is not KEY=VALUE")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def _common_fold_options(p: argparse.ArgumentParser) -> None:
@@ -77,6 +43,15 @@ def _common_fold_options(p: argparse.ArgumentParser) -> None:
         "--no-progress",
         action="store_true",
         help="hide the progress bar (shown on stderr by default)",
+    )
+    p.add_argument(
+        "--max-task-vector-ratio",
+        type=parse_ratio,
+        default=1.0,
+        metavar="R|none",
+        help="refuse a checkpoint whose ‖τ‖/‖θ₀‖ exceeds R, i.e. one most likely not fine-tuned from BASE "
+        "(default 1.0, as lineages; none turns the check off). Folds sum the norms as they read; "
+        "batch and pool merges read each checkpoint once more for it",
     )
 
 
@@ -293,6 +268,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     device = _device(args)
     base = _open_base(args.base)
     cks = _open_checkpoints(args.checkpoints, base, args.allow_pickle)
+    if method.kind != "continual" and args.max_task_vector_ratio is not None:
+        screen = FoldOptions(compute_dtype=args.compute_dtype)
+        for c in cks:  # before any output: a fold sums these norms itself
+            engine.screen_task_vector_ratio(
+                base.reader, c.reader, screen, args.max_task_vector_ratio
+            )
     with Output(args.out, args.overwrite) as out:
         if method.kind == "pool":
             params = parse_key_values(args.param)
@@ -344,6 +325,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                     device=device,
                     progress=_progress(args),
                     objective=_objective(args, info, base, cks[: i + 1], suite, device),
+                    max_task_vector_ratio=args.max_task_vector_ratio,
                 )
 
             def write(w):
@@ -427,6 +409,7 @@ def cmd_state_fold(args: argparse.Namespace) -> int:
             max_shard_size=args.max_shard_size,
             progress=_progress(args),
             objective=objective,
+            max_task_vector_ratio=args.max_task_vector_ratio,
         )
         print(f"folded {c.uri} as step {m.info.step}", file=sys.stderr)
     return 0

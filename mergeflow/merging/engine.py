@@ -50,6 +50,7 @@ from mergeflow.merging.vectors import (
     check_task_vector_ratio,
     merged_keys,
     resolve_device,
+    screen_task_vector_ratio,
     task_vector_ratio,
 )
 
@@ -342,6 +343,7 @@ __all__ = [
     "_sizes",
     "_task_vector",
     "check_task_vector_ratio",
+    "screen_task_vector_ratio",
     "task_vector_ratio",
     "DTYPES",
     "SAFETENSORS_DTYPES",

@@ -146,9 +146,10 @@ def check_task_vector_ratio(sums: FoldSums, limit: float, source: str) -> float:
     if ratio > limit:
         raise CheckpointError(
             source,
-            f"its task vector is {ratio:.3g}x the base's norm (‖τ‖/‖θ₀‖), above the "
-            f"lineage's max_task_vector_ratio {limit:g}: it was most likely not fine-tuned "
-            "from this base (raise max_task_vector_ratio, or set it to null, to fold it anyway)",
+            f"its task vector is {ratio:.3g}x the base's norm (‖τ‖/‖θ₀‖), above "
+            f"max_task_vector_ratio {limit:g}: it was most likely not fine-tuned from this base "
+            "(raise the limit, or turn it off: lineage max_task_vector_ratio: null, CLI "
+            "--max-task-vector-ratio none, to fold it anyway)",
         )
     return ratio
 
@@ -207,3 +208,20 @@ def _bar(total: int, desc: str, progress: bool) -> tqdm:
     return tqdm(
         total=total, desc=desc, unit="tensor", disable=not progress, file=sys.stderr, leave=False
     )
+
+
+def screen_task_vector_ratio(
+    base: TensorReader, checkpoint: TensorReader, options: FoldOptions, limit: float
+) -> float:
+    """:func:`check_task_vector_ratio` from a pass of its own over the merged tensors (one tensor
+    of each input at a time), for merges whose math does not sum the norms as it reads."""
+    present = set(checkpoint.keys())
+    cdt = DTYPES[options.compute_dtype]
+    sq_tau = sq_base = 0.0
+    for k in merged_keys(base):
+        b = base.get(k).to(cdt)
+        sq_base += float(torch.linalg.vector_norm(b, dtype=torch.float64)) ** 2
+        if k in present:
+            tau = _task_vector(checkpoint.source, checkpoint.get(k), k, b, cdt)
+            sq_tau += float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
+    return check_task_vector_ratio(FoldSums(0.0, sq_tau, sq_base), limit, checkpoint.source)
