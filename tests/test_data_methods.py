@@ -11,7 +11,7 @@ import torch
 
 from mergeflow.errors import CheckpointError, ConfigError
 from mergeflow.merging import engine
-from mergeflow.merging.methods.regmean import reduce_gram, solve_psd
+from mergeflow.merging.methods.regmean import condition_estimate, reduce_gram, solve_psd
 from mergeflow.merging.projection import by_name_rules
 from mergeflow.merging.state import BaseRef, FoldOptions
 from mergeflow.merging.stats import CheckpointStats, check_stats, stats_metadata
@@ -130,16 +130,24 @@ def test_regmean_with_a_singular_gram_keeps_the_base_weight_in_unreached_directi
     g = gram(0, n)
     g[:, 2] = 0.0
     g[2, :] = 0.0  # input 2 is never active: A is singular
-    tau = torch.randn(3, n, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    tau = torch.randn(3, n, generator=gen, dtype=torch.float64)
     got = solve_psd(g, g @ tau.T).T
     assert torch.allclose(got[:, 2], torch.zeros(3, dtype=torch.float64), atol=1e-12)
     keep = [0, 1, 3]
     assert torch.allclose(got[:, keep], tau[:, keep], atol=1e-9)
     # an ill-conditioned but definite A goes the same way as its pseudo-inverse
-    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
-    a = q @ torch.diag(torch.tensor([1.0, 1e-3, 1e-14, 1.0], dtype=torch.float64)) @ q.T
-    b = torch.randn(n, 2, dtype=torch.float64)
-    assert torch.allclose(solve_psd(a, b), torch.linalg.pinv(a, rtol=1e-12) @ b, atol=1e-8)
+    # (the condition estimate must see it whatever the eigenvectors: 50 random bases)
+    for _ in range(50):
+        q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+        a = q @ torch.diag(torch.tensor([1.0, 1e-3, 1e-14, 1.0], dtype=torch.float64)) @ q.T
+        b = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+        want = torch.linalg.pinv(a, rtol=1e-12, hermitian=True) @ b
+        assert torch.allclose(solve_psd(a, b), want, atol=1e-8)
+    # a well-conditioned A keeps the exact Cholesky solve
+    a = gram(3, n)
+    assert condition_estimate(a, torch.linalg.cholesky(a)) < 1e4
+    assert torch.allclose(solve_psd(a, b), torch.linalg.solve(a, b), atol=1e-12)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
