@@ -438,6 +438,75 @@ def test_dask_fold_matches_the_sequential_fold(
     )
 
 
+def test_dask_fold_of_a_method_with_extra_state_matches_the_sequential_fold(
+    stack: RunningStack, tmp_path: Path
+) -> None:
+    """RegMean on Dask: statistics read by every group, the slots A and B committed with D, and
+    the second fold continues them (== the engine's sequential fold)."""
+    from helpers.models import finetune, tiny_state
+
+    from mergeflow.architecture import resolve_projection
+    from mergeflow.flows.dask import dask_fold
+    from mergeflow.lineage import DaskSpec, LineageSpec
+    from mergeflow.merging import engine
+    from mergeflow.merging.state import BaseRef
+    from mergeflow.merging.stats import stats_metadata
+    from mergeflow.storage import states
+    from mergeflow.storage.objects import LocalStore
+    from mergeflow.storage.schemes import open_checkpoint
+    from mergeflow.tasks.values import CheckpointRef, ParentState
+
+    base_t = tiny_state(0)
+    save_file(base_t, str(tmp_path / "base.safetensors"))
+    base = open_checkpoint(str(tmp_path / "base.safetensors"))
+    cks = []
+    for i in range(2):
+        d = tmp_path / f"ck{i}"
+        d.mkdir()
+        save_file(finetune(base_t, i), str(d / "model.safetensors"))
+        g = torch.Generator().manual_seed(i)
+        grams = {}
+        for k, v in base_t.items():
+            if v.dim() == 2 and "embed" not in k:
+                x = torch.randn(32, v.shape[1], generator=g)
+                grams[f"{k}:gram"] = x.T @ x / 32
+        save_file(
+            grams, str(d / "mergeflow_stats.safetensors"), metadata=stats_metadata(4, 32, "t")
+        )
+        cks.append(d)
+    info = engine.new_state(
+        "regmean", {}, BaseRef(uri=base.uri, digest="-"), resolve_projection(base.reader, None)
+    )
+    seq = LocalStore(tmp_path / "seq")
+    states.init_state(seq, info)
+    states.init_state(LocalStore(tmp_path / "d0" / "state"), info)
+    spec = LineageSpec(
+        name="dask-regmean",
+        base=str(tmp_path / "base.safetensors"),
+        method="regmean",
+        sources=(str(tmp_path),),
+        store=str(tmp_path / "lineage"),
+        dask=DaskSpec(groups=3, n_workers=2, processes=False),
+        device="cpu",
+    )
+    for i, ck in enumerate(cks):
+        c = open_checkpoint(str(ck), base=base.reader)
+        states.fold_into(seq, seq, base.reader, c, checkpoint_id=f"c{i}", digest=f"d{i}")
+        parent = ParentState(
+            version=None, state_uri=str(tmp_path / f"d{i}" / "state"), step=i, params=info.params
+        )
+        ref = CheckpointRef(id=f"c{i}", uri=str(ck), digest=f"d{i}")
+        dask_fold(spec, parent, ref, "main", dict(info.params), str(tmp_path / f"d{i + 1}"))
+    (_, r1), (m2, r2) = (
+        states.load_state(seq),
+        states.load_state(LocalStore(tmp_path / "d2" / "state")),
+    )
+    assert r1 is not None and r2 is not None and sorted(r1.keys()) == sorted(r2.keys())
+    assert "layers.0.fc.weight:A" in r2.keys() and m2.info.step == 2
+    for k in r1.keys():
+        assert torch.allclose(r1.get(k), r2.get(k), rtol=0, atol=1e-6), k
+
+
 def test_a_lineage_can_fold_on_dask(
     stack: RunningStack, mlp_suite: MlpSuite, tmp_path: Path
 ) -> None:

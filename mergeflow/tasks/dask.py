@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
+import torch
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
@@ -31,6 +33,7 @@ from mergeflow.merging.methods import get_continual
 from mergeflow.merging.tensors import TensorReader
 from mergeflow.storage import states
 from mergeflow.storage.checkpoints import OpenedCheckpoint
+from mergeflow.storage.safetensors_file import ShardedWriter
 from mergeflow.storage.schemes import open_checkpoint
 from mergeflow.tasks import layout
 from mergeflow.tasks.calibration import checkpoint_stats, fold_objective
@@ -138,13 +141,31 @@ def plan_groups(
     )
 
 
+class _Recorded:
+    """A part writer that remembers the names it was given (a method's extra slots included)."""
+
+    def __init__(self, writer: ShardedWriter) -> None:
+        self.writer = writer
+        self.names: list[str] = []
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        self.names.append(key)
+        self.writer.add(key, tensor)
+
+    def commit(self, metadata: Mapping[str, str] | None = None) -> list[str]:
+        return self.writer.commit(metadata)
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
 @task(name="fold-group", task_run_name="fold-group-{index}")
 def fold_group(spec: LineageSpec, ck: CheckpointRef, plan: GroupPlan, index: int) -> GroupResult:
     """Fold one group of tensors into part ``index`` of the new state (not committed)."""
     base, checkpoint, manifest, state = _open(spec, ck, plan.src_uri)
     keys = plan.groups[index]
     write = _write(plan, manifest)
-    part = write.part(index + 1)
+    part = _Recorded(write.part(index + 1))
     try:
         sums = engine.fold_tensors(
             manifest.info,
@@ -163,7 +184,7 @@ def fold_group(spec: LineageSpec, ck: CheckpointRef, plan: GroupPlan, index: int
         part.abort()
         raise
     return GroupResult(
-        weight_map=write.part_map(index + 1, names, keys),
+        weight_map=write.part_map(index + 1, names, part.names),
         sq_state=sums.state,
         sq_tau=sums.task_vector,
         sq_base=sums.base,
@@ -192,5 +213,8 @@ def commit_groups(
         heads.add(k, checkpoint.reader.get(k))
     heads.commit({"mergeflow.checkpoint": p.checkpoint_id})
     by_key = {k: v for r in results for k, v in r.weight_map.items()}
-    write.commit(info, parts=[{k: by_key[k] for k in p.keys}])
+    missing = [k for k in p.keys if k not in by_key]
+    if missing:
+        raise RuntimeError(f"the groups folded no tensor {missing[0]!r}; nothing was committed")
+    write.commit(info, parts=[by_key])  # the merged tensors and their extra slots
     return fold_output(label, prefix, info, time.time() - plan.started)
