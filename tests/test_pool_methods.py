@@ -202,6 +202,7 @@ def test_cli_merge_with_a_pool_method_reads_calibration_data(cli, tmp_path, meth
         ("unknown-checkpoint", "names checkpoint 'nope', which is not among the CHECKPOINTs"),
         ("no-calibration", "has no calibration data"),
         ("bad-json", "is not valid YAML or JSON"),
+        ("missing-file", "--calibration"),
     ],
 )
 def test_cli_pool_merge_refuses_bad_calibration_and_writes_nothing(cli, tmp_path, mutate, message):
@@ -213,6 +214,8 @@ def test_cli_pool_merge_refuses_bad_calibration_and_writes_nothing(cli, tmp_path
         doc = json.loads(suite.read_text())
         doc["tasks"][0]["checkpoint"] = "nope"
         suite.write_text(json.dumps(doc))
+    elif mutate == "missing-file":
+        suite.unlink()
     elif mutate == "no-calibration":
         (tmp_path / "data" / "t0" / "calibration.npz").unlink()
     else:

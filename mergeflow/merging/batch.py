@@ -21,11 +21,23 @@ from mergeflow.merging.engine import (
 )
 from mergeflow.merging.export import _out_dtype
 from mergeflow.merging.methods import get_batch, validate_params
+from mergeflow.merging.methods.base import MethodParams
 from mergeflow.merging.pipeline import default_workers
 from mergeflow.merging.state import FoldOptions
 from mergeflow.merging.tensors import TensorReader, TensorWriter
 
 HALF = (torch.bfloat16, torch.float16)
+
+
+def merge_metadata(
+    method: str, params: MethodParams, checkpoints: Sequence[TensorReader]
+) -> dict[str, str]:
+    """safetensors metadata of a one-shot (batch or pool) merge's output."""
+    return {
+        "mergeflow.method": method,
+        "mergeflow.params": json.dumps(params.model_dump(), sort_keys=True),
+        "mergeflow.checkpoints": json.dumps([c.source for c in checkpoints]),
+    }
 
 
 def batch_merge(
@@ -132,11 +144,7 @@ def batch_merge(
     try:
         sizes = {k: n * (len(checkpoints) + 1) for k, n in _sizes(base, keys).items()}
         pipeline.run(keys, load, compute, consume, sizes=sizes, workers=default_workers(dev))
-        meta = {
-            "mergeflow.method": method,
-            "mergeflow.params": json.dumps(p.model_dump(), sort_keys=True),
-            "mergeflow.checkpoints": json.dumps([c.source for c in checkpoints]),
-        }
+        meta = merge_metadata(method, p, checkpoints)
         out.commit(meta)
         return meta
     except BaseException:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from mergeflow.errors import CheckpointError, ConfigError, LearningError
+from mergeflow.merging.batch import merge_metadata
 from mergeflow.merging.export import _out_dtype
 from mergeflow.merging.methods import get_pool, validate_params
 from mergeflow.merging.methods.base import Objective, Pool
@@ -83,11 +83,7 @@ def pool_merge(
                 out.add(k, t)
             else:
                 out.add(k, b.to(_out_dtype(b, dtype)) if b.is_floating_point() else b)
-        meta = {
-            "mergeflow.method": method,
-            "mergeflow.params": json.dumps(p.model_dump(), sort_keys=True),
-            "mergeflow.checkpoints": json.dumps([c.source for c in checkpoints]),
-        }
+        meta = merge_metadata(method, p, checkpoints)
         out.commit(meta)
         return meta
     except BaseException:
