@@ -104,8 +104,10 @@ def test_regex_override_is_recorded(cli, bert_dirs, tmp_path):
     assert info["projection"]["kind"] == "regex" and info["projection"]["count"] == 2
 
 
-@pytest.mark.parametrize("rslora", [False, True])
-def test_lora_adapter_folds_like_its_densified_model(cli, bert_dirs, tmp_path, rslora):
+@pytest.mark.parametrize(
+    "method, rslora", [("opcm", False), ("opcm", True), ("dop", False), ("nufilt", False)]
+)
+def test_lora_adapter_folds_like_its_densified_model(cli, bert_dirs, tmp_path, method, rslora):
     bdir, cks = bert_dirs
     base = transformers.AutoModel.from_pretrained(bdir)
     lcfg = peft.LoraConfig(
@@ -124,10 +126,10 @@ def test_lora_adapter_folds_like_its_densified_model(cli, bert_dirs, tmp_path, r
     ddir = tmp_path / "dense"
     dense.save_pretrained(ddir)
     a, d = tmp_path / "out_a", tmp_path / "out_d"
-    r = cli("merge", "--base", bdir, "--method", "opcm", "--out", a, cks[0], adir)
+    r = cli("merge", "--base", bdir, "--method", method, "--out", a, cks[0], adir)
     assert r.returncode == 0, r.stderr
     assert (
-        cli("merge", "--base", bdir, "--method", "opcm", "--out", d, cks[0], ddir).returncode == 0
+        cli("merge", "--base", bdir, "--method", method, "--out", d, cks[0], ddir).returncode == 0
     )
     ta, td = load_file(str(a / "model.safetensors")), load_file(str(d / "model.safetensors"))
     for k in td:

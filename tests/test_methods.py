@@ -247,6 +247,8 @@ def test_every_method_listed_with_defaults():
             "weight_average",
             "magmax",
             "ties",
+            "dop",
+            "nufilt",
             "adamerging",
             "regmean",
             "fisher",
@@ -264,6 +266,27 @@ def test_every_method_listed_with_defaults():
     }
     assert {p["name"]: p["default"] for p in rows["magmax"]["params"]} == {"scale": 0.5}
     assert {p["name"]: p["default"] for p in rows["regmean"]["params"]} == {"alpha": 0.9}
+    assert {p["name"]: p["default"] for p in rows["dop"]["params"]} == {
+        "lr": 1e-4,
+        "steps": 200,
+        "mgda": True,
+        "ema": True,
+        "ema_beta": 0.999,
+        "alpha": 0.8,
+        "svd_epsilon": 0.99999,
+        "proj_space": "uv",
+    }
+    assert {p["name"]: p["default"] for p in rows["nufilt"]["params"]} == {
+        "lora_r": 64,
+        "null_r": 128,
+        "grad_r": 8,
+        "null_space": True,
+        "lr": 1e-3,
+        "steps": 50,
+        "seed": 42,
+        "include": (),
+        "others": "base",
+    }
     assert {p["name"]: p["default"] for p in rows["fisher"]["params"]} == {
         "min_fisher": 1e-6,
         "normalize": True,
@@ -323,7 +346,7 @@ def test_kind_is_an_attribute_and_wrong_kinds_are_refused():
     with pytest.raises(
         ConfigError,
         match=r"^method 'batch_ties' is a batch method \(a one-shot merge\); folding into a state "
-        r"needs a continual method: opcm, task_arithmetic, weight_average, magmax, ties, adamerging, regmean, fisher$",
+        r"needs a continual method: opcm, task_arithmetic, weight_average, magmax, ties, dop, nufilt, adamerging, regmean, fisher$",
     ):
         get_continual("batch_ties")
     with pytest.raises(ConfigError, match=r"^method 'opcm' is a continual method .* batch_dare"):

@@ -15,9 +15,11 @@ from mergeflow.merging.methods.batch_dare import BatchDare
 from mergeflow.merging.methods.batch_task_arithmetic import BatchTaskArithmetic
 from mergeflow.merging.methods.batch_ties import BatchTies
 from mergeflow.merging.methods.batch_weight_average import BatchWeightAverage
+from mergeflow.merging.methods.dop import DOP
 from mergeflow.merging.methods.fisher import Fisher
 from mergeflow.merging.methods.fw_merging import FWMerging
 from mergeflow.merging.methods.magmax import MagMax
+from mergeflow.merging.methods.nufilt import NUFILT
 from mergeflow.merging.methods.opcm import OPCM
 from mergeflow.merging.methods.regmean import RegMean
 from mergeflow.merging.methods.task_arithmetic import TaskArithmetic
@@ -34,6 +36,8 @@ METHODS: tuple[Method, ...] = (
     WeightAverage(),
     MagMax(),
     Ties(),
+    DOP(),
+    NUFILT(),
     AdaMerging(),
     RegMean(),
     Fisher(),

@@ -36,7 +36,6 @@ from mergeflow.errors import LearningError
 from mergeflow.merging.linalg import project
 from mergeflow.merging.methods.base import (
     ContinualMethod,
-    FoldStats,
     MethodParams,
     NoScalars,
     TensorStep,
@@ -154,9 +153,3 @@ class AdaMerging(ContinualMethod[AdaMergingParams, NoScalars]):
 
     def elementwise(self, params: AdaMergingParams, projected: bool) -> bool:
         return not self._projects(params, projected)
-
-    def finish(
-        self, params: AdaMergingParams, scalars: NoScalars, stats: FoldStats
-    ) -> tuple[NoScalars, float]:
-        """``M_t`` is the merged task vector itself: s = 1."""
-        return scalars, 1.0

@@ -171,12 +171,11 @@ class ContinualMethod(ABC, Generic[P, S]):
     def finish(self, params: P, scalars: S, stats: FoldStats) -> tuple[S, float]:
         """Return the new scalars and the scale ``s`` of ``θ₀ + s·D``.
 
-        Default, for methods whose params are :class:`ScaledParams`: the scalars unchanged
-        and the ``scale`` parameter. Methods with another epilogue override this.
+        Default: the scalars unchanged and the ``scale`` parameter for methods whose params
+        are :class:`ScaledParams`, else ``s = 1`` (``D`` is the merged task vector itself).
+        Methods with another epilogue override this.
         """
-        if not isinstance(params, ScaledParams):
-            raise NotImplementedError(f"{type(self).__name__} has no scale parameter")
-        return scalars, params.scale
+        return scalars, params.scale if isinstance(params, ScaledParams) else 1.0
 
 
 class BatchMethod(ABC, Generic[P]):

@@ -27,7 +27,6 @@ from pydantic import Field
 from mergeflow.merging.methods.base import (
     ContinualMethod,
     Folded,
-    FoldStats,
     MethodParams,
     NoScalars,
     TensorStep,
@@ -77,9 +76,3 @@ class Fisher(ContinualMethod[FisherParams, NoScalars]):
             return Folded(s.tau.clone(), {"weight": w})
         total = s.extra["weight"] + w
         return Folded((s.extra["weight"] * s.prev + w * s.tau) / total, {"weight": total})
-
-    def finish(
-        self, params: FisherParams, scalars: NoScalars, stats: FoldStats
-    ) -> tuple[NoScalars, float]:
-        """The merged task vector is added unscaled: s = 1."""
-        return scalars, 1.0

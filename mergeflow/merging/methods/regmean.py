@@ -34,7 +34,6 @@ from pydantic import Field
 from mergeflow.merging.methods.base import (
     ContinualMethod,
     Folded,
-    FoldStats,
     MethodParams,
     NoScalars,
     TensorStep,
@@ -115,9 +114,3 @@ class RegMean(ContinualMethod[RegMeanParams, NoScalars]):
         b = gt if "B" not in s.extra else s.extra["B"] + gt
         d = solve_psd(a, b).T.to(s.tau.dtype)
         return Folded(d.contiguous(), {"A": a, "B": b})
-
-    def finish(
-        self, params: RegMeanParams, scalars: NoScalars, stats: FoldStats
-    ) -> tuple[NoScalars, float]:
-        """The merged task vector is added unscaled: s = 1."""
-        return scalars, 1.0

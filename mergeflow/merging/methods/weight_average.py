@@ -8,7 +8,6 @@ import torch
 
 from mergeflow.merging.methods.base import (
     ContinualMethod,
-    FoldStats,
     MethodParams,
     NoScalars,
     TensorStep,
@@ -37,9 +36,3 @@ class WeightAverage(ContinualMethod[WeightAverageParams, NoScalars]):
 
     def elementwise(self, params: WeightAverageParams, projected: bool) -> bool:
         return True
-
-    def finish(
-        self, params: WeightAverageParams, scalars: NoScalars, stats: FoldStats
-    ) -> tuple[NoScalars, float]:
-        """The mean task vector is added unscaled: s = 1."""
-        return scalars, 1.0
