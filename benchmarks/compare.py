@@ -8,7 +8,8 @@ Run from the repository root (the CPU run; benchmarks/README.md gives its measur
     .venv/bin/python benchmarks/compare.py --suite vit-b32    # one suite
     .venv/bin/python benchmarks/compare.py --suite accuracy   # the ill-conditioned accuracy fixture
 
-``--threads`` adds a 1 worker x 2 threads OPCM fold on vit-b32 (the thread choice),
+``--suite vit-b32-dop`` times ``dop`` and ``nufilt`` beside FusionBench's DOP
+(``compare_dop.py`` says how; ``--dop-steps``). ``--threads`` adds a 1 worker x 2 threads OPCM fold on vit-b32 (the thread choice),
 ``--llama-opcm`` an OPCM fold of 2 checkpoints on the Llama suites (once; it runs their
 continual-fold table, also in the CPU run), and
 ``--ties-rounds`` sets the rounds of the TIES merges at Llama size (default 1: mergekit's
@@ -146,6 +147,8 @@ def layout_of(name: str) -> dict[str, tuple[int, ...]]:
         return clip_vit_b32()
     if name == "clip-small":
         return clip_vit_b32(layers=4, d=256, ff=1024)
+    if name == "clip-1":
+        return clip_vit_b32(layers=1)
     return llama_1b()
 
 
@@ -791,7 +794,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--suite",
-        choices=[*SUITES, "all", "every"],
+        choices=[*SUITES, "vit-b32-dop", "all", "every"],
         default="all",
         help="all (the CPU run): vit-b32 continual, accuracy, llama-1b-bf16 batch; "
         "every: every suite and table",
@@ -825,6 +828,12 @@ def main() -> None:
         help="Llama suites: also fold 2 checkpoints with OPCM, once (about 4-5 minutes); "
         "runs the Llama continual-fold table, also in the CPU run",
     )
+    ap.add_argument(
+        "--dop-steps",
+        type=int,
+        default=20,
+        help="vit-b32-dop: Adam steps of both DOPs in the time table (theirs: 200)",
+    )
     ap.add_argument("--driver", help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
     if args.driver:
@@ -838,6 +847,11 @@ def main() -> None:
         elif d == "fusionbench":
             sys.path.insert(0, str(HERE))
             drive_fusionbench(rest[1], rest[2:], rest[0])
+        elif d == "fusionbench-dop":
+            sys.path.insert(0, str(HERE))
+            import compare_dop
+
+            compare_dop.drive_fusionbench_dop(rest[2], rest[3:], rest[0], int(rest[1]))
         return
     sys.path.insert(0, str(HERE))
     t0 = time.perf_counter()
@@ -846,6 +860,12 @@ def main() -> None:
         suites = [x for x in SUITES if args.suite == "every" or x != "llama-1b-fp32"]
     else:
         suites = [args.suite]
+    if args.suite == "vit-b32-dop":
+        import compare_dop
+
+        compare_dop.suite_dop(args.rounds, args.dop_steps, args.skip_fusionbench)
+        print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+        return
     cpu_run = args.suite == "all"  # the tables the targets are read from (module doc)
     for suite in suites:
         print(f"\n== {suite} == (at {time.perf_counter() - t0:.0f} s)", flush=True)

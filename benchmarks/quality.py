@@ -79,13 +79,17 @@ METHODS: list[tuple[str, str, dict]] = [
     ("continual weight average", "weight_average", {}),
     ("MagMax (s=0.5)", "magmax", {"scale": 0.5}),
     ("continual TIES (defaults)", "ties", {}),
+    ("DOP (FusionBench defaults, 200 steps)", "dop", {}),
+    ("NUFILT (authors' defaults)", "nufilt", {}),
     ("learned coefficients (adamerging, 80 steps)", "adamerging", {}),
     ("continual RegMean (α=0.9)", "regmean", {}),
     ("continual Fisher (normalized)", "fisher", {}),
     ("learned coefficients, projected update (adamerging)", "adamerging", {"update": "projected"}),
     ("layer-wise AdaMerging, batch over all checkpoints", "batch_adamerging", {}),
+    ("portfolio: every continual method above, best on validation", "portfolio", {}),
 ]
 POOL = {"batch_adamerging"}  # one merge of every checkpoint at once: no fold order, no BWT
+PORTFOLIO = "portfolio"  # built from the continual rows' chains, one pick per fold
 
 
 def key_of(method: str, params: dict) -> str:
@@ -105,6 +109,9 @@ PAPER = {
     "batch_adamerging": "80.4 (layer-wise AdaMerging, batch)",
     "regmean": "–",
     "fisher": "–",
+    "dop": "–",
+    "nufilt": "–",
+    "portfolio": "–",
 }
 LEARNING = {"adamerging"}  # methods that take a calibration objective at every fold
 WITH_STATS = {"regmean", "fisher"}  # methods that read per-checkpoint statistics
@@ -219,8 +226,10 @@ def fold_order(
     params: dict,
     order: list[str],
     stats: Mapping[str, CheckpointStats] | None = None,
+    validation: list[dict[str, float]] | None = None,
 ) -> tuple[AccuracyMatrix, FoldTimes]:
-    """Fold checkpoints in ``order`` through the engine; score every folded task after each step.
+    """Fold checkpoints in ``order`` through the engine; score every folded task after each step
+    (test split; also the validation split into ``validation``, one dict per step, when given).
 
     ``stats``: each checkpoint's statistics, for the methods that read them. Learning
     methods get, at every fold, the calibration objective of every task folded so far,
@@ -284,7 +293,24 @@ def fold_order(
         tasks = sorted(tasks, key=lambda t: order.index(t.checkpoint))
         scores = evaluator.evaluate(mw.reader(f"merged@{info.step}"), heads, tasks, "test")
         matrix = matrix.append(cid, scores)
+        if validation is not None:
+            merged = mw.reader(f"merged@{info.step}")
+            validation.append(evaluator.evaluate(merged, heads, tasks, "validation"))
     return matrix, times
+
+
+def portfolio_order(
+    chains: Mapping[str, tuple[AccuracyMatrix, list[dict[str, float]]]], order: list[str]
+) -> tuple[AccuracyMatrix, list[str]]:
+    """A portfolio lineage over one order: each method's own chain (its test matrix and
+    per-step validation scores); at every fold the method with the best validation ACC
+    (first listed on ties, as the gate's ``select_candidate``) is the registered version."""
+    matrix, winners = AccuracyMatrix(), []
+    for j, cid in enumerate(order):
+        best = max(chains, key=lambda k: statistics.mean(chains[k][1][j].values()))
+        winners.append(best)
+        matrix = matrix.append(cid, chains[best][0].values[j])
+    return matrix, winners
 
 
 def task_vector_stats(ld: Loaded) -> dict[str, float]:
@@ -388,8 +414,13 @@ def run_suite(
     seed: int,
     out_dir: Path,
     methods: list[str] | None = None,
+    candidates: list[str] | None = None,
 ) -> dict:
-    """Run ``methods`` (default all of METHODS) on the suite; merge into its existing JSON."""
+    """Run ``methods`` (default all of METHODS) on the suite; merge into its existing JSON.
+
+    The portfolio row is assembled from the ``candidates``' chains (default every continual
+    row), run now or kept from the JSON, over the orders all of them have.
+    """
     ld = load(suite)
     es = suite.evaluation_suite()
     evaluator = build_evaluator(es, model_config=ld.config)
@@ -407,7 +438,8 @@ def run_suite(
     selected = [
         row
         for row in METHODS
-        if methods is None or row[1] in methods or key_of(row[1], row[2]) in methods
+        if row[1] != PORTFOLIO
+        and (methods is None or row[1] in methods or key_of(row[1], row[2]) in methods)
     ]
     stats: dict[str, CheckpointStats] | None = None
     stats_secs: dict[str, float] = {}
@@ -427,9 +459,14 @@ def run_suite(
             print(f"  [{name}] {label:36s} ACC {mean_std(results[key]['acc']):>12s}", flush=True)
             continue
         accs, norms, bwts, curves, secs, learns, objs, losses = [], [], [], [], [], [], [], []
+        matrices: list[list[dict[str, float]]] = []
+        val_accs: list[list[float]] = []
         first_matrix = None
         for order in orders:
-            m, times = fold_order(ld, evaluator, method, params, order, stats)
+            val: list[dict[str, float]] = []
+            m, times = fold_order(ld, evaluator, method, params, order, stats, val)
+            matrices.append(list(m.values))
+            val_accs.append([statistics.mean(v.values()) for v in val])
             accs.append(m.acc())
             final = normalized(m.values[-1], own)
             norms.append(statistics.mean(final.values()))
@@ -449,6 +486,8 @@ def run_suite(
             "acc_curves": curves,
             "fold_seconds": secs,
             "load": os.getloadavg()[0],
+            "matrices": matrices,  # test a_i(θ̄_j) per order, for the portfolio
+            "validation_acc": val_accs,  # validation ACC per order and step
         }
         if method in LEARNING:
             results[key] |= {
@@ -484,11 +523,71 @@ def run_suite(
     if methods is not None:
         kept, summary["orders"] = previous_methods(path, summary, set(results))
     merged = kept | results
+    if methods is None or PORTFOLIO in methods:
+        merged[PORTFOLIO] = portfolio_row(merged, summary["orders"], own, candidates)
+        r = merged[PORTFOLIO]
+        print(
+            f"  [{name}] {r['label']:36s} ACC {mean_std(r['acc']):>12s}   nACC "
+            f"{mean_std(r['norm_acc']):>12s}   BWT {mean_std(r['bwt']):>12s}",
+            flush=True,
+        )
     order_of = {m: i for i, (_, m, _) in enumerate(METHODS)}
     summary["methods"] = dict(sorted(merged.items(), key=lambda kv: order_of.get(kv[0], 99)))
     path.write_text(json.dumps(summary, indent=1))
     plot(summary, out_dir / f"quality_{name}.png")
     return summary
+
+
+def rebuild(order: list[str], values: list[dict[str, float]]) -> AccuracyMatrix:
+    """An accuracy matrix from its stored rows."""
+    m = AccuracyMatrix()
+    for cid, scores in zip(order, values, strict=False):
+        m = m.append(cid, scores)
+    return m
+
+
+def portfolio_row(
+    results: Mapping[str, dict],
+    orders: list[list[str]],
+    own: Mapping[str, float],
+    candidates: list[str] | None,
+) -> dict:
+    """The portfolio over the continual rows' chains (:func:`portfolio_order`)."""
+    keys = candidates or [key_of(m, p) for _, m, p in METHODS if m not in POOL and m != PORTFOLIO]
+    missing = [k for k in keys if "validation_acc" not in results.get(k, {})]
+    if missing:
+        raise SystemExit(
+            f"portfolio: no validation scores for {', '.join(missing)}; run them first "
+            f"(--methods {','.join(missing)}) or leave them out (--candidates)"
+        )
+    n = min(len(results[k]["validation_acc"]) for k in keys)
+    accs, norms, bwts, curves, secs, winners = [], [], [], [], [], []
+    for o in range(n):
+        chains = {
+            k: (
+                rebuild(orders[o], results[k]["matrices"][o]),
+                [{"acc": v} for v in results[k]["validation_acc"][o]],
+            )
+            for k in keys
+        }
+        m, won = portfolio_order(chains, orders[o])
+        accs.append(m.acc())
+        norms.append(statistics.mean(normalized(m.values[-1], own).values()))
+        bwts.append(m.bwt())
+        curves.append(m.acc_curve())
+        secs.append(sum(results[k]["fold_seconds"][o] for k in keys))
+        winners.append(won)
+    return {
+        "label": f"portfolio of {len(keys)} continual methods, best on validation",
+        "params": {"candidates": keys},
+        "acc": accs,
+        "norm_acc": norms,
+        "bwt": bwts,
+        "acc_curves": curves,
+        "fold_seconds": secs,
+        "winners": winners,
+        "load": os.getloadavg()[0],
+    }
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -597,7 +696,13 @@ def main(argv: list[str] | None = None) -> int:
         + ",".join(key_of(m, p) for _, m, p in METHODS)
         + "); their results merge into the suite's existing JSON",
     )
+    ap.add_argument(
+        "--candidates",
+        default=None,
+        help="comma-separated rows the portfolio picks from (default every continual row)",
+    )
     args = ap.parse_args(argv)
+    candidates = args.candidates.split(",") if args.candidates else None
     methods = None
     if args.methods is not None:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -621,7 +726,9 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             log=lambda m: print("  " + m, flush=True),
         )
-        tables.append(table(run_suite("vision", suite, args.orders, args.seed, args.out, methods)))
+        tables.append(
+            table(run_suite("vision", suite, args.orders, args.seed, args.out, methods, candidates))
+        )
     if args.suite in ("text", "all"):
         from mergeflow.examples.text import build_text_suite
 
@@ -629,7 +736,9 @@ def main(argv: list[str] | None = None) -> int:
         suite = build_text_suite(
             args.work / "text", seed=args.seed, log=lambda m: print("  " + m, flush=True)
         )
-        tables.append(table(run_suite("text", suite, args.orders, args.seed, args.out, methods)))
+        tables.append(
+            table(run_suite("text", suite, args.orders, args.seed, args.out, methods, candidates))
+        )
     if args.suite == "text8":
         from mergeflow.examples.text import all_task_names, build_text_suite
 
@@ -640,7 +749,9 @@ def main(argv: list[str] | None = None) -> int:
             checkpoints=all_task_names,
             log=lambda m: print("  " + m, flush=True),
         )
-        tables.append(table(run_suite("text8", suite, args.orders, args.seed, args.out, methods)))
+        tables.append(
+            table(run_suite("text8", suite, args.orders, args.seed, args.out, methods, candidates))
+        )
     print()
     print("\n\n".join(tables))
     cpu = os.times()

@@ -83,24 +83,21 @@ class _Quadratic:
             self.right = (vs @ vs.T,) if n <= 2 * r else (vh[:r].T, vs * sigma[:r])
 
     def grad(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """``(∇L(X), L(X))``."""
+        """``(∇L(X), L(X))`` (few temporaries: a fold's working memory is a few matrices)."""
         delta = x - self.tau
-        g = torch.zeros_like(delta)
         if self.empty:
-            return g, 0.0
+            return delta.zero_(), 0.0
+        g: torch.Tensor | None = None
         if self.left is not None:
-            g += (
-                self.left[0] @ delta
-                if len(self.left) == 1
-                else self.left[0] @ (self.left[1] @ delta)
-            )
+            g = self.left[0] @ (delta if len(self.left) == 1 else self.left[1] @ delta)
         if self.right is not None:
-            g += (
-                delta @ self.right[0]
-                if len(self.right) == 1
-                else (delta @ self.right[0]) @ self.right[1].T
-            )
-        g *= 2
+            r = delta @ self.right[0]
+            if len(self.right) == 2:
+                r = r @ self.right[1].T
+            g = r if g is None else g.add_(r)
+            del r
+        assert g is not None  # proj_space selects at least one side
+        g.mul_(2)
         return g, 0.5 * float(torch.vdot(delta.flatten(), g.flatten()))
 
 
@@ -117,18 +114,18 @@ def dop_optimize(prev: torch.Tensor, tau: torch.Tensor, p: DOPParams) -> torch.T
     """The DOP merge of one matrix (see the module docstring), in task-vector coordinates."""
     tasks = (_Quadratic(prev, p), _Quadratic(tau, p))
     x = torch.nn.Parameter((prev + tau) / 2)
-    opt = torch.optim.Adam([x], lr=p.lr)
+    opt = torch.optim.Adam([x], lr=p.lr, foreach=False)
     weights = [p.alpha, 1.0 - p.alpha]
     for _ in range(p.steps):
         with torch.no_grad():
             (ga, la), (gb, lb) = tasks[0].grad(x), tasks[1].grad(x)
             if p.mgda:
-                # Loss-normalised gradients; a zero loss has a zero gradient and stays 0.
-                na = ga / la if la > 0 else torch.zeros_like(ga)
-                nb = gb / lb if lb > 0 else torch.zeros_like(gb)
-                v11 = float(torch.vdot(na.flatten(), na.flatten()))
-                v12 = float(torch.vdot(na.flatten(), nb.flatten()))
-                v22 = float(torch.vdot(nb.flatten(), nb.flatten()))
+                # Gram entries of the loss-normalised gradients ∇L_i/L_i (a zero loss has a
+                # zero gradient and stays 0), without forming them.
+                ia, ib = 1 / la if la > 0 else 0.0, 1 / lb if lb > 0 else 0.0
+                v11 = float(torch.vdot(ga.flatten(), ga.flatten())) * ia * ia
+                v12 = float(torch.vdot(ga.flatten(), gb.flatten())) * ia * ib
+                v22 = float(torch.vdot(gb.flatten(), gb.flatten())) * ib * ib
                 gamma = min_norm_weight(v11, v12, v22)
                 if p.ema:
                     b = p.ema_beta
@@ -138,7 +135,8 @@ def dop_optimize(prev: torch.Tensor, tau: torch.Tensor, p: DOPParams) -> torch.T
                     ]
                 else:
                     weights = [gamma, 1.0 - gamma]
-            x.grad = weights[0] * ga + weights[1] * gb
+            x.grad = ga.mul_(weights[0]).add_(gb, alpha=weights[1])
+            del ga, gb
         opt.step()
     return x.detach()
 

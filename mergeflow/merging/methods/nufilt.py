@@ -68,16 +68,23 @@ class NUFILTParams(MethodParams):
 
 
 def top_right_vectors(w: torch.Tensor, k: int) -> torch.Tensor:
-    """The top ``k`` right singular vectors of ``w`` above its numerical rank (``d × ≤k``)."""
-    d = w.shape[1]
+    """The top ``k`` right singular vectors of ``w`` above its numerical rank (``d × ≤k``).
+
+    From the eigenvectors of the smaller float64 Gram matrix: ``wᵀw`` (d × d) when d ≤ o,
+    else ``w wᵀ`` (o × o), whose eigenvectors u give ``v = wᵀu/σ``.
+    """
+    o, d = w.shape
     if k == 0:
         return w.new_zeros(d, 0)
     w64 = w.double()
-    vals, vecs = torch.linalg.eigh(w64.T @ w64)  # ascending σ²
-    vals, vecs = vals.flip(0), vecs.flip(1)
-    tol = float(vals[0].clamp(min=0).sqrt()) * max(w.shape) * torch.finfo(w.dtype).eps
-    rank = int((vals.clamp(min=0).sqrt() > tol).sum()) if float(vals[0]) > 0 else 0
-    return vecs[:, : min(k, rank)].to(w.dtype)
+    vals, vecs = torch.linalg.eigh(w64.T @ w64 if d <= o else w64 @ w64.T)  # ascending σ²
+    sigma = vals.flip(0).clamp(min=0).sqrt()
+    tol = float(sigma[0]) * max(o, d) * torch.finfo(w.dtype).eps
+    keep = min(k, int((sigma > tol).sum()) if float(sigma[0]) > 0 else 0)
+    top = vecs.flip(1)[:, :keep]
+    if d > o:
+        top = (w64.T @ top) / sigma[:keep]
+    return top.to(w.dtype)
 
 
 def nufilt_update(
@@ -89,7 +96,7 @@ def nufilt_update(
     if p.lora_r == 0 or p.steps == 0:
         return prev + filtered
     v1 = top_right_vectors(tau, p.grad_r)
-    v2 = top_right_vectors(prev, p.null_r)
+    v2 = u if p.null_space else top_right_vectors(prev, p.null_r)
     d = tau.shape[1]
     a = torch.nn.Parameter(
         (torch.randn(p.lora_r, d, generator=generator, dtype=torch.float32) * 0.02).to(tau)
