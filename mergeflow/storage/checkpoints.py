@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import stat
 from collections.abc import Iterable, Mapping
@@ -34,6 +33,7 @@ from mergeflow.storage.hf_layout import (
     parse_index,
     weight_layout,
 )
+from mergeflow.storage.lora import LoraReader
 from mergeflow.storage.objects import LocalStore, ReadOnlyStore
 from mergeflow.storage.safetensors_file import SafetensorsReader
 
@@ -83,181 +83,6 @@ class ShardedReader:
 
     def get(self, key: str) -> torch.Tensor:
         return self._reader(self._map[key]).get(key)
-
-
-class LoraReader:
-    """Presents base + PEFT LoRA adapter as full weights, one tensor at a time.
-
-    For each targeted weight ``W`` the task vector is ``scale·B·A`` (``scale =
-    lora_alpha/r``, or ``lora_alpha/√r`` with rsLoRA; transposed for
-    ``fan_in_fan_out``), mapped onto the base's names; only that tensor is densified.
-    Non-LoRA adapter tensors that match a base name replace it (``modules_to_save``);
-    the rest are task-specific extras.
-    """
-
-    PREFIX = "base_model.model."
-
-    def __init__(
-        self, base: TensorReader, adapter: TensorReader, config: Mapping[str, Any], label: str
-    ) -> None:
-        self.source = label
-        self._base = base
-        self._adapter = adapter
-        if config.get("peft_type", "LORA") != "LORA":
-            raise CheckpointError(
-                label, f"adapter type {config.get('peft_type')!r} is not supported (only LORA)"
-            )
-        self._alpha, self._r = _lora_numbers(config, label)
-        self._rs = bool(config.get("use_rslora", False))
-        self._fan = bool(config.get("fan_in_fan_out", False))
-        self._alpha_pattern = _alpha_pattern(config.get("alpha_pattern"), label)
-        base_keys = set(base.keys())
-        self._pairs: dict[str, tuple[str, str, bool]] = {}
-        self._replace: dict[str, str] = {}
-        self._extra: dict[str, str] = {}
-        names = adapter.keys()
-        for k in names:
-            stripped = k[len(self.PREFIX) :] if k.startswith(self.PREFIX) else k
-            for a_tag, b_tag, emb in (
-                (".lora_A.weight", ".lora_B.weight", False),
-                (".lora_embedding_A", ".lora_embedding_B", True),
-            ):
-                if stripped.endswith(a_tag):
-                    module = stripped[: -len(a_tag)]
-                    target = self._match(f"{module}.weight", base_keys)
-                    bkey = k[: -len(a_tag)] + b_tag
-                    if bkey not in names:
-                        raise CheckpointError(
-                            label, f"adapter tensor {k!r} has no matching {b_tag.strip('.')}"
-                        )
-                    if target is None:
-                        raise CheckpointError(
-                            label, f"adapter targets {module}.weight, which the base does not have"
-                        )
-                    self._check_pair(target, k, bkey, emb)
-                    self._pairs[target] = (k, bkey, emb)
-                    break
-            else:
-                if ".lora_" in stripped:
-                    continue
-                plain = stripped.replace(".modules_to_save.default", "").replace(
-                    ".modules_to_save", ""
-                )
-                target = self._match(plain, base_keys)
-                if target is not None:
-                    have, want = self._adapter.meta(k).shape, self._base.meta(target).shape
-                    if tuple(have) != tuple(want):
-                        raise CheckpointError(
-                            label,
-                            f"adapter tensor {k!r} replaces {target!r} with shape {list(have)} "
-                            f"but the base has {list(want)}",
-                        )
-                    self._replace[target] = k
-                else:
-                    self._extra[plain] = k
-
-    def _check_pair(self, target: str, ak: str, bk: str, emb: bool) -> None:
-        """Refuse, from headers alone, an A/B pair whose product cannot be the base's shape."""
-        a, b = self._adapter.meta(ak), self._adapter.meta(bk)
-        if not (a.is_float and b.is_float):
-            raise CheckpointError(
-                self.source, f"adapter tensors {ak!r}/{bk!r} are not floating-point"
-            )
-        if len(a.shape) != 2 or len(b.shape) != 2 or b.shape[1] != a.shape[0] or a.shape[0] == 0:
-            raise CheckpointError(
-                self.source,
-                f"adapter tensors {ak!r} {list(a.shape)} and {bk!r} {list(b.shape)} are not a rank-r pair",
-            )
-        shape = (a.shape[1], b.shape[0]) if emb else (b.shape[0], a.shape[1])
-        if self._fan and not emb:
-            shape = (shape[1], shape[0])
-        expected = self._base.meta(target).shape
-        if shape != tuple(expected):
-            raise CheckpointError(
-                self.source,
-                f"adapter update for {target!r} has shape {list(shape)} but the base has {list(expected)}",
-            )
-
-    @staticmethod
-    def _match(name: str, base_keys: set[str]) -> str | None:
-        if name in base_keys:
-            return name
-        hits = [b for b in base_keys if b.endswith("." + name) or name.endswith("." + b)]
-        return hits[0] if len(hits) == 1 else None
-
-    def keys(self) -> list[str]:
-        return [*self._base.keys(), *self._extra]
-
-    def meta(self, key: str) -> TensorMeta:
-        if key in self._extra:
-            return self._adapter.meta(self._extra[key])
-        if key in self._replace:
-            return self._adapter.meta(self._replace[key])
-        m = self._base.meta(key)
-        return TensorMeta("F32", m.shape) if key in self._pairs else m
-
-    def _scale(self, key: str, r: int) -> float:
-        alpha = self._alpha
-        for pat, a in self._alpha_pattern.items():
-            if pat in key:
-                alpha = float(a)
-        return alpha / (r**0.5) if self._rs else alpha / r
-
-    def delta(self, key: str) -> torch.Tensor:
-        ak, bk, emb = self._pairs[key]
-        a = self._adapter.get(ak).float()
-        b = self._adapter.get(bk).float()
-        d = (b @ a).T if emb else b @ a
-        if self._fan and not emb:
-            d = d.T
-        expected = self._base.meta(key).shape
-        if tuple(d.shape) != expected:
-            raise CheckpointError(
-                self.source,
-                f"adapter update for {key!r} has shape {list(d.shape)} but the base has {list(expected)}",
-            )
-        return d * self._scale(key, a.shape[0])
-
-    def get(self, key: str) -> torch.Tensor:
-        if key in self._extra:
-            return self._adapter.get(self._extra[key])
-        if key in self._replace:
-            return self._adapter.get(self._replace[key])
-        b = self._base.get(key)
-        if key in self._pairs:
-            return b.float() + self.delta(key)
-        return b
-
-
-def _lora_numbers(config: Mapping[str, Any], label: str) -> tuple[float, int]:
-    """``lora_alpha`` (finite) and ``r`` (a positive integer) of an adapter config."""
-    alpha, r = config.get("lora_alpha"), config.get("r")
-    if (
-        not isinstance(alpha, int | float)
-        or isinstance(alpha, bool)
-        or not math.isfinite(alpha)
-        or not isinstance(r, int)
-        or isinstance(r, bool)
-        or r <= 0
-    ):
-        raise CheckpointError(
-            label,
-            "adapter_config.json needs a finite number 'lora_alpha' and a positive integer 'r'",
-        )
-    return float(alpha), r
-
-
-def _alpha_pattern(value: Any, label: str) -> dict[str, float]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-        for v in value.values()
-    ):
-        raise CheckpointError(
-            label, "adapter_config.json's alpha_pattern must map module names to finite numbers"
-        )
-    return {str(k): float(v) for k, v in value.items()}
 
 
 def pickle_reader(data: bytes, label: str) -> TensorReader:
