@@ -11,9 +11,9 @@ A lineage is declared in YAML and validated once by :class:`LineageSpec`::
       - hf://?base_model=org/vit-base        # new Hub fine-tunes of the base (hf://org/repo watches one repo)
     evaluation: {tasks: [...]}              # mergeflow.evaluation.EvaluationSuite
     gate: {min_acc: 0.5, max_drop: 0.05}    # mergeflow.evaluation.GateSpec
-    candidates:                             # optional: several folds from the same parent
-      - {params: {alpha: 0.3}}
-      - {params: {alpha: 0.7}}
+    candidates:                             # optional: several folds of each checkpoint, the best wins
+      - {params: {alpha: 0.3}}              # the lineage's method with other parameters
+      - {method: task_arithmetic, params: {scale: 0.3}}   # another method: its own state chain
     registered_model: digits-opcm           # MLflow registered model (default: name)
     store: s3://mergeflow/lineages/digits-opcm     # where states and merged weights go
     device: auto                            # auto | cpu | cuda | cuda:N
@@ -27,6 +27,7 @@ Layout under ``store``::
     init/state/state.json           the step-0 state (made on the first fold)
     steps/<NNNN>-<shortid>/state    the state after fold NNNN (fresh prefix per attempt)
     steps/<NNNN>-<shortid>/model    the merged weights (HF layout, with config.json)
+    init/<method>/state             a candidate method's step-0 state (a portfolio)
 
 The catalog (:func:`save_lineage`, :func:`load_lineage`, :func:`list_lineages`) keeps the
 spec in ``<store>/lineage.yaml`` and a small pointer to it in a Prefect Variable named
@@ -48,7 +49,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergeflow.errors import ConfigError
 from mergeflow.evaluation.spec import EvaluationSuite, GateSpec
-from mergeflow.merging.methods import get_continual, validate_params
+from mergeflow.merging.methods import (
+    ContinualMethod,
+    get_continual,
+    get_method,
+    method_names,
+    validate_params,
+)
 from mergeflow.merging.state import FoldOptions
 from mergeflow.storage.schemes import open_store, read_uri
 
@@ -60,13 +67,27 @@ _CRON = re.compile(r"^\S+(\s+\S+){4,5}$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
-class CandidateSpec(BaseModel):
-    """One candidate fold: the lineage's method with other parameters.
+def continual_method(name: str) -> ContinualMethod[Any, Any]:
+    """A continual method by name; a batch or pool method is refused (it cannot fold a state)."""
+    m = get_method(name)
+    if not isinstance(m, ContinualMethod):
+        what = "a one-shot merge" if m.kind == "batch" else "it merges a whole pool at once"
+        raise ConfigError(
+            f"method {name!r} is a {m.kind} method ({what}) and cannot fold continually; "
+            f"continual methods: {', '.join(method_names('continual'))}"
+        )
+    return m
 
-    Every candidate folds the same checkpoint into the same parent state; the best one
-    that passes the gate on the validation split becomes the new state. A candidate must
-    use the lineage's method: the state tensors of one continual method (e.g. OPCM's
-    unscaled sum plus λ) do not continue another one's.
+
+class CandidateSpec(BaseModel):
+    """One candidate fold: a continual method with its parameters.
+
+    Without ``method`` it is the lineage's method with ``params`` over the lineage's; with
+    another ``method`` it is that method with ``params`` alone (a portfolio). Every candidate
+    folds the same checkpoint; the best on the validation split becomes the version. Each
+    method keeps its own state chain (one method's state does not continue another's): a
+    candidate folds into its method's last state, which is the best of that method's
+    candidates at the last accepted version (see :meth:`LineageSpec.candidate_folds`).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -79,9 +100,19 @@ class CandidateSpec(BaseModel):
         """A short name for logs, metrics and storage prefixes."""
         if self.name:
             return self.name
-        if not self.params:
-            return f"c{index}"
-        return "-".join(f"{k}{v}" for k, v in sorted(self.params.items()))
+        parts = [self.method] if self.method else []
+        parts += [f"{k}{v}" for k, v in sorted(self.params.items())]
+        return "-".join(parts) if parts else f"c{index}"
+
+
+class CandidateFold(BaseModel):
+    """One fold a lineage tries for each checkpoint: its label, method and full parameters."""
+
+    model_config = ConfigDict(frozen=True)
+
+    label: str
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class DaskSpec(BaseModel):
@@ -195,20 +226,21 @@ class LineageSpec(BaseModel):
     def _method_ok(self) -> LineageSpec:
 
         try:
-            m = get_continual(self.method)
-            validate_params(m, self.params)
-            for i, c in enumerate(self.candidates):
-                if c.method not in (None, self.method):
-                    raise ConfigError(
-                        f"candidate {c.label(i)} uses method {c.method!r} but the lineage folds with {self.method!r}; "
-                        "candidates vary the parameters of the lineage's method (one state cannot continue another method's)"
-                    )
-                validate_params(m, {**self.params, **c.params})
+            validate_params(get_continual(self.method), self.params)
         except ConfigError as e:
             raise ValueError(str(e)) from None
+        for i, c in enumerate(self.candidates):
+            try:
+                validate_params(continual_method(c.method or self.method), self._params_of(c))
+            except ConfigError as e:
+                raise ValueError(f"candidate {c.label(i)}: {e}") from None
         labels = [c.label(i) for i, c in enumerate(self.candidates)]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"candidate names must be unique, got {labels}")
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise ValueError(
+                f"candidate names must be unique, got {labels} ({', '.join(twice)} more than once; "
+                "give one a `name`)"
+            )
         return self
 
     @model_validator(mode="before")
@@ -234,11 +266,36 @@ class LineageSpec(BaseModel):
     def spec_uri(self) -> str:
         return f"{self.store}/{SPEC_FILE}"
 
-    def candidate_params(self) -> list[tuple[str, dict[str, Any]]]:
-        """``(label, params)`` of every fold to try: the lineage's own, or its candidates."""
+    def _params_of(self, c: CandidateSpec) -> dict[str, Any]:
+        """A candidate's full parameters: over the lineage's for its own method, else alone."""
+        if c.method in (None, self.method):
+            return {**self.params, **c.params}
+        return dict(c.params)
+
+    def candidate_folds(self) -> list[CandidateFold]:
+        """Every fold to try for a checkpoint: the lineage's own, or one per candidate."""
         if not self.candidates:
-            return [("main", dict(self.params))]
-        return [(c.label(i), {**self.params, **c.params}) for i, c in enumerate(self.candidates)]
+            return [CandidateFold(label="main", method=self.method, params=dict(self.params))]
+        return [
+            CandidateFold(
+                label=c.label(i), method=c.method or self.method, params=self._params_of(c)
+            )
+            for i, c in enumerate(self.candidates)
+        ]
+
+    def candidate_params(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(label, params)`` of every fold to try (see :meth:`candidate_folds`)."""
+        return [(c.label, c.params) for c in self.candidate_folds()]
+
+    def chain_methods(self) -> list[str]:
+        """The methods whose state chains the lineage keeps, in candidate order."""
+        return list(dict.fromkeys(c.method for c in self.candidate_folds()))
+
+    def chain_params(self, method: str) -> dict[str, Any]:
+        """The parameters a method's step-0 state is made with (the lineage's for its method)."""
+        if method == self.method:
+            return dict(self.params)
+        return next(c.params for c in self.candidate_folds() if c.method == method)
 
     # --------------------------------------------------------------------- YAML
     @classmethod

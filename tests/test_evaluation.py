@@ -23,6 +23,7 @@ from mergeflow.evaluation import (
     PerplexityEvaluator,
     TaskSpec,
     build_evaluator,
+    chain_heads,
     choose,
     continual_metrics,
     decide,
@@ -459,6 +460,32 @@ def test_normalized_and_forgetting_metrics() -> None:
         "val/forgetting_avg": pytest.approx(0.11),
     }
     assert gate_metrics("test", {"lm": 3.0}, {}) == {}  # headless: no normalized score
+
+
+def test_each_method_of_a_portfolio_keeps_its_best_candidate_as_its_chain_head() -> None:
+    gate = GateSpec(min_acc=0.55)
+    scores = [
+        {"a": 0.6, "b": 0.6},  # opcm 0.60, passes
+        {"a": 0.9, "b": 0.8},  # task_arithmetic 0.85, passes: the overall choice
+        {"a": 0.7, "b": 0.7},  # opcm 0.70, passes: opcm's head
+        {"a": 0.5, "b": 0.5},  # weight_average 0.50, fails: still the head of its own chain
+    ]
+    methods = ["opcm", "task_arithmetic", "opcm", "weight_average"]
+    assert choose(scores, gate).index == 1
+    assert chain_heads(scores, methods, gate) == {
+        "opcm": 2,
+        "task_arithmetic": 1,
+        "weight_average": 3,
+    }
+    # a passing candidate heads its chain before a failing one with a higher ACC
+    floor = GateSpec(task_floors={"b": 0.65})
+    assert chain_heads(scores[:3], methods[:3], floor) == {"opcm": 2, "task_arithmetic": 1}
+    assert chain_heads([{"a": 0.95, "b": 0.6}, {"a": 0.7, "b": 0.7}], ["x", "x"], floor) == {"x": 1}
+    # lower is better (perplexity), and no scores at all (no suite): the first of each method
+    assert chain_heads(
+        [{"p": 9.0}, {"p": 7.0}], ["x", "x"], GateSpec(), higher_is_better=False
+    ) == {"x": 1}
+    assert chain_heads([{}, {}, {}], ["x", "y", "x"], GateSpec()) == {"x": 0, "y": 1}
 
 
 def test_select_candidate() -> None:

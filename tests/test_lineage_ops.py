@@ -327,6 +327,137 @@ def test_rebuild_turns_a_lineage_into_a_data_informed_one(
     assert all(0.0 <= v.metrics["test/avg"] <= 1.0 for v in vs)
 
 
+# ------------------------------------------------------------------------- portfolio
+PORTFOLIO = ({"method": "opcm"}, {"method": "task_arithmetic", "params": {"scale": 0.3}})
+
+
+@pytest.fixture(scope="module")
+def portfolio(lineages: Lineages) -> Any:
+    """A portfolio lineage (OPCM and task arithmetic, each its own state chain) over t1, t3, t4."""
+    from mergeflow.flows.fold import backfill_flow
+    from mergeflow.lineage import save_lineage
+
+    spec = _spec(f"folio-{uuid.uuid4().hex[:6]}", lineages.suite, lineages.root)
+    spec = save_lineage(spec.model_copy(update={"candidates": _candidates()}))
+    outs = backfill_flow(spec.name, _uris(lineages.suite, "t1", "t3", "t4"))
+    assert [o.status for o in outs] == ["accepted"] * 3
+    return spec
+
+
+def _candidates() -> tuple[Any, ...]:
+    from mergeflow.lineage import CandidateSpec
+
+    return tuple(CandidateSpec(**c) for c in PORTFOLIO)
+
+
+def _chains(v: Any) -> dict[str, tuple[Any, dict[str, torch.Tensor]]]:
+    """Method -> (state info, tensors) of every state chain a version kept."""
+    assert len(v.candidates) == 2 and all(c.state_uri for c in v.candidates)
+    return {c.method: _state(c.state_uri) for c in v.candidates}
+
+
+def _refold(suite: MlpSuite, state_uri: str, ck: str, out: Path) -> dict[str, torch.Tensor]:
+    from mergeflow.storage import states
+    from mergeflow.storage.objects import LocalStore
+    from mergeflow.storage.schemes import open_checkpoint, open_store
+
+    base = open_checkpoint(str(suite.base))
+    c = open_checkpoint(str(suite.checkpoints[ck]), base=base.reader)
+    states.fold_into(open_store(state_uri), LocalStore(out), base.reader, c, checkpoint_id=ck)
+    return _state(str(out))[1]
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_drop_in_a_portfolio_replays_every_chain_bit_for_bit(
+    lineages: Lineages, portfolio: Any
+) -> None:
+    from mergeflow.flows.fold import backfill_flow
+    from mergeflow.flows.replay import replay_flow
+    from mergeflow.lineage import save_lineage
+    from mergeflow.storage.registry import Registry
+
+    suite = lineages.suite
+    spec = _spec(f"folio-drop-{uuid.uuid4().hex[:6]}", suite, lineages.root)
+    spec = save_lineage(spec.model_copy(update={"candidates": _candidates()}))
+    outs = backfill_flow(spec.name, _uris(suite, "t1", "t2", "t3", "t4"))
+    assert [o.status for o in outs] == ["accepted"] * 4
+    before = {v.checkpoint_id: v for v in _versions(spec)}
+
+    steps = replay_flow(spec.name, "t2", "trained on leaked test data")
+    assert [(s.replaced, s.outcome.status) for s in steps] == [
+        (before["t3"].version, "accepted"),
+        (before["t4"].version, "accepted"),
+    ]
+    after = {v.version: v for v in _versions(spec)}
+    t3 = after[after[before["t3"].version].superseded_by or ""]
+    assert t3.parent_version == before["t1"].version
+    assert {m: [c.id for c in i.checkpoints] for m, (i, _) in _chains(t3).items()} == {
+        "opcm": ["t1", "t3"],
+        "task_arithmetic": ["t1", "t3"],
+    }
+    # every chain equals, bit for bit, the portfolio that never saw t2
+    champion = Registry().champion(spec.registered_model)
+    ref = Registry().champion(portfolio.registered_model)
+    assert champion is not None and ref is not None
+    assert champion.checkpoint_id == "t4" and champion.method == ref.method
+    mine, theirs = _chains(champion), _chains(ref)
+    for method in ("opcm", "task_arithmetic"):
+        assert [c.id for c in mine[method][0].checkpoints] == ["t1", "t3", "t4"]
+        assert mine[method][0].scale == theirs[method][0].scale
+        _same(mine[method][1], theirs[method][1])
+    _same(_tensors(champion.model_uri), _tensors(ref.model_uri))
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_branch_of_a_portfolio_continues_every_chain(
+    lineages: Lineages, portfolio: Any, cli: Callable[..., Result], tmp_path: Path
+) -> None:
+    from mergeflow.flows.fold import backfill_flow
+    from mergeflow.lineage import load_lineage
+    from mergeflow.storage import states
+    from mergeflow.storage.schemes import open_store
+    from mergeflow.tasks import layout
+
+    versions = _versions(portfolio)
+    at = next(v for v in versions if v.checkpoint_id == "t3")
+    new = f"folio-branch-{uuid.uuid4().hex[:6]}"
+    r = cli("lineage", "branch", portfolio.name, "--at", at.version, "--as", new)
+    assert r.returncode == 0, r.stderr
+    spec = load_lineage(new)
+    assert spec.candidates == portfolio.candidates and spec.chain_methods() == [
+        "opcm",
+        "task_arithmetic",
+    ]
+    held = at.chains()
+    for method in spec.chain_methods():  # each chain starts at the version's state of its method
+        init = states.read_manifest(open_store(layout.init_state_uri(spec, method)))
+        assert init.tensors == states.read_manifest(open_store(held[method])).tensors
+
+    (out,) = backfill_flow(new, _uris(lineages.suite, "t4"))
+    assert out.status == "accepted" and out.step == 3
+    (v,) = _versions(spec)
+    for method, (info, tensors) in _chains(v).items():
+        assert [c.id for c in info.checkpoints] == ["t1", "t3", "t4"] and info.method == method
+        _same(tensors, _refold(lineages.suite, held[method], "t4", tmp_path / method))
+    assert _versions(portfolio) == versions  # the original is untouched
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_rebuild_of_a_portfolio_refolds_with_one_method(
+    lineages: Lineages, portfolio: Any, cli: Callable[..., Result]
+) -> None:
+    new = f"folio-rebuild-{uuid.uuid4().hex[:6]}"
+    r = cli("lineage", "rebuild", portfolio.name, "--as", new, "--method", "weight_average")
+    assert r.returncode == 0, r.stderr
+    vs = _versions(portfolio.model_copy(update={"registered_model": new}))
+    assert [(v.checkpoint_id, v.status, v.method, v.candidates) for v in vs] == [
+        (c, "accepted", "weight_average", []) for c in ("t1", "t3", "t4")
+    ]
+
+
 # ----------------------------------------------------------------------------- unit
 def _v(version: str, ck: str, status: str = "accepted", **kw: Any) -> Any:
     from mergeflow.storage.registry import VersionRecord

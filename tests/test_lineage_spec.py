@@ -76,10 +76,6 @@ def test_no_candidates_means_one_fold_with_the_lineage_params(tmp_path: Path) ->
         ("schedule: 2", "at least 5 seconds"),
         ("schedule: every minute", "neither a number of seconds nor a cron"),
         ("surprise: 1", "Extra inputs"),
-        (
-            "candidates: [{method: task_arithmetic, params: {scale: 0.3}}]",
-            "candidates vary the parameters",
-        ),
         ("candidates: [{params: {alpha: 0.3}}, {params: {alpha: 0.3}}]", "unique"),
         ("gate: {max_drop: -1}", "gate.max_drop"),
     ],
@@ -96,6 +92,81 @@ def test_invalid_specs_give_one_clear_error(patch: str, message: str) -> None:
     lines = [v for k, v in base.items() if k != key] + [patch]
     with pytest.raises(ConfigError, match=message):
         LineageSpec.from_yaml_text("\n".join(lines), "x.yaml")
+
+
+PORTFOLIO = """
+name: folio
+base: /m
+method: opcm
+params: {alpha: 0.4}
+sources: [/src]
+store: /st
+candidates:
+  - {method: opcm}
+  - {params: {alpha: 0.7}}
+  - {method: task_arithmetic, params: {scale: 0.3}}
+  - {method: weight_average}
+  - {name: rm, method: regmean}
+"""
+
+
+def test_a_portfolio_names_other_methods_each_with_its_own_state_chain() -> None:
+    spec = LineageSpec.from_yaml_text(PORTFOLIO)
+    assert [(c.label, c.method, c.params) for c in spec.candidate_folds()] == [
+        ("opcm", "opcm", {"alpha": 0.4}),  # the lineage's method: over the lineage's params
+        ("alpha0.7", "opcm", {"alpha": 0.7}),
+        ("task_arithmetic-scale0.3", "task_arithmetic", {"scale": 0.3}),  # its own params alone
+        ("weight_average", "weight_average", {}),
+        ("rm", "regmean", {}),
+    ]
+    assert spec.chain_methods() == ["opcm", "task_arithmetic", "weight_average", "regmean"]
+    assert spec.chain_params("opcm") == {"alpha": 0.4}
+    assert spec.chain_params("task_arithmetic") == {"scale": 0.3}
+    assert LineageSpec.from_yaml_text(spec.to_yaml()) == spec
+    single = LineageSpec.from_yaml_text("name: a\nbase: /m\nsources: [/src]\nstore: /st\n")
+    assert single.chain_methods() == ["opcm"]
+
+
+@pytest.mark.parametrize(
+    ("candidates", "message"),
+    [
+        (
+            "[{method: opcm}, {method: nope}]",
+            "candidate nope: unknown method 'nope'; known methods: opcm, ",
+        ),
+        (
+            "[{method: batch_ties}]",
+            "candidate batch_ties: method 'batch_ties' is a batch method (a one-shot merge) "
+            "and cannot fold continually; continual methods: opcm, ",
+        ),
+        (
+            "[{name: fw, method: fw_merging}]",
+            "candidate fw: method 'fw_merging' is a pool method (it merges a whole pool at once) "
+            "and cannot fold continually",
+        ),
+        (
+            "[{method: task_arithmetic, params: {alpha: 0.3}}]",
+            "candidate task_arithmetic-alpha0.3: invalid parameters for method 'task_arithmetic': "
+            "alpha: Extra inputs are not permitted",
+        ),
+        (
+            "[{method: opcm, params: {alpha: 1.5}}]",
+            "candidate opcm-alpha1.5: invalid parameters for method 'opcm': alpha",
+        ),
+        (
+            "[{method: weight_average}, {method: weight_average}]",
+            "candidate names must be unique, got ['weight_average', 'weight_average'] "
+            "(weight_average more than once; give one a `name`)",
+        ),
+    ],
+)
+def test_a_bad_candidate_is_named_in_one_line(candidates: str, message: str) -> None:
+    text = PORTFOLIO.split("candidates:")[0] + f"candidates: {candidates}\n"
+    with pytest.raises(ConfigError) as err:
+        LineageSpec.from_yaml_text(text, "x.yaml")
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith("x.yaml: spec: Value error, candidate")
+    assert message in str(err.value)
 
 
 def test_unreadable_or_malformed_files(tmp_path: Path) -> None:

@@ -180,7 +180,7 @@ def cmd_lineage_create(args: argparse.Namespace) -> int:
 
 def cmd_lineage_show(args: argparse.Namespace) -> int:
     # pipeline extra: loaded on use, the light CLI runs without it
-    from mergeflow.cli.tables import format_chain
+    from mergeflow.cli.tables import format_candidates, format_chain
 
     # pipeline extra: loaded on use, the light CLI runs without it
     from mergeflow.lineage import load_lineage
@@ -205,6 +205,7 @@ def cmd_lineage_show(args: argparse.Namespace) -> int:
     print(spec.to_yaml().rstrip())
     print(f"\nversions of {spec.registered_model} (newest last):")
     print(format_chain(versions))
+    print(format_candidates(versions), end="")
     print(lineage_ops.format_history(spec, versions), end="")
     return 0
 

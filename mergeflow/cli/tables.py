@@ -14,7 +14,7 @@ from mergeflow.storage.registry.tags import TEST_AVG, TEST_BWT, TEST_PREFIX
 TEST_NORM_AVG = TEST_PREFIX + "norm_avg"
 """Normalized ACC (the fold flow's ``test/norm_avg``)."""
 
-__all__ = ["LiveTable", "format_chain"]
+__all__ = ["LiveTable", "format_candidates", "format_chain"]
 
 
 def format_chain(versions: Sequence[VersionRecord]) -> str:
@@ -54,6 +54,26 @@ def format_chain(versions: Sequence[VersionRecord]) -> str:
         for r in [header, *rows]
     ]
     return "\n".join(lines)
+
+
+def format_candidates(versions: Sequence[VersionRecord]) -> str:
+    """Which candidate each fold that tried several registered, and how the others scored
+    (val/avg; ``*`` marks the states the next fold continues); "" when none tried several."""
+    lines = []
+    for v in versions:
+        if not v.candidates:
+            continue
+        won = next((c for c in v.candidates if v.state_uri and c.state_uri == v.state_uri), None)
+        scores = []
+        for c in v.candidates:
+            avg = sum(c.validation.values()) / len(c.validation) if c.validation else None
+            kept = "*" if c.state_uri else ""
+            scores.append(f"{c.label}{kept} {f'{avg:.4f}' if avg is not None else '-'}")
+        head = f"{won.label} ({won.method})" if won else v.method
+        lines.append(f"version {v.version} ({v.checkpoint_id}): {head} won; {', '.join(scores)}")
+    if not lines:
+        return ""
+    return "\ncandidates (val/avg; * = state kept for the next fold):\n" + "\n".join(lines) + "\n"
 
 
 def _short(name: str) -> str:

@@ -21,7 +21,14 @@ from mergeflow.evaluation.evaluators import (
     load_tokenizer,
     load_user_evaluator,
 )
-from mergeflow.evaluation.gate import GateChoice, GateDecision, choose, decide, select_candidate
+from mergeflow.evaluation.gate import (
+    GateChoice,
+    GateDecision,
+    chain_heads,
+    choose,
+    decide,
+    select_candidate,
+)
 from mergeflow.evaluation.harness import load_hf_tokenizer
 from mergeflow.evaluation.models import (
     ARCHITECTURES,
@@ -50,6 +57,7 @@ __all__ = [
     "build_evaluator",
     "continual_metrics",
     "decide",
+    "chain_heads",
     "choose",
     "forgetting",
     "gate_metrics",

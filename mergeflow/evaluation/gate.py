@@ -150,6 +150,8 @@ class GateChoice(BaseModel):
     index: int
     accepted: bool
     reasons: list[str]
+    heads: dict[str, int] = {}
+    """Method -> the candidate whose state continues that method's chain (:func:`chain_heads`)."""
 
 
 def choose(
@@ -181,3 +183,28 @@ def choose(
     accs = [d.acc if d.acc is not None else worst for d in decisions]
     i = max(range(len(accs)), key=lambda j: (accs[j] if higher_is_better else -accs[j], -j))
     return GateChoice(index=i, accepted=False, reasons=list(decisions[i].reasons))
+
+
+def chain_heads(
+    candidates_scores: Sequence[Mapping[str, float]],
+    methods: Sequence[str],
+    gate: GateSpec,
+    champion_scores: Mapping[str, float] | None = None,
+    *,
+    higher_is_better: bool = True,
+    own_scores: Mapping[str, float] | None = None,
+) -> dict[str, int]:
+    """Per method, the index of the candidate whose state continues that method's chain:
+    :func:`choose` among that method's candidates, so the overall choice heads its own."""
+    heads: dict[str, int] = {}
+    for m in dict.fromkeys(methods):
+        idx = [i for i, x in enumerate(methods) if x == m]
+        pick = choose(
+            [candidates_scores[i] for i in idx],
+            gate,
+            champion_scores,
+            higher_is_better=higher_is_better,
+            own_scores=own_scores,
+        )
+        heads[m] = idx[pick.index]
+    return heads

@@ -42,8 +42,9 @@ def _dask_fold(
     label: str,
     params: dict[str, Any],
     prefix: str,
+    method: str | None = None,
 ) -> FoldOutput:
-    plan = plan_groups(spec, parent, ck, params, prefix)
+    plan = plan_groups(spec, parent, ck, params, prefix, method)
     parts = [fold_group.submit(spec, ck, plan, i) for i in range(len(plan.groups))]
     return commit_groups(spec, ck, plan, [p.result() for p in parts], label, prefix)
 
@@ -55,8 +56,9 @@ def dask_fold(
     label: str,
     params: dict[str, Any],
     prefix: str,
+    method: str | None = None,
 ) -> FoldOutput:
     """Fold ``ck`` into ``parent`` on the lineage's Dask cluster; same result as the fold task."""
     assert spec.dask is not None
     runner = _dask_fold.with_options(task_runner=task_runner(spec.dask))
-    return runner(spec, parent, ck, label, params, prefix)
+    return runner(spec, parent, ck, label, params, prefix, method)

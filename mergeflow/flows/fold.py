@@ -13,10 +13,12 @@ Each checkpoint is one ``mergeflow-fold-checkpoint`` subflow:
 1. load the last accepted state (or the step-0 state);
 2. validate the checkpoint against the base (headers only); a bad one is recorded as a
    rejected version with its reason (``Registry.record_rejection``) and never retried;
-3. fold it (one fold, or one per candidate as mapped tasks, all from the same parent)
-   into a fresh prefix ``<storage>/steps/<NNNN>-<id>/state``;
+3. fold it (one fold, or one per candidate as mapped tasks, each into its own method's
+   state of the parent) into a fresh prefix ``<storage>/steps/<NNNN>-<id>/state``;
 4. export the merged weights to ``…/model`` (HF layout);
-5. evaluate (validation for the gate and selection, test for the report) and gate;
+5. evaluate (validation for the gate and selection, test for the report) and gate; the
+   best candidate becomes the version, and each method's best keeps its state for the
+   next fold (the others are deleted);
 6. register the MLflow version LAST (the commit point). A crash before it leaves no
    version: the retry folds again into a new prefix, and ``gc`` removes the orphan.
 """
@@ -35,7 +37,7 @@ from mergeflow.flows.lock import LOCK_LEASE_S as LOCK_LEASE_S  # re-exported
 from mergeflow.flows.lock import ensure_fold_lock as ensure_fold_lock  # re-exported
 from mergeflow.flows.lock import fence, lineage_lock, reap_crashed_run
 from mergeflow.flows.queue import order_pending, target_index
-from mergeflow.lineage import LineageSpec
+from mergeflow.lineage import CandidateFold, LineageSpec
 from mergeflow.tasks import layout
 from mergeflow.tasks.evaluate import evaluate_model, gate, own_scores, save_evaluation
 from mergeflow.tasks.fold import (
@@ -112,30 +114,12 @@ def fold_one(spec: LineageSpec, ck: CheckpointRef, replaces: str | None = None) 
     except CheckpointError as e:
         return _reject(spec, parent, ck, str(e), replaces)
     load_s = time.perf_counter() - t0
-    cands = spec.candidate_params()
-    labels = [label for label, _ in cands]
+    cands = spec.candidate_folds()
     prefixes = [
-        layout.new_prefix(spec, parent.step + 1, label if len(cands) > 1 else None)
-        for label in labels
+        layout.new_prefix(spec, parent.step + 1, c.label if len(cands) > 1 else None) for c in cands
     ]
     try:
-        if len(cands) == 1:
-            fold_step = dask_fold if spec.dask is not None else fold_checkpoint
-            folds = [fold_step(spec, parent, ck, labels[0], cands[0][1], prefixes[0])]
-            models = [export_model(spec, folds[0])]
-            evals = [evaluate_model(spec, folds[0], models[0])]
-        else:
-            ff = fold_checkpoint.map(
-                unmapped(spec),
-                unmapped(parent),
-                unmapped(ck),
-                labels,
-                [p for _, p in cands],
-                prefixes,
-            )
-            mf = export_model.map(unmapped(spec), ff)
-            ef = evaluate_model.map(unmapped(spec), ff, mf)
-            folds, models, evals = ff.result(), mf.result(), ef.result()
+        folds, models, evals = _fold_candidates(spec, parent, ck, cands, prefixes)
     except CheckpointChanged as e:
         discard_prefixes(prefixes)
         return _skip(ck, e)
@@ -143,14 +127,16 @@ def fold_one(spec: LineageSpec, ck: CheckpointRef, replaces: str | None = None) 
         discard_prefixes(prefixes)
         return _reject(spec, parent, ck, str(e), replaces)
     own = own_scores(spec, ck, parent)
-    choice = gate(spec, evals, parent.validation, own)
+    methods = [c.method for c in cands] if len(cands) > 1 else []
+    choice = gate(spec, evals, parent.validation, own, methods)
     best, accepted, reasons = choice.index, choice.accepted, choice.reasons
-    discard_prefixes([p for i, p in enumerate(prefixes) if i != best])
+    keep = {best, *choice.heads.values()}  # the registered fold and each method's chain head
+    discard_prefixes([p for i, p in enumerate(prefixes) if i not in keep])
     fold, model, ev = folds[best], models[best], evals[best]
     metrics, matrix = _metrics(spec, parent, ck, fold, model, ev, own, load_s)
-    for label, cand in zip(labels, evals, strict=True):
+    for c, cand in zip(cands, evals, strict=True):
         if len(evals) > 1 and cand.validation:
-            metrics[f"candidate/{label}/val/avg"] = sum(cand.validation.values()) / len(
+            metrics[f"candidate/{c.label}/val/avg"] = sum(cand.validation.values()) / len(
                 cand.validation
             )
     rows, names = matrix_rows(matrix)
@@ -162,7 +148,7 @@ def fold_one(spec: LineageSpec, ck: CheckpointRef, replaces: str | None = None) 
             "validation": ev.validation,
             "test": ev.test,
             "matrix": matrix.model_dump(mode="json"),
-            "candidate": labels[best],
+            "candidate": cands[best].label,
         },
     )
     record = _record(
@@ -173,17 +159,30 @@ def fold_one(spec: LineageSpec, ck: CheckpointRef, replaces: str | None = None) 
         params=fold.params,
         state_uri=fold.state_uri,
         model_uri=model.model_uri,
+        method=fold.method or spec.method,
         status="accepted" if accepted else "rejected",
         reason="; ".join(reasons),
         metrics=metrics,
         accuracy_matrix=rows,
         task_names=names,
         eval_datasets=ev.datasets,
+        candidates=[
+            {
+                "label": c.label,
+                "method": c.method,
+                "params": f.params,
+                "state_uri": f.state_uri if i in keep else "",
+                "validation": e.validation,
+            }
+            for i, (c, f, e) in enumerate(zip(cands, folds, evals, strict=True))
+        ]
+        if len(cands) > 1
+        else [],
     )
     try:
         _confirm(spec, parent, ck, replaces)
     except CheckpointChanged as e:
-        discard_prefixes([fold.prefix])
+        discard_prefixes([prefixes[i] for i in sorted(keep)])
         return _skip(ck, e)
     version = register_fold(record)
     status = "accepted" if accepted else "rejected"
@@ -198,6 +197,39 @@ def fold_one(spec: LineageSpec, ck: CheckpointRef, replaces: str | None = None) 
         reason=record["reason"],
         metrics=metrics,
     )
+
+
+def _fold_candidates(
+    spec: LineageSpec,
+    parent: ParentState,
+    ck: CheckpointRef,
+    cands: list[CandidateFold],
+    prefixes: list[str],
+) -> tuple[list[FoldOutput], list[ModelOutput], list[EvalOutput]]:
+    """Fold, export and evaluate every candidate (mapped tasks when there are several): each
+    folds into its own method's state of the parent. Raises the error of the first failing
+    candidate in order, after every candidate's tasks have finished (no write follows a discard)."""
+    if len(cands) == 1:
+        c = cands[0]
+        fold_step = dask_fold if spec.dask is not None else fold_checkpoint
+        fold = fold_step(spec, parent, ck, c.label, c.params, prefixes[0], c.method)
+        model = export_model(spec, fold)
+        return [fold], [model], [evaluate_model(spec, fold, model)]
+    ff = fold_checkpoint.map(
+        unmapped(spec),
+        unmapped(parent),
+        unmapped(ck),
+        [c.label for c in cands],
+        [c.params for c in cands],
+        prefixes,
+        [c.method for c in cands],
+    )
+    mf = export_model.map(unmapped(spec), ff)
+    ef = evaluate_model.map(unmapped(spec), ff, mf)
+    for futures in (ff, mf, ef):
+        futures.wait()
+    folds = [f.result() for f in ff]  # in candidate order: the first failing one is reported
+    return folds, [f.result() for f in mf], [f.result() for f in ef]
 
 
 def _metrics(

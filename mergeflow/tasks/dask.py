@@ -106,14 +106,23 @@ def _write(plan: GroupPlan, manifest: states.StateManifest) -> states.StateWrite
 
 @task(name="plan-groups", **io_task)
 def plan_groups(
-    spec: LineageSpec, parent: ParentState, ck: CheckpointRef, params: dict[str, Any], prefix: str
+    spec: LineageSpec,
+    parent: ParentState,
+    ck: CheckpointRef,
+    params: dict[str, Any],
+    prefix: str,
+    method: str | None = None,
 ) -> GroupPlan:
-    """Validate the fold, run the pre-pass, begin the state write, split the tensors into groups."""
+    """Validate the fold, run the pre-pass, begin the state write, split the tensors into groups.
+
+    ``method``: the candidate's (default: the lineage's); the fold reads the parent's state of it.
+    """
     assert spec.dask is not None
     t0 = time.time()
-    src = fold_source(parent, params, prefix)
+    name = method or spec.method
+    src = fold_source(parent, params, prefix, name)
     base, checkpoint, manifest, state = _open(spec, ck, src.uri)
-    method = get_continual(spec.method)
+    method_ = get_continual(name)
     plan = engine.plan_fold(
         manifest.info,
         base.reader,
@@ -122,10 +131,10 @@ def plan_groups(
         digest=ck.digest,
         device=spec.device,
         state=state,
-        stats=checkpoint_stats(spec, ck, checkpoint, base)[0] if method.statistics else None,
+        stats=checkpoint_stats(spec, ck, checkpoint, base)[0] if method_.statistics else None,
         objective=(
             fold_objective(spec, parent, ck, checkpoint, base, params)
-            if method.needs_objective
+            if method_.needs_objective
             else None
         ),
     )

@@ -11,7 +11,7 @@ from typing import Any
 from prefect import task
 
 from mergeflow.evaluation.evaluators import build_evaluator
-from mergeflow.evaluation.gate import GateChoice, choose
+from mergeflow.evaluation.gate import GateChoice, chain_heads, choose
 from mergeflow.evaluation.own import own_key, split_checkpoint
 from mergeflow.evaluation.spec import EvaluationSuite, TaskSpec
 from mergeflow.lineage import LineageSpec
@@ -86,17 +86,26 @@ def gate(
     candidates: Sequence[EvalOutput],
     champion_validation: Mapping[str, float],
     own: OwnScores | None = None,
+    methods: Sequence[str] = (),
 ) -> GateChoice:
-    """:func:`mergeflow.evaluation.gate.choose` on validation scores; all pass without a suite."""
+    """:func:`mergeflow.evaluation.gate.choose` on validation scores (all pass without a suite),
+    with each method's chain head (:func:`~mergeflow.evaluation.gate.chain_heads`) when
+    ``methods`` names the candidates' methods."""
     if spec.evaluation is None:
-        return GateChoice(index=0, accepted=True, reasons=[])
-    return choose(
-        [c.validation for c in candidates],
-        spec.gate,
-        dict(champion_validation) or None,
-        higher_is_better=spec.evaluation.higher_is_better,
-        own_scores=own.validation if own is not None else None,
-    )
+        scores: list[dict[str, float]] = [{} for _ in candidates]
+        heads = chain_heads(scores, methods, spec.gate) if methods else {}
+        return GateChoice(index=0, accepted=True, reasons=[], heads=heads)
+    args: dict[str, Any] = {
+        "champion_scores": dict(champion_validation) or None,
+        "higher_is_better": spec.evaluation.higher_is_better,
+        "own_scores": own.validation if own is not None else None,
+    }
+    validation = [c.validation for c in candidates]
+    choice = choose(validation, spec.gate, **args)
+    if not methods:
+        return choice
+    heads = chain_heads(validation, methods, spec.gate, **args)
+    return choice.model_copy(update={"heads": heads})
 
 
 def _own_path(digest: str) -> str:

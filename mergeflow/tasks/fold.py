@@ -10,6 +10,7 @@ from typing import Any
 
 from prefect import task
 
+from mergeflow.errors import CheckpointChanged, CheckpointError
 from mergeflow.lineage import LineageSpec
 from mergeflow.merging import engine
 from mergeflow.merging.methods import get_continual
@@ -29,11 +30,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def fold_source(parent: ParentState, params: dict[str, Any], prefix: str) -> ObjectStore:
-    """The state a fold reads: the parent's, or (a candidate with other parameters) a copy of
-    its manifest with those parameters at ``<prefix>/state``, still pointing at its tensors."""
-    src = layout.store(parent.state_uri)
-    if params == parent.params:
+def fold_source(
+    parent: ParentState, params: dict[str, Any], prefix: str, method: str | None = None
+) -> ObjectStore:
+    """The state a fold reads: the parent's state of ``method`` (default: the parent's own),
+    or (a candidate with other parameters) a copy of its manifest with those parameters at
+    ``<prefix>/state``, still pointing at its tensors."""
+    uri = parent.chain(method) if method else parent.state_uri
+    src = layout.store(uri)
+    held = parent.params if uri == parent.state_uri else states.read_manifest(src).info.params
+    if dict(held) == params:
         return src
     return states.with_params(src, layout.store(layout.state_uri_of(prefix)), params)
 
@@ -44,6 +50,7 @@ def fold_output(
     """What a fold task returns about the state it committed at ``<prefix>/state``."""
     return FoldOutput(
         label=label,
+        method=info.method,
         params=dict(info.params),
         prefix=prefix,
         state_uri=layout.state_uri_of(prefix),
@@ -76,38 +83,50 @@ def fold_checkpoint(
     label: str,
     params: dict[str, Any],
     prefix: str,
+    method: str | None = None,
 ) -> FoldOutput:
-    """Fold ``ck`` into the parent state and commit the new state at ``<prefix>/state``.
+    """Fold ``ck`` into the parent's state of ``method`` (default: the lineage's) and commit
+    the new state at ``<prefix>/state``.
 
-    The parent state is never modified (see :func:`fold_source` for candidates). A task
-    vector above the lineage's ``max_task_vector_ratio`` is refused
+    The parent state is never modified (see :func:`fold_source` for candidates). Statistics
+    and the calibration objective are read for this candidate's method when it needs them.
+    A task vector above the lineage's ``max_task_vector_ratio`` is refused
     (:class:`~mergeflow.errors.CheckpointError`) before anything is committed, from norms
-    the fold sums as it reads (screening reads no tensor itself).
+    the fold sums as it reads (screening reads no tensor itself). A refusal of one of
+    several candidates names it.
     """
     t0 = time.perf_counter()
+    name = method or spec.method
     base = layout.open_base(spec)
     checkpoint = open_checkpoint(ck.uri, base=base.reader, allow_pickle=spec.allow_pickle)
-    method = get_continual(spec.method)
-    stats, stats_s = (
-        checkpoint_stats(spec, ck, checkpoint, base) if method.statistics else (None, 0.0)
-    )
-    objective = (
-        fold_objective(spec, parent, ck, checkpoint, base, params)
-        if method.needs_objective
-        else None
-    )
-    new = states.fold_into(
-        fold_source(parent, params, prefix),
-        layout.store(layout.state_uri_of(prefix)),
-        base.reader,
-        checkpoint,
-        checkpoint_id=ck.id,
-        digest=ck.digest or None,
-        device=spec.device,
-        max_task_vector_ratio=spec.max_task_vector_ratio,
-        stats=stats,
-        objective=objective,
-    )
+    m = get_continual(name)
+    try:
+        stats, stats_s = (
+            checkpoint_stats(spec, ck, checkpoint, base) if m.statistics else (None, 0.0)
+        )
+        objective = (
+            fold_objective(spec, parent, ck, checkpoint, base, params)
+            if m.needs_objective
+            else None
+        )
+        new = states.fold_into(
+            fold_source(parent, params, prefix, name),
+            layout.store(layout.state_uri_of(prefix)),
+            base.reader,
+            checkpoint,
+            checkpoint_id=ck.id,
+            digest=ck.digest or None,
+            device=spec.device,
+            max_task_vector_ratio=spec.max_task_vector_ratio,
+            stats=stats,
+            objective=objective,
+        )
+    except CheckpointChanged:
+        raise
+    except CheckpointError as e:
+        if label == "main":
+            raise
+        raise CheckpointError(e.source, f"candidate {label} ({name}): {e.problem}") from e
     return fold_output(label, prefix, new.info, time.perf_counter() - t0, stats_s)
 
 

@@ -3,6 +3,7 @@
 Under the lineage's ``store`` prefix::
 
     init/state/                   step-0 state (created on the first fold)
+    init/<method>/state/          step-0 state of another candidate method (a portfolio)
     steps/<NNNN>-<id>/state/      a fold's new state (fresh prefix per attempt)
     steps/<NNNN>-<id>/model/      its merged weights, HF layout (config.json + safetensors)
     steps/<NNNN>-<id>/evaluation.json   its scores and the test accuracy matrix of its chain
@@ -33,6 +34,14 @@ def open_base(spec: LineageSpec) -> OpenedCheckpoint:
 
 def init_prefix(spec: LineageSpec) -> str:
     return f"{spec.store}/init"
+
+
+def init_state_uri(spec: LineageSpec, method: str | None = None) -> str:
+    """The step-0 state of a method's chain: ``init/state`` (the lineage's method) or
+    ``init/<method>/state`` (another candidate method of a portfolio)."""
+    if method in (None, spec.method):
+        return state_uri_of(init_prefix(spec))
+    return state_uri_of(f"{init_prefix(spec)}/{method}")
 
 
 def state_uri_of(prefix: str) -> str:

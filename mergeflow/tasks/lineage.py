@@ -10,7 +10,7 @@ from mergeflow.lineage import LineageSpec, load_lineage
 from mergeflow.merging import engine
 from mergeflow.merging.state import BaseRef
 from mergeflow.storage import states
-from mergeflow.storage.registry import Registry
+from mergeflow.storage.registry import Registry, VersionRecord
 from mergeflow.storage.registry.history import inherited_seen, pending_replays
 from mergeflow.storage.schemes import open_source
 from mergeflow.tasks import layout
@@ -62,7 +62,8 @@ def checkpoint_by_uri(uri: str) -> CheckpointRef:
 
 @task(name="load-parent", **io_task)
 def load_parent(spec: LineageSpec, replaying: bool = False) -> ParentState:
-    """The last accepted version's state, or the step-0 state (created on first use).
+    """The last accepted version's state, or the step-0 state (created on first use), with
+    the state of every candidate method (:func:`chain_states`).
 
     Raises :class:`StateError` while a replay (``mergeflow lineage drop``) is unfinished,
     unless ``replaying``: folding a new checkpoint first would reorder the history.
@@ -75,30 +76,67 @@ def load_parent(spec: LineageSpec, replaying: bool = False) -> ParentState:
         )
     accepted = [v for v in versions if v.status == "accepted"]
     last = accepted[-1] if accepted else None
-    state_uri = last.state_uri if last is not None else ensure_init_state(spec)
+    chains = chain_states(spec, last)
+    state_uri = last.state_uri if last is not None else next(iter(chains.values()))
     manifest = states.read_manifest(layout.store(state_uri))
-    matrix, validation, _ = layout.read_evaluation(layout.prefix_of(state_uri))
+    folded = tuple(c.id for c in manifest.info.checkpoints)
+    for method, uri in chains.items():
+        if uri == state_uri:
+            continue
+        held = tuple(c.id for c in states.read_manifest(layout.store(uri)).info.checkpoints)
+        if held != folded:
+            raise StateError(
+                f"lineage {spec.name}: the {method} state at {uri} holds {list(held)}, the "
+                f"lineage's holds {list(folded)}; every candidate method must fold the same checkpoints"
+            )
+    prefix = layout.prefix_of(state_uri) if last is not None else layout.init_prefix(spec)
+    matrix, validation, _ = layout.read_evaluation(prefix)
     return ParentState(
         version=last.version if last is not None else None,
         state_uri=state_uri,
         step=manifest.info.step,
-        folded=tuple(c.id for c in manifest.info.checkpoints),
+        folded=folded,
         params=dict(manifest.info.params),
         matrix=matrix,
         validation=validation,
+        chains=chains,
     )
 
 
-def ensure_init_state(spec: LineageSpec) -> str:
-    """Create ``<store>/init/state`` (method, params, base digest, projection rule) once."""
-    uri = layout.state_uri_of(layout.init_prefix(spec))
+def chain_states(spec: LineageSpec, last: VersionRecord | None) -> dict[str, str]:
+    """Method -> the state its candidates fold into next, for each of the lineage's methods.
+
+    At the last accepted version, the states it kept for each method (its candidates'); before
+    the first, each method's step-0 state. A method the version kept no state for (a candidate
+    added to the spec since) is refused: its chain would miss the checkpoints folded so far.
+    """
+    methods = spec.chain_methods()
+    if last is None:
+        return {m: ensure_init_state(spec, m) for m in methods}
+    held = last.chains() or {spec.method: last.state_uri}
+    missing = [m for m in methods if m not in held]
+    if missing:
+        raise StateError(
+            f"lineage {spec.name}: version {last.version} kept no state for candidate method(s) "
+            f"{', '.join(missing)} (a chain of theirs would miss the {last.step} checkpoint(s) "
+            f"folded so far); remove them from candidates, or refold the lineage with "
+            f"`mergeflow lineage rebuild {spec.name} --as NEW --method {missing[0]}`"
+        )
+    return {m: held[m] for m in methods}
+
+
+def ensure_init_state(spec: LineageSpec, method: str | None = None) -> str:
+    """Create the step-0 state of ``method`` (default: the lineage's), once: method, params,
+    base digest, projection rule, at :func:`~mergeflow.tasks.layout.init_state_uri`."""
+    name = method or spec.method
+    uri = layout.init_state_uri(spec, name)
     st = layout.store(uri)
     if states.has_state(st):
         return uri
     base = layout.open_base(spec)
     info = engine.new_state(
-        spec.method,
-        spec.params,
+        name,
+        spec.chain_params(name),
         BaseRef(uri=base.uri, digest=base.digest()),
         resolve_projection(base.reader, base.config, spec.project_regex),
         spec.fold_options(),

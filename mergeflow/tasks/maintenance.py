@@ -44,7 +44,8 @@ def version_fold(spec: LineageSpec, version: str) -> tuple[FoldOutput, ModelOutp
 
 @task(name="referenced-prefixes", **io_task)
 def referenced_prefixes(spec: LineageSpec, versions: list[VersionRecord]) -> set[str]:
-    """Step prefixes that a registered version uses, directly or through its state's manifest."""
+    """Step prefixes that a registered version uses, directly or through a state's manifest
+    (its own state and every candidate state it kept)."""
     steps = f"{spec.store}/steps/"
     keep: set[str] = set()
 
@@ -53,11 +54,11 @@ def referenced_prefixes(spec: LineageSpec, versions: list[VersionRecord]) -> set
             keep.add(steps + uri[len(steps) :].split("/", 1)[0])
 
     for v in versions:
-        add(v.state_uri)
         add(v.model_uri)
-        if v.state_uri:
+        for state_uri in {v.state_uri, *(c.state_uri for c in v.candidates)} - {""}:
+            add(state_uri)
             try:
-                m = states.read_manifest(layout.store(v.state_uri))
+                m = states.read_manifest(layout.store(state_uri))
             except Exception:
                 continue
             add(m.tensors)

@@ -6,6 +6,8 @@ the flows in :mod:`mergeflow.flows.replay` order them under the lineage's lock.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
@@ -131,11 +133,13 @@ def resolve_version(versions: list[VersionRecord], ref: str) -> VersionRecord:
 
 @task(name="start-branch", **io_task)
 def start_branch(origin: LineageSpec, version: str, new: LineageSpec) -> str:
-    """Write ``new``'s starting state: ``origin``'s ``version`` state with ``new``'s parameters.
+    """Write ``new``'s starting states: ``origin``'s ``version`` state of each of ``new``'s
+    methods (one, or each candidate method's of a portfolio), with ``new``'s parameters.
 
-    The new ``init/state`` manifest points at the version's tensors (nothing is copied) and
-    its ``evaluation.json`` carries the version's scores, so the branch's first fold is gated
-    against them. Returns the new state's URI. Nothing of ``origin`` is written.
+    Each ``init`` manifest points at the version's tensors (nothing is copied) and
+    ``init/evaluation.json`` carries the version's scores, so the branch's first fold is gated
+    against them. Returns the URI of the state of ``new``'s first method. Nothing of
+    ``origin`` is written.
     """
     v = resolve_version(registry().versions(origin.registered_model), version)
     if not v.state_uri:
@@ -143,18 +147,33 @@ def start_branch(origin: LineageSpec, version: str, new: LineageSpec) -> str:
             f"{origin.name} version {v.version} has no state ({v.status} at validation: "
             f"{v.reason or 'no reason recorded'}); branch at a version that folded its checkpoint"
         )
-    dst_uri = layout.state_uri_of(layout.init_prefix(new))
-    dst, src = layout.store(dst_uri), layout.store(v.state_uri)
-    if states.has_state(dst):  # a branch interrupted before its lineage was saved is redone
-        old, want = states.read_manifest(dst), states.read_manifest(src)
-        if (old.tensors, old.info.params) != (want.tensors, dict(new.params)):
-            raise StateError(f"{dst_uri} already holds a state; give the branch another --store")
-    states.with_params(src, dst, dict(new.params))
+    held = v.chains()
+    missing = [m for m in new.chain_methods() if m not in held]
+    if missing:
+        raise ConfigError(
+            f"{origin.name} version {v.version} kept no {', '.join(missing)} state "
+            f"(it kept {', '.join(held)}); branch at a version that folded with every candidate method"
+        )
+    uris = [
+        _branch_state(held[m], layout.init_state_uri(new, m), new.chain_params(m))
+        for m in new.chain_methods()
+    ]
     matrix, validation, test = layout.read_evaluation(layout.prefix_of(v.state_uri))
     doc = {"matrix": matrix.model_dump(mode="json"), "validation": validation, "test": test}
     layout.write_evaluation(
         layout.init_prefix(new), {**doc, "branch_of": v.model_dump(mode="json")}
     )
+    return uris[0]
+
+
+def _branch_state(src_uri: str, dst_uri: str, params: dict[str, Any]) -> str:
+    """A manifest copy of the state at ``src_uri`` with ``params`` at ``dst_uri`` (redone as is)."""
+    dst, src = layout.store(dst_uri), layout.store(src_uri)
+    if states.has_state(dst):  # a branch interrupted before its lineage was saved is redone
+        old, want = states.read_manifest(dst), states.read_manifest(src)
+        if (old.tensors, old.info.params) != (want.tensors, params):
+            raise StateError(f"{dst_uri} already holds a state; give the branch another --store")
+    states.with_params(src, dst, params)
     return dst_uri
 
 

@@ -25,6 +25,8 @@ class ParentState(BaseModel):
 
     ``matrix`` is the test-split accuracy matrix of the accepted chain so far and
     ``validation`` the parent's validation scores (what the gate compares against).
+    ``chains``: method -> the state that method's candidates fold into (every method's
+    state holds the same checkpoints); empty means ``state_uri`` for every candidate.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -36,6 +38,11 @@ class ParentState(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     matrix: AccuracyMatrix = AccuracyMatrix()
     validation: dict[str, float] = Field(default_factory=dict)
+    chains: dict[str, str] = Field(default_factory=dict)
+
+    def chain(self, method: str) -> str:
+        """The state a candidate of ``method`` folds into."""
+        return self.chains.get(method, self.state_uri)
 
 
 class FoldOutput(BaseModel):
@@ -53,6 +60,7 @@ class FoldOutput(BaseModel):
     peak_rss_mb: float
     stats_seconds: float = 0.0
     """Seconds spent computing the checkpoint's statistics (0 when published or cached)."""
+    method: str = ""
 
 
 class ModelOutput(BaseModel):

@@ -48,12 +48,15 @@ Version tags (all strings; names in :mod:`.tags`): ``mergeflow.lineage``,
 :meth:`Registry.versions` needs one search call), ``mergeflow.checkpoint.id``,
 ``mergeflow.checkpoint.uri``, ``mergeflow.checkpoint.digest``, ``mergeflow.parent.version``
 ("" for none), ``mergeflow.state.uri``, ``mergeflow.model.uri`` ("" when rejected at
-validation), ``mergeflow.model.id`` (the LoggedModel).
+validation), ``mergeflow.model.id`` (the LoggedModel); on a fold that tried several
+candidates, ``mergeflow.candidates`` (JSON: each candidate's label, method, params, state URI
+and validation scores; ``mergeflow.method`` is then the registered candidate's method).
 
 Metrics (the fold flow computes them; keys by split): ``test/<task>`` per task,
 ``test/avg`` their mean over the tasks folded so far, ``test/bwt`` backward transfer (from
 step 2); ``val/<task>`` and ``val/avg`` on the validation split;
-``candidate/<label>/val/avg`` per candidate when a fold tries several; timings and memory
+``candidate/<label>/val/avg`` per candidate when a fold tries several (and run params
+``candidate.<label>.method``, ``candidate.<label>.param.<k>``); timings and memory
 keep plain names (``load_seconds``, ``fold_seconds``, ``export_seconds``,
 ``eval_seconds``, ``peak_rss_mb``, ``step``).
 
@@ -66,7 +69,12 @@ every fold, accepted or rejected, becomes a version, ``models:/NAME/latest``,
 from __future__ import annotations
 
 from mergeflow.storage.registry.client import Registry
-from mergeflow.storage.registry.records import FoldRecord, RegistryError, VersionRecord
+from mergeflow.storage.registry.records import (
+    CandidateRecord,
+    FoldRecord,
+    RegistryError,
+    VersionRecord,
+)
 from mergeflow.storage.registry.source import MlflowSource
 from mergeflow.storage.registry.tags import CHAMPION_ALIAS, NEWEST_ALIAS
 from mergeflow.storage.registry.uri import parse_mlflow_uri, resolve_model_uri
@@ -74,6 +82,7 @@ from mergeflow.storage.registry.uri import parse_mlflow_uri, resolve_model_uri
 __all__ = [
     "CHAMPION_ALIAS",
     "NEWEST_ALIAS",
+    "CandidateRecord",
     "FoldRecord",
     "MlflowSource",
     "Registry",

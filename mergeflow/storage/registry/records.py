@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -14,6 +14,7 @@ from mergeflow.errors import MergeflowError
 from mergeflow.storage.registry.tags import (
     DROPPED,
     SUPERSEDED,
+    T_CANDIDATES,
     T_CHECKPOINT_DIGEST,
     T_CHECKPOINT_ID,
     T_CHECKPOINT_URI,
@@ -38,12 +39,15 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 __all__ = [
+    "CandidateRecord",
     "FoldRecord",
     "RegistryError",
     "VersionRecord",
     "aliases_of",
+    "candidates_tag",
     "created_at",
     "finite_metrics",
+    "parse_candidates",
     "run_params",
     "version_from_mlflow",
     "version_tags",
@@ -51,10 +55,44 @@ __all__ = [
 
 _MAX_PARAM_VALUE = 6000
 _MAX_REASON = 4000
+_MAX_TAG = 8000
 
 
 class RegistryError(MergeflowError):
     """The tracking server refused a request or holds something mergeflow cannot use."""
+
+
+class CandidateRecord(BaseModel):
+    """One candidate of a fold that tried several: its method, state and validation scores."""
+
+    model_config = ConfigDict(frozen=True)
+
+    label: str
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    state_uri: str = ""
+    """Its new state when it continues its method's state chain (the best of that method's
+    candidates); "" when it was discarded."""
+    validation: dict[str, float] = Field(default_factory=dict)
+
+
+def candidates_tag(candidates: Sequence[CandidateRecord]) -> str:
+    """The ``mergeflow.candidates`` tag: compact JSON, one object per candidate (without the
+    per-task scores if it would not fit a tag; ``candidate/<label>/val/avg`` has their mean)."""
+    docs = [c.model_dump(mode="json") for c in candidates]
+    text = json.dumps(docs, sort_keys=True, separators=(",", ":"))
+    if len(text) > _MAX_TAG:
+        docs = [{**d, "validation": {}} for d in docs]
+        text = json.dumps(docs, sort_keys=True, separators=(",", ":"))
+    return text
+
+
+def parse_candidates(text: str) -> list[CandidateRecord]:
+    """The candidates of a ``mergeflow.candidates`` tag ([] when absent or unreadable)."""
+    try:
+        return [CandidateRecord.model_validate(c) for c in json.loads(text or "[]")]
+    except (ValueError, TypeError):
+        return []
 
 
 class FoldRecord(BaseModel):
@@ -89,6 +127,9 @@ class FoldRecord(BaseModel):
     """For ``log_inputs``: ``{name, uri, split, digest}`` each (digest optional)."""
     replaces: str | None = None
     """A replayed fold: the version it replaces (part of the idempotency key with the digest)."""
+    candidates: list[CandidateRecord] = Field(default_factory=list)
+    """Every candidate when the fold tried several (the registered one's ``state_uri`` is
+    this record's); empty otherwise."""
 
 
 class VersionRecord(BaseModel):
@@ -120,6 +161,8 @@ class VersionRecord(BaseModel):
     superseded_reason: str = ""
     dropped_reason: str = ""
     dropped_at: str = ""
+    # A fold that tried several candidates (``mergeflow.candidates``), defaulted:
+    candidates: list[CandidateRecord] = Field(default_factory=list)
 
     @property
     def note(self) -> str:
@@ -130,6 +173,14 @@ class VersionRecord(BaseModel):
             by = f"by version {self.superseded_by}" if self.superseded_by else "replay pending"
             return f"superseded {by}: {self.superseded_reason}"
         return f"replaces version {self.replaces}" if self.replaces else ""
+
+    def chains(self) -> dict[str, str]:
+        """Method -> the state its next fold continues: the kept candidate states, or the
+        version's own state when it tried one candidate ({} when nothing was folded)."""
+        kept = {c.method: c.state_uri for c in self.candidates if c.state_uri}
+        if kept:
+            return kept
+        return {self.method: self.state_uri} if self.state_uri else {}
 
 
 def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -152,12 +203,19 @@ def _flatten(params: Mapping[str, Any], prefix: str) -> dict[str, str]:
 
 
 def run_params(rec: FoldRecord) -> dict[str, str]:
-    """Run and LoggedModel params: ``method``, ``param.<k>`` (flattened), ``base``, ``checkpoint``."""
+    """Run and LoggedModel params: ``method``, ``param.<k>`` (flattened), ``base``, ``checkpoint``;
+    with candidates ``candidate.<label>.method`` and ``candidate.<label>.param.<k>``."""
     return {
         "method": rec.method,
         **_flatten(rec.params, "param"),
         "base": rec.base_uri[:_MAX_PARAM_VALUE],
         "checkpoint": rec.checkpoint_uri[:_MAX_PARAM_VALUE],
+        **{f"candidate.{c.label}.method": c.method for c in rec.candidates},
+        **{
+            k: v
+            for c in rec.candidates
+            for k, v in _flatten(c.params, f"candidate.{c.label}.param").items()
+        },
     }
 
 
@@ -178,6 +236,7 @@ def version_tags(rec: FoldRecord, model_id: str) -> dict[str, str]:
         T_METRICS: json.dumps(finite_metrics(rec.metrics), sort_keys=True, separators=(",", ":")),
         T_MODEL_ID: model_id,
         **({T_REPLACES_VERSION: rec.replaces} if rec.replaces else {}),
+        **({T_CANDIDATES: candidates_tag(rec.candidates)} if rec.candidates else {}),
     }
 
 
@@ -222,4 +281,5 @@ def version_from_mlflow(mv: ModelVersion, aliases: Mapping[str, str]) -> Version
         superseded_reason=tags.get(T_SUPERSEDED_REASON, ""),
         dropped_reason=tags.get(T_DROPPED_REASON, ""),
         dropped_at=tags.get(T_DROPPED_AT, ""),
+        candidates=parse_candidates(tags.get(T_CANDIDATES, "")),
     )

@@ -60,6 +60,7 @@ def describe(rec: FoldRecord) -> str:
         lines.append(f"| replaces | version {rec.replaces} (replayed after a dropped checkpoint) |")
     if rec.reason:
         lines.append(f"| reason | {rec.reason.replace('|', '/').replace(chr(10), ' ')[:600]} |")
+    lines += _candidates(rec)
     metrics = finite_metrics(rec.metrics)
     if metrics:
         lines += ["", "| metric | value |", "|---|---|"]
@@ -69,6 +70,22 @@ def describe(rec: FoldRecord) -> str:
             lines.append(f"| … | {len(keys) - 40} more in the run |")
     text = "\n".join(lines)
     return text if len(text) <= _MAX_DESCRIPTION else text[: _MAX_DESCRIPTION - 1] + "…"
+
+
+def _candidates(rec: FoldRecord) -> list[str]:
+    """The candidates table (the registered one in bold), when the fold tried several."""
+    if not rec.candidates:
+        return []
+    lines = ["", "| candidate | method | val/avg | state |", "|---|---|---|---|"]
+    for c in rec.candidates:
+        won = bool(rec.state_uri) and c.state_uri == rec.state_uri
+        params = ", ".join(f"{k}={v}" for k, v in sorted(c.params.items())) or "defaults"
+        avg = sum(c.validation.values()) / len(c.validation) if c.validation else None
+        lines.append(
+            f"| {f'**{c.label}** (registered)' if won else c.label} | `{c.method}` ({params}) "
+            f"| {_fmt(avg) if avg is not None else '-'} | `{c.state_uri or 'discarded'}` |"
+        )
+    return lines
 
 
 def plot_node(v: VersionRecord) -> PlotNode:

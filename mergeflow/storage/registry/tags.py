@@ -19,6 +19,7 @@ __all__ = [
     "TEST_AVG",
     "TEST_BWT",
     "TEST_PREFIX",
+    "T_CANDIDATES",
     "T_CHECKPOINT_DIGEST",
     "T_CHECKPOINT_ID",
     "T_CHECKPOINT_URI",
@@ -57,7 +58,7 @@ T_STATUS = TAG_PREFIX + "status"
 T_REASON = TAG_PREFIX + "reason"
 """Gate reason or validation error ("" when accepted)."""
 T_METHOD = TAG_PREFIX + "method"
-"""The merge method's name."""
+"""The merge method's name (with candidates: the method of the one registered)."""
 T_METRICS = TAG_PREFIX + "metrics"
 """Compact JSON of the finite metrics, so listing versions needs one search call."""
 T_CHECKPOINT_ID = TAG_PREFIX + "checkpoint.id"
@@ -72,6 +73,10 @@ T_MODEL_URI = TAG_PREFIX + "model.uri"
 """The merged weights folder ("" when rejected at validation)."""
 T_MODEL_ID = TAG_PREFIX + "model.id"
 """The version's LoggedModel id."""
+T_CANDIDATES = TAG_PREFIX + "candidates"
+"""On a fold that tried several candidates only: compact JSON, one object per candidate
+(``label``, ``method``, ``params``, ``state_uri``, ``validation``); the states kept are the
+ones the next fold continues (one per method), the others are ``""``."""
 
 T_REPLACES_VERSION = TAG_PREFIX + "replaces.version"
 """On a replayed fold: the version it replaces (absent on an ordinary fold)."""
