@@ -834,6 +834,11 @@ def main() -> None:
         default=20,
         help="vit-b32-dop: Adam steps of both DOPs in the time table (theirs: 200)",
     )
+    ap.add_argument(
+        "--dop-tables",
+        default="time,memory",
+        help="vit-b32-dop: which tables (time, memory or both)",
+    )
     ap.add_argument("--driver", help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
     if args.driver:
@@ -863,7 +868,7 @@ def main() -> None:
     if args.suite == "vit-b32-dop":
         import compare_dop
 
-        compare_dop.suite_dop(args.rounds, args.dop_steps, args.skip_fusionbench)
+        compare_dop.suite_dop(args.rounds, args.dop_steps, args.skip_fusionbench, args.dop_tables)
         print(f"\ntotal {time.perf_counter() - t0:.0f} s")
         return
     cpu_run = args.suite == "all"  # the tables the targets are read from (module doc)

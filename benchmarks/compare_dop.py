@@ -87,12 +87,14 @@ def _systems(suite: str, steps: int, skip_fb: bool) -> tuple[dict, Path, Path]:
     return systems, out, base
 
 
-def suite_dop(rounds: int, steps: int, skip_fb: bool) -> None:
+def suite_dop(rounds: int, steps: int, skip_fb: bool, tables: str = "time,memory") -> None:
     """Print the time table (one layer, ``steps`` steps) and the memory table (12 layers, 1 step)."""
     for title, suite, n_steps, n_rounds in (
         (f"DOP time: 1 ViT-B/32 layer, {steps} Adam steps", TIME_SUITE, steps, rounds),
         ("DOP memory: 12 ViT-B/32 layers, 1 Adam step", "vit-b32", 1, 1),
     ):
+        if ("time" if suite == TIME_SUITE else "memory") not in tables.split(","):
+            continue
         print(f"\n== {title} ==", flush=True)
         systems, out, base = _systems(suite, n_steps, skip_fb)
         res = c._rounds(systems, n_rounds)
