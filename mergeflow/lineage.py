@@ -20,6 +20,7 @@ A lineage is declared in YAML and validated once by :class:`LineageSpec`::
     dask: {n_workers: 4, groups: 8}         # optional: fold tensor groups on a Dask cluster
     schedule: 60                            # watch every 60 s, or a cron string "*/5 * * * *"
     max_task_vector_ratio: 1.0              # refuse ‖τ‖/‖θ₀‖ above this (another base); null: off
+    vocab: base                             # tokens a checkpoint adds: left out (base) or added (union)
 
 Layout under ``store``::
 
@@ -166,6 +167,7 @@ class LineageSpec(BaseModel):
         None, description="OPCM: project exactly the 2-D tensors matching this"
     )
     export_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+    vocab: Literal["base", "union"] = "base"
     allow_pickle: bool = False
     max_task_vector_ratio: float | None = Field(
         1.0,
@@ -254,7 +256,9 @@ class LineageSpec(BaseModel):
     def fold_options(self) -> FoldOptions:
         """The options that change the numbers a fold produces (they live in the state)."""
         return FoldOptions(
-            compute_dtype=self.compute_dtype, missing="zero" if self.allow_missing else "error"
+            compute_dtype=self.compute_dtype,
+            missing="zero" if self.allow_missing else "error",
+            vocab=self.vocab,
         )
 
     @property
@@ -345,6 +349,7 @@ IMMUTABLE = (
     "compute_dtype",
     "project_regex",
     "allow_missing",
+    "vocab",
     "origin",
 )
 """Fields that cannot change once a lineage exists (its states depend on them)."""

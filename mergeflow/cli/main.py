@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import mergeflow.cli.pool
 import mergeflow.cli.stats
-from mergeflow.architecture import resolve_projection
+from mergeflow.architecture import resolve_projection, resolve_vocab
 from mergeflow.cli.args import parse_key_values, parse_ratio, parse_size
 from mergeflow.cli.output import Output, write_model
 from mergeflow.errors import CheckpointError, ConfigError, MergeflowError, StateError
@@ -23,9 +23,10 @@ from mergeflow.merging.engine import resolve_device
 from mergeflow.merging.methods import get_method, method_table
 from mergeflow.merging.state import BaseRef, FoldOptions
 from mergeflow.merging.stats import STATS_FILE
-from mergeflow.storage import states
+from mergeflow.storage import states, vocab
 from mergeflow.storage.objects import LocalStore
 from mergeflow.storage.schemes import open_checkpoint, open_store
+from mergeflow.storage.vocab_files import model_files
 
 
 def _common_fold_options(p: argparse.ArgumentParser) -> None:
@@ -77,6 +78,13 @@ def _state_options(p: argparse.ArgumentParser) -> None:
         "--allow-missing",
         action="store_true",
         help="treat a tensor the base has but a checkpoint lacks as a zero task vector (default: refuse the checkpoint)",
+    )
+    p.add_argument(
+        "--vocab",
+        choices=["base", "union"],
+        default="base",
+        help="tokens a checkpoint adds (vocabulary rows are matched by token through the tokenizers): "
+        "base leaves their rows out (default); union grows the merged vocabulary and its tokenizer",
     )
 
 
@@ -230,7 +238,9 @@ def _new_info(args: argparse.Namespace, base):
 
     projection = resolve_projection(base.reader, base.config, args.project_regex)
     options = FoldOptions(
-        compute_dtype=args.compute_dtype, missing="zero" if args.allow_missing else "error"
+        compute_dtype=args.compute_dtype,
+        missing="zero" if args.allow_missing else "error",
+        vocab=args.vocab,
     )
     return engine.new_state(
         args.method,
@@ -238,13 +248,14 @@ def _new_info(args: argparse.Namespace, base):
         BaseRef(uri=base.uri, digest=base.digest()),
         projection,
         options,
+        resolve_vocab(base.reader, base.config),
     )
 
 
 def _validate(info, base, cks) -> None:
     """Every checkpoint's headers (and statistics, for a method that reads them) before any work."""
     for c in cks:
-        engine.check_compatible(base.reader, c.reader, info.options)
+        vocab.check(info.vocab, info.options, base, c)
         if engine.needs_statistics(info) and c.stats(base.reader) is None:
             raise CheckpointError(
                 c.uri,
@@ -262,12 +273,25 @@ def _objective(args, info, base, folded, suite, device):
     return mergeflow.cli.pool.fold_objective(suite, base, heads, dict(info.params), device)
 
 
+def _note(info, checkpoint_id: str) -> None:
+    """Say what a fold did to the vocabulary (tokens left out or added), if anything."""
+    line = vocab.note(info, checkpoint_id)
+    if line:
+        print(line, file=sys.stderr)
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
 
     method = get_method(args.method)
     device = _device(args)
     base = _open_base(args.base)
     cks = _open_checkpoints(args.checkpoints, base, args.allow_pickle)
+    if method.kind != "continual":  # rows aligned by token, new tokens left out
+        base, cks, notes = vocab.aligned(
+            resolve_vocab(base.reader, base.config), args.vocab, base, cks
+        )
+        for line in notes:
+            print(line, file=sys.stderr)
     if method.kind != "continual" and args.max_task_vector_ratio is not None:
         screen = FoldOptions(compute_dtype=args.compute_dtype)
         for c in cks:  # before any output: a fold sums these norms itself
@@ -317,24 +341,26 @@ def cmd_merge(args: argparse.Namespace) -> int:
             store = LocalStore(work)
             states.init_state(store, info)
             for i, c in enumerate(cks):
-                states.fold_into(
+                m = states.fold_into(
                     store,
                     store,
-                    base.reader,
+                    base,
                     c,
                     device=device,
                     progress=_progress(args),
                     objective=_objective(args, info, base, cks[: i + 1], suite, device),
                     max_task_vector_ratio=args.max_task_vector_ratio,
                 )
+                _note(m.info, c.uri)
 
             def write(w):
                 return states.export_state(
                     store, base.reader, w, dtype=args.dtype, device=device, progress=_progress(args)
                 )
 
-            write_model(out.tmp, base, write, args.max_shard_size)
             manifest = states.read_manifest(store)
+            files = model_files(manifest.info, base, states.vocab_folder(store, manifest))
+            write_model(out.tmp, base, write, args.max_shard_size, files)
             (out.tmp / "mergeflow.json").write_text(
                 json.dumps(states.summary(manifest) | {"tensors": None, "heads": {}}, indent=2)
             )
@@ -372,8 +398,13 @@ def cmd_state_init(args: argparse.Namespace) -> int:
     if states.has_state(store):
         raise ConfigError(f"a merge state already exists at {args.state}")
     base = _open_base(args.base)
-    states.init_state(store, _new_info(args, base))
-    print(f"initialised {args.method} state at {args.state}", file=sys.stderr)
+    info = _new_info(args, base)
+    states.init_state(store, info)
+    rows = f", {info.vocab.rows} vocabulary rows" if info.vocab is not None else ""
+    print(
+        f"initialised {args.method} state at {args.state} (vocab: {args.vocab}{rows})",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -403,7 +434,7 @@ def cmd_state_fold(args: argparse.Namespace) -> int:
         m = states.fold_into(
             store,
             store,
-            base.reader,
+            base,
             c,
             device=device,
             max_shard_size=args.max_shard_size,
@@ -412,6 +443,7 @@ def cmd_state_fold(args: argparse.Namespace) -> int:
             max_task_vector_ratio=args.max_task_vector_ratio,
         )
         print(f"folded {c.uri} as step {m.info.step}", file=sys.stderr)
+        _note(m.info, c.uri)
     return 0
 
 
@@ -429,6 +461,7 @@ def cmd_state_export(args: argparse.Namespace) -> int:
                 store, base.reader, w, dtype=args.dtype, device=device, progress=_progress(args)
             ),
             args.max_shard_size,
+            model_files(manifest.info, base, states.vocab_folder(store, manifest)),
         )
         (out.tmp / "mergeflow.json").write_text(json.dumps(states.summary(manifest), indent=2))
     return 0

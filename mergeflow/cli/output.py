@@ -37,10 +37,13 @@ class Output:
         os.replace(self.tmp, self.final)
 
 
-def write_model(out_dir: Path, base, write, max_shard_size: int) -> None:
-    """Copy the base's small files, then stream the model through ``write(writer)``."""
+def write_model(out_dir: Path, base, write, max_shard_size: int, files=None) -> None:
+    """Copy the base's small files (or ``files``: name -> bytes, e.g. a grown vocabulary's
+    tokenizer and config), then stream the model through ``write(writer)``."""
 
     store = LocalStore(out_dir)
-    for name in base.small_files():
-        store.write_bytes(name, base.store.read_bytes(base.prefix + name))
+    if files is None:
+        files = {n: base.store.read_bytes(base.prefix + n) for n in base.small_files()}
+    for name, data in files.items():
+        store.write_bytes(name, data)
     write(ShardedWriter(StoreSink(store), max_shard_size))

@@ -34,7 +34,7 @@ from mergeflow.merging.plan import (
     slot_key,
 )
 from mergeflow.merging.projection import ProjectionRule
-from mergeflow.merging.state import BaseRef, FoldedCheckpoint, FoldOptions, StateInfo
+from mergeflow.merging.state import BaseRef, FoldedCheckpoint, FoldOptions, StateInfo, VocabInfo
 from mergeflow.merging.stats import CheckpointStats
 from mergeflow.merging.tensors import SAFETENSORS_DTYPES, TensorReader, TensorWriter
 from mergeflow.merging.vectors import (
@@ -61,8 +61,11 @@ def new_state(
     base: BaseRef,
     projection: ProjectionRule,
     options: FoldOptions | None = None,
+    vocab: VocabInfo | None = None,
 ) -> StateInfo:
-    """An empty (step 0) state for a continual method; parameters are validated here."""
+    """An empty (step 0) state for a continual method; parameters are validated here.
+
+    ``vocab``: the base's vocabulary tensors (their rows are aligned by token when folding)."""
     p = validate_params(get_continual(method), params)
     return StateInfo(
         method=method,
@@ -70,6 +73,7 @@ def new_state(
         base=base,
         projection=projection,
         options=options or FoldOptions(),
+        vocab=vocab,
     )
 
 

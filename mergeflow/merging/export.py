@@ -16,7 +16,22 @@ from mergeflow.merging.tensors import TensorReader, TensorWriter
 
 def output_metadata(info: StateInfo) -> dict[str, str]:
     """safetensors metadata recorded in every exported model."""
-    return {
+    v = info.vocab
+    vocab = (
+        {
+            "mergeflow.vocab": json.dumps(
+                {
+                    "policy": info.options.vocab,
+                    "rows": v.merged_rows,
+                    "added": len(v.added),
+                    "left_out": sum(len(t) for t in v.left_out.values()),
+                }
+            )
+        }
+        if v is not None
+        else {}
+    )
+    return vocab | {
         "mergeflow.method": info.method,
         "mergeflow.params": json.dumps(info.params, sort_keys=True),
         "mergeflow.step": str(info.step),

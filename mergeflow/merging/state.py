@@ -28,6 +28,10 @@ class FoldOptions(BaseModel):
         "error",
         description="a tensor the base has but a checkpoint lacks: refuse, or treat as a zero task vector",
     )
+    vocab: Literal["base", "union"] = Field(
+        "base",
+        description="tokens a checkpoint adds: leave their rows out (base), or grow the merged vocabulary (union)",
+    )
 
 
 class FoldedCheckpoint(BaseModel):
@@ -38,6 +42,44 @@ class FoldedCheckpoint(BaseModel):
     id: str
     digest: str
     step: int
+
+
+class AddedToken(BaseModel):
+    """A token the merged vocabulary gained (``vocab: union``): its row and who introduced it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    token: str
+    row: int
+    checkpoint: str
+
+
+class VocabInfo(BaseModel):
+    """The vocabulary tensors of a state (rows are tokens) and how the vocabulary changed.
+
+    Rows are aligned by token, not by index (``mergeflow.storage.vocab``); ``added`` rows
+    follow the base's tokens in the order they were introduced, and their base value is the
+    introducing checkpoint's row (kept beside the state tensors).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tensors: tuple[str, ...] = Field(description="the input embedding and output head tensors")
+    rows: int = Field(description="the base's rows")
+    tied: tuple[str, ...] = Field(
+        (),
+        description="output-head tensors the base stores but ties to the input embedding: not merged, not written",
+    )
+    added: tuple[AddedToken, ...] = ()
+    left_out: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="vocab: base: checkpoint id -> the tokens it added, left out",
+    )
+
+    @property
+    def merged_rows(self) -> int:
+        """Rows of the merged vocabulary tensors."""
+        return max(self.rows, self.added[-1].row + 1) if self.added else self.rows
 
 
 class BaseRef(BaseModel):
@@ -69,6 +111,10 @@ class StateInfo(BaseModel):
     heads: dict[str, tuple[str, ...]] = Field(
         default_factory=dict,
         description="checkpoint id -> names of its tensors the base lacks (task heads)",
+    )
+    vocab: VocabInfo | None = Field(
+        None,
+        description="the vocabulary tensors, when the base has them (None: rows fold by index)",
     )
 
     def folded(

@@ -43,6 +43,9 @@ SMALL_FILES = (
     "vocab.json",
     "merges.txt",
     "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
     "preprocessor_config.json",
 )
 """Non-weight files copied next to a merged model, so ``from_pretrained`` loads it."""

@@ -5,6 +5,7 @@ Layout under a state prefix::
     state.json                    manifest: StateInfo + where its tensors and heads live
     tensors/step-00003/...        the state tensors (model.safetensors, or shards + index)
     heads/step-00003/...          tensors of checkpoint 3 that the base lacks
+    tensors/step-00003/vocab/...  vocab: union: the added tokens' rows and the union's tokenizer
 
 Every fold writes through a :class:`StateWrite`: ``begin`` (clears what a crashed attempt
 at the same step left), then the tensors (one writer, or disjoint parts from several
@@ -25,6 +26,7 @@ from mergeflow.merging.methods.base import Objective
 from mergeflow.merging.state import StateInfo
 from mergeflow.merging.stats import CheckpointStats
 from mergeflow.merging.tensors import TensorReader
+from mergeflow.storage import vocab
 from mergeflow.storage.checkpoints import OpenedCheckpoint, open_weights
 from mergeflow.storage.hf_layout import INDEX_FILE
 from mergeflow.storage.objects import ObjectStore, StoreSink
@@ -94,6 +96,33 @@ def load_state(store: ObjectStore) -> tuple[StateManifest, TensorReader | None]:
     s, prefix = _store_for(m.tensors, store)
     reader, _, _ = open_weights(s, m.tensors, prefix=prefix)
     return m, reader
+
+
+def vocab_folder(store: ObjectStore, manifest: StateManifest) -> vocab.Folder | None:
+    """Where a state keeps its added rows and tokenizer files (beside its tensors)."""
+    if manifest.tensors is None:
+        return None
+    s, prefix = _store_for(manifest.tensors, store)
+    return s, f"{prefix}{vocab.VOCAB_DIR}/"
+
+
+def open_fold(
+    src: ObjectStore,
+    base: OpenedCheckpoint | TensorReader,
+    checkpoint: OpenedCheckpoint,
+    checkpoint_id: str | None = None,
+) -> tuple[StateManifest, vocab.VocabFold]:
+    """The state at ``src`` and the readers that fold ``checkpoint`` into it, vocabulary rows
+    aligned by token (:func:`mergeflow.storage.vocab.align`; a bare base reader: by index)."""
+    manifest, state = load_state(src)
+    if not isinstance(base, OpenedCheckpoint):
+        return manifest, vocab.VocabFold(base, checkpoint.reader, state)
+    folder = vocab_folder(src, manifest)
+    cid = checkpoint_id or checkpoint.uri
+    info = manifest.info
+    return manifest, vocab.align(
+        info.vocab, info.options.vocab, state, folder, base, checkpoint, cid
+    )
 
 
 def heads_reader(
@@ -223,7 +252,7 @@ def with_params(src: ObjectStore, dst: ObjectStore, params: dict[str, Any]) -> O
 def fold_into(
     src: ObjectStore,
     dst: ObjectStore,
-    base: TensorReader,
+    base: OpenedCheckpoint | TensorReader,
     checkpoint: OpenedCheckpoint,
     *,
     checkpoint_id: str | None = None,
@@ -240,18 +269,20 @@ def fold_into(
     ``dst`` may equal ``src`` (an in-place update). Nothing under ``dst`` changes if the
     fold fails, or if ``max_task_vector_ratio`` refuses the checkpoint (``engine.fold``).
     A method that reads statistics gets ``stats``, else the checkpoint's published
-    ``mergeflow_stats.safetensors``; ``objective`` is for methods that learn.
+    ``mergeflow_stats.safetensors``; ``objective`` is for methods that learn. With the base
+    opened (not a bare reader), vocabulary rows are aligned through the tokenizers.
     """
-    manifest, state = load_state(src)
+    manifest, fold = open_fold(src, base, checkpoint, checkpoint_id)
     if stats is None and engine.needs_statistics(manifest.info):
-        stats = checkpoint.stats(base)
+        stats = checkpoint.stats(fold.base)
+    stats = fold.remap_stats(stats)
     write = StateWrite.begin(dst, manifest, src, max_shard_size)
     try:
         new_info = engine.fold(
             manifest.info,
-            state,
-            base,
-            checkpoint.reader,
+            fold.state,
+            fold.base,
+            fold.checkpoint,
             checkpoint_id=checkpoint_id or checkpoint.uri,
             digest=digest or checkpoint.digest(),
             out=write.tensors(),
@@ -262,10 +293,11 @@ def fold_into(
             stats=stats,
             objective=objective,
         )
+        vocab.save(dst, write.rel_tensors, fold, vocab_folder(src, manifest))
     except BaseException:
         write.abort()
         raise
-    return write.commit(new_info)
+    return write.commit(fold.record(new_info))
 
 
 def export_state(
@@ -279,6 +311,8 @@ def export_state(
 ) -> StateInfo:
     """Stream the merged model of the state at ``store`` into ``out``."""
     manifest, state = load_state(store)
+    folder = vocab_folder(store, manifest)
+    base = vocab.export_base(manifest.info, base, folder, store.uri)
     export.export(manifest.info, state, base, out, dtype=dtype, device=device, progress=progress)
     return manifest.info
 
@@ -299,6 +333,7 @@ def summary(manifest: StateManifest) -> dict[str, Any]:
             "count": len(i.projection.projected),
         },
         "checkpoints": [c.model_dump() for c in i.checkpoints],
+        "vocab": vocab.summary(i),
         "tensors": manifest.tensors,
         "heads": manifest.heads,
     }

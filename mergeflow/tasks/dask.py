@@ -30,8 +30,7 @@ from pydantic import BaseModel, ConfigDict
 from mergeflow.lineage import LineageSpec
 from mergeflow.merging import engine
 from mergeflow.merging.methods import get_continual
-from mergeflow.merging.tensors import TensorReader
-from mergeflow.storage import states
+from mergeflow.storage import states, vocab
 from mergeflow.storage.checkpoints import OpenedCheckpoint
 from mergeflow.storage.safetensors_file import ShardedWriter
 from mergeflow.storage.schemes import open_checkpoint
@@ -88,11 +87,12 @@ def split_groups(sizes: list[tuple[str, int]], groups: int) -> list[list[str]]:
 
 def _open(
     spec: LineageSpec, ck: CheckpointRef, state_uri: str
-) -> tuple[OpenedCheckpoint, OpenedCheckpoint, states.StateManifest, TensorReader | None]:
+) -> tuple[OpenedCheckpoint, OpenedCheckpoint, states.StateManifest, vocab.VocabFold]:
+    """The base, the checkpoint, the state, and the fold's readers (vocabulary rows aligned)."""
     base = layout.open_base(spec)
     checkpoint = open_checkpoint(ck.uri, base=base.reader, allow_pickle=spec.allow_pickle)
-    manifest, state = states.load_state(layout.store(state_uri))
-    return base, checkpoint, manifest, state
+    manifest, fold = states.open_fold(layout.store(state_uri), base, checkpoint, ck.id)
+    return base, checkpoint, manifest, fold
 
 
 def _write(plan: GroupPlan, manifest: states.StateManifest) -> states.StateWrite:
@@ -121,17 +121,19 @@ def plan_groups(
     t0 = time.time()
     name = method or spec.method
     src = fold_source(parent, params, prefix, name)
-    base, checkpoint, manifest, state = _open(spec, ck, src.uri)
+    base, checkpoint, manifest, fold = _open(spec, ck, src.uri)
     method_ = get_continual(name)
     plan = engine.plan_fold(
         manifest.info,
-        base.reader,
-        checkpoint.reader,
+        fold.base,
+        fold.checkpoint,
         checkpoint_id=ck.id,
         digest=ck.digest,
         device=spec.device,
-        state=state,
-        stats=checkpoint_stats(spec, ck, checkpoint, base)[0] if method_.statistics else None,
+        state=fold.state,
+        stats=fold.remap_stats(checkpoint_stats(spec, ck, checkpoint, base)[0])
+        if method_.statistics
+        else None,
         objective=(
             fold_objective(spec, parent, ck, checkpoint, base, params)
             if method_.needs_objective
@@ -140,7 +142,7 @@ def plan_groups(
     )
     out = layout.store(layout.state_uri_of(prefix))
     states.StateWrite.begin(out, manifest, src)
-    sizes = [(k, math.prod(base.reader.meta(k).shape) or 1) for k in plan.keys]
+    sizes = [(k, math.prod(fold.base.meta(k).shape) or 1) for k in plan.keys]
     return GroupPlan(
         src_uri=src.uri,
         out_uri=out.uri,
@@ -171,7 +173,7 @@ class _Recorded:
 @task(name="fold-group", task_run_name="fold-group-{index}")
 def fold_group(spec: LineageSpec, ck: CheckpointRef, plan: GroupPlan, index: int) -> GroupResult:
     """Fold one group of tensors into part ``index`` of the new state (not committed)."""
-    base, checkpoint, manifest, state = _open(spec, ck, plan.src_uri)
+    base, checkpoint, manifest, fold = _open(spec, ck, plan.src_uri)
     keys = plan.groups[index]
     write = _write(plan, manifest)
     part = _Recorded(write.part(index + 1))
@@ -179,14 +181,16 @@ def fold_group(spec: LineageSpec, ck: CheckpointRef, plan: GroupPlan, index: int
         sums = engine.fold_tensors(
             manifest.info,
             plan.plan,
-            state,
-            base.reader,
-            checkpoint.reader,
+            fold.state,
+            fold.base,
+            fold.checkpoint,
             part,
             keys=keys,
             device=spec.device,
             base_norm=spec.max_task_vector_ratio is not None,
-            stats=checkpoint_stats(spec, ck, checkpoint, base)[0] if plan.plan.with_stats else None,
+            stats=fold.remap_stats(checkpoint_stats(spec, ck, checkpoint, base)[0])
+            if plan.plan.with_stats
+            else None,
         )
         names = part.commit(engine.state_metadata(plan.plan.step))
     except BaseException:
@@ -210,7 +214,7 @@ def commit_groups(
     prefix: str,
 ) -> FoldOutput:
     """Screen the summed ‖τ‖/‖θ₀‖, finish the method's scalars, write the heads, commit."""
-    base, checkpoint, manifest, _ = _open(spec, ck, plan.src_uri)
+    base, checkpoint, manifest, fold = _open(spec, ck, plan.src_uri)
     write = _write(plan, manifest)
     p = plan.plan
     sums = engine.FoldSums(0.0, 0.0, 0.0 if spec.max_task_vector_ratio is not None else None)
@@ -219,11 +223,17 @@ def commit_groups(
     info = engine.finish_fold(manifest.info, p, sums, checkpoint.uri, spec.max_task_vector_ratio)
     heads = write.heads()
     for k in p.heads:
-        heads.add(k, checkpoint.reader.get(k))
+        heads.add(k, fold.checkpoint.get(k))
     heads.commit({"mergeflow.checkpoint": p.checkpoint_id})
     by_key = {k: v for r in results for k, v in r.weight_map.items()}
     missing = [k for k in p.keys if k not in by_key]
     if missing:
         raise RuntimeError(f"the groups folded no tensor {missing[0]!r}; nothing was committed")
-    write.commit(info, parts=[by_key])  # the merged tensors and their extra slots
+    vocab.save(
+        write.dst,
+        write.rel_tensors,
+        fold,
+        states.vocab_folder(layout.store(plan.src_uri), manifest),
+    )
+    write.commit(fold.record(info), parts=[by_key])  # the merged tensors and their extra slots
     return fold_output(label, prefix, info, time.time() - plan.started)

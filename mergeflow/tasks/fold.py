@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import time
 from collections.abc import Sequence
@@ -10,19 +11,22 @@ from typing import Any
 
 from prefect import task
 
+from mergeflow.architecture import resolve_vocab
 from mergeflow.errors import CheckpointChanged, CheckpointError
 from mergeflow.lineage import LineageSpec
-from mergeflow.merging import engine
 from mergeflow.merging.methods import get_continual
 from mergeflow.merging.state import StateInfo
-from mergeflow.storage import states
+from mergeflow.storage import states, vocab
 from mergeflow.storage.objects import ObjectStore, StoreSink
 from mergeflow.storage.safetensors_file import ShardedWriter
 from mergeflow.storage.schemes import open_checkpoint
+from mergeflow.storage.vocab_files import model_files
 from mergeflow.tasks import layout
 from mergeflow.tasks.calibration import checkpoint_stats, fold_objective
 from mergeflow.tasks.retry import io_task
 from mergeflow.tasks.values import CheckpointRef, FoldOutput, ModelOutput, ParentState
+
+log = logging.getLogger(__name__)
 
 
 def peak_rss_mb() -> float:
@@ -64,14 +68,21 @@ def fold_output(
 
 @task(name="validate-checkpoint", **io_task)
 def validate_checkpoint(spec: LineageSpec, ck: CheckpointRef) -> CheckpointRef:
-    """Open the checkpoint and check names, shapes and dtypes against the base (headers only).
+    """Open the checkpoint and check its vocabulary (through the tokenizers), names, shapes and
+    dtypes against the base (headers only; the vocabulary tensors as the lineage's state has them).
 
     Raises :class:`~mergeflow.errors.CheckpointError` for a bad checkpoint (never retried).
     Fills in the digest when the caller did not give one.
     """
     base = layout.open_base(spec)
     checkpoint = open_checkpoint(ck.uri, base=base.reader, allow_pickle=spec.allow_pickle)
-    engine.check_compatible(base.reader, checkpoint.reader, spec.fold_options())
+    init = layout.store(layout.init_state_uri(spec))
+    v = (
+        states.read_manifest(init).info.vocab
+        if states.has_state(init)
+        else resolve_vocab(base.reader, base.config)
+    )
+    vocab.check(v, spec.fold_options(), base, checkpoint)
     return ck if ck.digest else ck.model_copy(update={"digest": checkpoint.digest()})
 
 
@@ -112,7 +123,7 @@ def fold_checkpoint(
         new = states.fold_into(
             fold_source(parent, params, prefix, name),
             layout.store(layout.state_uri_of(prefix)),
-            base.reader,
+            base,
             checkpoint,
             checkpoint_id=ck.id,
             digest=ck.digest or None,
@@ -127,6 +138,8 @@ def fold_checkpoint(
         if label == "main":
             raise
         raise CheckpointError(e.source, f"candidate {label} ({name}): {e.problem}") from e
+    if line := vocab.note(new.info, ck.id):
+        log.info("%s", line)
     return fold_output(label, prefix, new.info, time.perf_counter() - t0, stats_s)
 
 
@@ -137,12 +150,13 @@ def export_model(spec: LineageSpec, fold: FoldOutput) -> ModelOutput:
     base = layout.open_base(spec)
     model_uri = layout.model_uri_of(fold.prefix)
     out, st = layout.store(model_uri), layout.store(fold.state_uri)
-    for name in base.small_files():
-        out.write_bytes(name, base.store.read_bytes(base.prefix + name))
+    manifest = states.read_manifest(st)
+    for name, data in model_files(manifest.info, base, states.vocab_folder(st, manifest)).items():
+        out.write_bytes(name, data)  # the base's, or the grown vocabulary's tokenizer and config
     states.export_state(
         st, base.reader, ShardedWriter(StoreSink(out)), dtype=spec.export_dtype, device=spec.device
     )
-    summary = states.summary(states.read_manifest(st)) | {"lineage": spec.name}
+    summary = states.summary(manifest) | {"lineage": spec.name}
     out.write_bytes("mergeflow.json", json.dumps(summary, indent=2, default=str).encode())
     return ModelOutput(model_uri=model_uri, seconds=time.perf_counter() - t0)
 

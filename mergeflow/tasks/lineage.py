@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from mergeflow.architecture import resolve_projection
+from mergeflow.architecture import resolve_projection, resolve_vocab
 from mergeflow.errors import StateError
 from mergeflow.lineage import LineageSpec, load_lineage
 from mergeflow.merging import engine
@@ -140,6 +140,7 @@ def ensure_init_state(spec: LineageSpec, method: str | None = None) -> str:
         BaseRef(uri=base.uri, digest=base.digest()),
         resolve_projection(base.reader, base.config, spec.project_regex),
         spec.fold_options(),
+        resolve_vocab(base.reader, base.config),
     )
     states.init_state(st, info)
     return uri
