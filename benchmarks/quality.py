@@ -531,7 +531,7 @@ def run_suite(
             f"{mean_std(r['norm_acc']):>12s}   BWT {mean_std(r['bwt']):>12s}",
             flush=True,
         )
-    order_of = {m: i for i, (_, m, _) in enumerate(METHODS)}
+    order_of = {key_of(m, p): i for i, (_, m, p) in enumerate(METHODS)}
     summary["methods"] = dict(sorted(merged.items(), key=lambda kv: order_of.get(kv[0], 99)))
     path.write_text(json.dumps(summary, indent=1))
     plot(summary, out_dir / f"quality_{name}.png")
