@@ -475,6 +475,11 @@ def _mergekit_cmd(method: str, base: Path, cks: list[Path], out: Path, dtype: st
         f"merge_method: {method}\nbase_model: {models[0]}\nmodels:\n{body}"
         f"parameters:\n  normalize: {norm}\ndtype: {dtype}\n"
     )
+    return mergekit_argv(cfg, out)
+
+
+def mergekit_argv(cfg: Path, out: Path) -> list[str]:
+    """``mergekit-yaml`` (its own venv) on ``cfg`` into ``out``, on the CPU, 100M shards."""
     mk = Path(_mk_python()).parent / "mergekit-yaml"
     return [
         str(mk),

@@ -436,19 +436,7 @@ def mergekit_cmd(base: Path, cks: list[Path], out: Path) -> list[str]:
         f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n{body}"
         "parameters:\n  normalize: false\ndtype: bfloat16\n"
     )
-    mk = Path(compare._mk_python()).parent / "mergekit-yaml"
-    return [
-        str(mk),
-        str(cfg),
-        str(out),
-        "--device",
-        "cpu",
-        "--no-copy-tokenizer",
-        "--out-shard-size",
-        "100M",
-        "--allow-crimes",
-        "--lazy-unpickle",
-    ]
+    return compare.mergekit_argv(cfg, out)
 
 
 # -------------------------------------------------------------------------------- report

@@ -7,23 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.models import tiny_bert
 from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-
-
-def tiny_bert() -> torch.nn.Module:
-    cfg = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    return transformers.BertModel(cfg)
 
 
 def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:

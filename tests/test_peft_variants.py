@@ -15,23 +15,11 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.models import tiny_bert
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-
-
-def tiny_bert() -> torch.nn.Module:
-    cfg = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    return transformers.BertModel(cfg)
 
 
 def tiny_gpt2() -> torch.nn.Module:

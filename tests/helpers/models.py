@@ -70,3 +70,19 @@ def fold_in_memory(
     out = DictWriter()
     export.export(info, state, br, out, dtype=dtype)
     return out.tensors, info
+
+
+def tiny_bert() -> torch.nn.Module:
+    """A 2-layer BertModel of width 16 (seeded), for adapter and format tests."""
+    import transformers
+
+    cfg = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    return transformers.BertModel(cfg)
