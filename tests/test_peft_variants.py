@@ -302,3 +302,15 @@ def test_lora_bias_on_a_layer_without_bias_is_refused(cli, tmp_path):
     r = cli("merge", "--base", base, "--method", "task_arithmetic", "--out", out, adir)
     assert r.returncode == 2 and "lora_bias" in r.stderr and "no bias" in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_unset_options_of_newer_peft_versions_are_accepted_and_set_ones_refused():
+    """PEFT writes every LoraConfig field; newer versions add fields left unset (None, False,
+    empty) unless used, which change nothing; a set one mergeflow does not know is refused."""
+    from mergeflow.errors import CheckpointError
+    from mergeflow.storage.lora import check_config
+
+    for unset in (None, False, [], {}, ""):
+        check_config({"peft_type": "LORA", "r": 4, "future_config": unset}, "ck")
+    with pytest.raises(CheckpointError, match="sets future_config=\\{'a': 1\\}, an option"):
+        check_config({"peft_type": "LORA", "r": 4, "future_config": {"a": 1}}, "ck")

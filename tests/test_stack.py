@@ -297,7 +297,9 @@ def test_stack_fixture_points_in_process_clients_at_its_servers(
         note.write_text("x")
         mlflow.log_artifact(str(note))
     assert mlflow.get_tracking_uri() == stack.mlflow_url
-    listing = stack.s3_client().list_objects_v2(Bucket=stack.bucket, Prefix="mlartifacts/")
+    listing = stack.s3_client().list_objects_v2(
+        Bucket=stack.bucket, Prefix=f"mlartifacts/{run.info.experiment_id}/{run.info.run_id}/"
+    )  # one run's prefix: the session's registry holds more than a page (1000 keys) of others
     keys = [o["Key"] for o in listing.get("Contents", [])]
     assert any(k.endswith(f"{run.info.run_id}/artifacts/n.txt") for k in keys), keys
 

@@ -330,14 +330,18 @@ def check_config(config: Mapping[str, Any], label: str) -> None:
         )
     for key, value in config.items():
         shown = repr(value)[:60]
-        if key in _REFUSED and value not in (None, False, [], {}, ""):
+        unset = any(value is v for v in (None, False)) or value in ([], {}, "")
+        if key in _REFUSED and not unset:
             raise CheckpointError(
                 label, f"adapter_config.json sets {key}={shown} ({_REFUSED[key]}); refused"
             )
-        if key not in _REFUSED and key not in _READ and key not in _NO_EFFECT:
+        # A key newer PEFT versions add is written unset (None/False/empty) unless used, and
+        # an unset option changes nothing; a set one that mergeflow does not know is refused.
+        if key not in _REFUSED and key not in _READ and key not in _NO_EFFECT and not unset:
             raise CheckpointError(
                 label,
-                f"adapter_config.json key {key!r} is not one PEFT's LoraConfig defines; refused",
+                f"adapter_config.json sets {key}={shown}, an option mergeflow does not know "
+                "(PEFT 0.21's LoraConfig has no such key); refused",
             )
     for key in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
         if not any(config.get(key) is v for v in (True, False, None)):
