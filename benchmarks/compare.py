@@ -113,11 +113,13 @@ def clip_vit_b32(layers: int = 12, d: int = 768, ff: int = 3072) -> dict[str, tu
     return t
 
 
-def llama_1b() -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of a TinyLlama-1.1B-shaped LlamaForCausalLM."""
-    d, ff, kv, vocab = 2048, 5632, 256, 32000
+def llama_1b(
+    layers: int = 22, d: int = 2048, ff: int = 5632, kv: int = 256, vocab: int = 32000
+) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of LlamaForCausalLM, TinyLlama-1.1B by default (``kv``: the
+    key/value projections' rows; ``kv=d`` is Llama-2 without grouped key/value heads)."""
     t: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, d)}
-    for i in range(22):
+    for i in range(layers):
         q = f"model.layers.{i}."
         t[q + "self_attn.q_proj.weight"] = (d, d)
         t[q + "self_attn.k_proj.weight"] = (kv, d)

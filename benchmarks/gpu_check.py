@@ -85,19 +85,7 @@ def llama2_7b(
     layers: int = 32, d: int = 4096, ff: int = 11008, vocab: int = 32000
 ) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of LlamaForCausalLM, Llama-2-7B by default (no grouped KV)."""
-    t: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, d)}
-    for i in range(layers):
-        q = f"model.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            t[f"{q}self_attn.{proj}.weight"] = (d, d)
-        t[q + "mlp.gate_proj.weight"] = (ff, d)
-        t[q + "mlp.up_proj.weight"] = (ff, d)
-        t[q + "mlp.down_proj.weight"] = (d, ff)
-        t[q + "input_layernorm.weight"] = (d,)
-        t[q + "post_attention_layernorm.weight"] = (d,)
-    t["model.norm.weight"] = (d,)
-    t["lm_head.weight"] = (vocab, d)
-    return t
+    return compare.llama_1b(layers=layers, d=d, ff=ff, kv=d, vocab=vocab)
 
 
 _LAYOUTS: dict[str, dict[str, tuple[int, ...]]] = {}

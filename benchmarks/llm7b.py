@@ -116,19 +116,7 @@ SMOKE = Shape(d=256, ff=688, vocab=1000, heads=4)
 
 def llama_7b(layers: int, s: Shape = FULL) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a Llama-2-7B-shaped LlamaForCausalLM with ``layers`` layers."""
-    t: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (s.vocab, s.d)}
-    for i in range(layers):
-        q = f"model.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):  # no GQA: k and v are d x d
-            t[f"{q}self_attn.{proj}.weight"] = (s.d, s.d)
-        t[q + "mlp.gate_proj.weight"] = (s.ff, s.d)
-        t[q + "mlp.up_proj.weight"] = (s.ff, s.d)
-        t[q + "mlp.down_proj.weight"] = (s.d, s.ff)
-        t[q + "input_layernorm.weight"] = (s.d,)
-        t[q + "post_attention_layernorm.weight"] = (s.d,)
-    t["model.norm.weight"] = (s.d,)
-    t["lm_head.weight"] = (s.vocab, s.d)
-    return t
+    return compare.llama_1b(layers=layers, d=s.d, ff=s.ff, kv=s.d, vocab=s.vocab)  # no GQA
 
 
 def hf_config(layers: int, s: Shape = FULL) -> dict[str, Any]:
