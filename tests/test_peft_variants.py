@@ -3,7 +3,9 @@
 Each handled variant: a tiny model, a PEFT model with that config and random adapter weights
 (DoRA magnitudes and trained biases included), saved as an adapter; ``task_arithmetic`` with
 ``scale=1.0`` of the adapter must equal the same merge of the saved ``merge_and_unload()`` model.
-Each refused option: the one-line error names it and nothing is written.
+Each refused option: the one-line error names it and nothing is written. An adapter of a
+fine-tune that added tokens (embeddings resized) folds like its ``merge_and_unload()`` model
+saved with the grown tokenizer, under ``vocab: base`` and ``vocab: union``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,20 @@ def tiny_gpt2() -> torch.nn.Module:
     return transformers.GPT2Model(cfg)
 
 
-MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2}
+def tiny_llama() -> torch.nn.Module:
+    cfg = transformers.LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaModel(cfg)
+
+
+MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +71,11 @@ def adapter_and_dense(
     pm = peft.get_peft_model(
         transformers.AutoModel.from_pretrained(base), peft.LoraConfig(r=4, lora_alpha=8, **config)
     )
+    return trained_and_saved(pm, tmp_path, seed)
+
+
+def trained_and_saved(pm: Any, tmp_path: Path, seed: int, tok: Any = None) -> tuple[Path, Path]:
+    """``pm`` with random trained weights, saved as an adapter and merged dense (with ``tok``)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in pm.named_parameters():  # trained: A, B, DoRA m, lora_B biases, biases, modules
@@ -67,10 +87,13 @@ def adapter_and_dense(
             elif p.requires_grad:
                 p.add_(0.02 * noise)
     adir, ddir = tmp_path / "adapter", tmp_path / "dense"
-    pm.save_pretrained(adir)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # a resized vocabulary: PEFT saves the embedding layers
         warnings.simplefilter("ignore")
+        pm.save_pretrained(adir)
         pm.merge_and_unload().save_pretrained(ddir)
+    if tok is not None:
+        tok.save_pretrained(adir)
+        tok.save_pretrained(ddir)
     return adir, ddir
 
 
@@ -139,6 +162,7 @@ def assert_folds_exactly(cli, base: Path, adir: Path, ddir: Path, tmp_path: Path
         ("gpt2", {"target_modules": ["c_attn", "c_proj"]}),  # PEFT turns fan_in_fan_out on
         ("bert", {"target_modules": ["query", "dense"], "fan_in_fan_out": True}),  # and off
         ("gpt2", {"target_modules": ["c_attn", "c_proj", "c_fc", "wte"], "use_dora": True}),
+        ("llama", {"target_modules": ["q_proj", "embed_tokens"]}),  # with embed's base_layer
     ],
     ids=[
         "plain+embedding",
@@ -159,6 +183,7 @@ def assert_folds_exactly(cli, base: Path, adir: Path, ddir: Path, tmp_path: Path
         "gpt2_fan_in_fan_out_unset",
         "bert_fan_in_fan_out_set",
         "gpt2_dora_fan_in_fan_out",
+        "llama_embedding",
     ],
 )
 def test_handled_variant_folds_like_merge_and_unload(cli, bases, tmp_path, model, config):
@@ -191,9 +216,10 @@ def plain_adapter(bases, tmp_path) -> Path:
     return adir
 
 
-def refused(cli, bases, tmp_path, adir: Path) -> str:
+def refused(cli, bases, tmp_path, adir: Path, base: Path | None = None) -> str:
     out = tmp_path / "o"
-    r = cli("merge", "--base", bases["bert"], "--method", "task_arithmetic", "--out", out, adir)
+    base = base or bases["bert"]
+    r = cli("merge", "--base", base, "--method", "task_arithmetic", "--out", out, adir)
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert not out.exists()
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -314,3 +340,128 @@ def test_unset_options_of_newer_peft_versions_are_accepted_and_set_ones_refused(
         check_config({"peft_type": "LORA", "r": 4, "future_config": unset}, "ck")
     with pytest.raises(CheckpointError, match="sets future_config=\\{'a': 1\\}, an option"):
         check_config({"peft_type": "LORA", "r": 4, "future_config": {"a": 1}}, "ck")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_vocab import _base
+
+    return _base(tmp_path_factory.mktemp("llama") / "base")
+
+
+ADDED = ["newword", "<|im_start|>"]
+GROWN = {
+    "modules_to_save": {
+        "target_modules": ["q_proj", "v_proj"],
+        "modules_to_save": ["embed_tokens", "lm_head"],
+    },
+    "lora_on_embeddings": {"target_modules": ["q_proj", "embed_tokens", "lm_head"]},
+}
+
+NOTES = {
+    "base": "2 new token(s) left out (vocab: base): 'newword', '<|im_start|>'",
+    "union": "2 token(s) added to the vocabulary (vocab: union): 'newword', '<|im_start|>'",
+}
+
+
+def added_tokens_adapter(base: Path, tmp_path: Path, config: dict[str, Any]) -> tuple[Path, Path]:
+    """A fine-tune whose tokenizer adds ``ADDED`` (embeddings resized, new rows random) as a PEFT
+    adapter, and its merge_and_unload(); both with the grown tokenizer."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    tok.add_tokens(ADDED[:1])
+    tok.add_special_tokens({"additional_special_tokens": ADDED[1:]})
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    with torch.no_grad():
+        for m in (model.get_input_embeddings(), model.get_output_embeddings()):
+            m.weight[-2:] = torch.randn(
+                m.weight[-2:].shape, generator=torch.Generator().manual_seed(9)
+            )
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, **config))
+    return trained_and_saved(pm, tmp_path, 6, tok)
+
+
+@pytest.mark.parametrize("policy", ["base", "union"])
+@pytest.mark.parametrize("kind", sorted(GROWN))
+def test_adapter_that_adds_tokens_folds_like_its_merged_model(cli, llama, tmp_path, kind, policy):
+    from test_vocab import EMBED, HEAD, V
+
+    adir, ddir = added_tokens_adapter(llama, tmp_path, GROWN[kind])
+    written = load_file(str(adir / "adapter_model.safetensors"))
+    grown = "original_module" if kind == "modules_to_save" else "base_layer"
+    assert any(grown in k and t.shape[0] == V + 2 for k, t in written.items())  # what PEFT writes
+    outs = {}
+    for name, ck in (("a", adir), ("d", ddir)):
+        outs[name] = tmp_path / f"out_{name}"
+        r = cli(
+            "merge", "--base", llama, "--method", "task_arithmetic", "--param", "scale=1.0",
+            "--vocab", policy, "--no-progress", "--out", outs[name], ck,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert NOTES[policy] in r.stderr, r.stderr
+    ta, td = (load_file(str(outs[n] / "model.safetensors")) for n in ("a", "d"))
+    assert ta.keys() == td.keys()
+    for k in td:
+        torch.testing.assert_close(ta[k], td[k], rtol=1e-5, atol=1e-6)
+    dense = load_file(str(ddir / "model.safetensors"))
+    rows = V if policy == "base" else V + 2
+    for k in (EMBED, HEAD):  # scale 1.0: the merged model is the fine-tune's, row for row
+        assert ta[k].shape[0] == rows
+        torch.testing.assert_close(ta[k], dense[k][:rows], rtol=1e-5, atol=1e-6)
+    for name in ("tokenizer.json", "config.json"):
+        assert (outs["a"] / name).read_bytes() == (outs["d"] / name).read_bytes(), name
+
+
+def _edit(change: Any) -> Any:
+    """An edit of an adapter folder: each tensor replaced by ``change(name, tensor)``."""
+
+    def edit(adir: Path) -> None:
+        f = adir / "adapter_model.safetensors"
+        save_file({k: change(k, t).contiguous() for k, t in load_file(str(f)).items()}, str(f))
+
+    return edit
+
+
+def _add(adir: Path, more: dict[str, torch.Tensor]) -> None:
+    f = adir / "adapter_model.safetensors"
+    save_file(load_file(str(f)) | more, str(f))
+
+
+def _unlink(*names: str) -> Any:
+    return lambda adir: [(adir / n).unlink() for n in names]
+
+
+O_PROJ = "base_model.model.model.layers.0.self_attn.o_proj.modules_to_save.weight"
+VOCAB = ("embed_tokens", "lm_head")
+WRONG = {
+    "other_columns": (
+        _edit(lambda k, t: t[:, :8] if "lm_head" in k else t),
+        "replaces 'lm_head.weight' with shape [22, 8] but the base has [20, 16]",
+    ),
+    "fewer_rows_than_tokens": (
+        _edit(lambda k, t: t[:21] if any(m in k for m in VOCAB) else t),
+        "its tokenizer has token '<|im_start|>' at id 21, but its vocabulary tensors have 21 rows",
+    ),
+    "embedding_and_head_disagree": (
+        _edit(lambda k, t: torch.cat([t, t[:1]]) if "embed_tokens" in k else t),
+        "its vocabulary tensors disagree on their rows",
+    ),
+    "resized_non_vocabulary_tensor": (
+        lambda adir: _add(adir, {O_PROJ: torch.zeros(17, 16)}),
+        f"adapter tensor {O_PROJ!r} replaces 'model.layers.0.self_attn.o_proj.weight' with shape "
+        "[17, 16] but the base has [16, 16] (only vocabulary tensors may be resized)",
+    ),
+    "no_tokenizer": (
+        _unlink("tokenizer.json", "tokenizer_config.json"),
+        "have 22 rows, more than the base's 20, and it carries no tokenizer",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG))
+def test_wrongly_shaped_grown_tensors_are_refused_by_name(cli, bases, llama, tmp_path, case):
+    adir, _ = added_tokens_adapter(llama, tmp_path, GROWN["modules_to_save"])
+    edit, message = WRONG[case]
+    edit(adir)
+    err = refused(cli, bases, tmp_path, adir, llama)
+    assert message in err and str(adir) in err, err

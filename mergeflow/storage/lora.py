@@ -6,6 +6,15 @@ the norm per output row, against the base weight) and the trained biases and mod
 and ``modules_to_save``. Every other ``adapter_config.json`` key is one PEFT's ``LoraConfig``
 defines (0.21) and leaves the merged weights alone, or it is refused by name; so are adapter
 tensors that are not such weights and adapter types other than LORA.
+
+A fine-tune that added tokens (``resize_token_embeddings``) carries its grown embedding and
+output head: trained whole (``modules_to_save``; PEFT also writes each as ``<module>.weight``
+and its untrained ``original_module``, which the merge leaves out), or as the grown layer PEFT
+saves as ``<module>.base_layer.weight`` beside LoRA on it. They are presented with the
+adapter's rows and listed in :attr:`LoraReader.resized`; the rows are then aligned by token
+through the adapter's tokenizer, exactly as a dense checkpoint's
+(:func:`mergeflow.storage.vocab.align`, which refuses a resized tensor that is not a
+vocabulary tensor with the message kept here).
 """
 
 from __future__ import annotations
@@ -76,6 +85,7 @@ class LoraReader:
     transposed for ``fan_in_fan_out``), or with DoRA ``m·(W + scale·B·A)/‖·‖`` row-wise, mapped
     onto the base's names; only that tensor is densified. Non-LoRA adapter tensors that match a
     base name replace it (``modules_to_save``, ``bias``); the rest are task-specific extras.
+    A tensor whose rows differ from the base's (a resized vocabulary) is in :attr:`resized`.
     """
 
     PREFIX = "base_model.model."
@@ -98,14 +108,19 @@ class LoraReader:
         self._factors: dict[str, _Factor] = {}
         self._bias_add: dict[str, tuple[str, float]] = {}
         self._replace: dict[str, str] = {}
+        self._layer: dict[str, str] = {}  # PEFT's copy of a LoRA layer's (resized) base weight
         self._extra: dict[str, str] = {}
+        self.resized: dict[str, str] = {}
+        """Base key -> why its rows differ from the base's (refused unless a vocabulary tensor)."""
         names = adapter.keys()
         name_set = set(names)
         magnitudes: dict[str, str] = {}
         biases: dict[str, str] = {}
+        pairs: list[tuple[str, str, str, bool]] = []
         for k in names:
             stripped = k[len(self.PREFIX) :] if k.startswith(self.PREFIX) else k
-            stripped = stripped.replace(".base_layer.", ".")  # bias="all" keeps LoRA layers' name
+            layer = ".base_layer." in stripped  # bias="all" and saved embedding layers
+            stripped = stripped.replace(".base_layer.", ".")
             for a_tag, b_tag, emb in (
                 (".lora_A.weight", ".lora_B.weight", False),
                 (".lora_embedding_A", ".lora_embedding_B", True),
@@ -116,7 +131,7 @@ class LoraReader:
                         raise CheckpointError(
                             label, f"adapter tensor {k!r} has no matching {b_tag.strip('.')}"
                         )
-                    self._add_pair(stripped[: -len(a_tag)], k, bk, emb)
+                    pairs.append((stripped[: -len(a_tag)], k, bk, emb))
                     break
                 if stripped.endswith(b_tag):  # read with its A
                     if k[: -len(b_tag)] + a_tag not in name_set:
@@ -135,8 +150,10 @@ class LoraReader:
                         label,
                         f"adapter tensor {k!r} is not a LoRA, DoRA or lora_bias weight; refused",
                     )
-                else:
-                    self._add_plain(k, stripped)
+                elif ".original_module." not in f".{stripped}":  # the untrained copy
+                    self._add_plain(k, stripped, layer)
+        for pair in pairs:
+            self._add_pair(*pair)
         self._attach(magnitudes, biases)
 
     def _add_pair(self, module: str, ak: str, bk: str, emb: bool) -> None:
@@ -162,23 +179,43 @@ class LoraReader:
         fan = self._fan and not emb  # PEFT's embeddings ignore fan_in_fan_out
         self._factors[target] = _Factor(module, ak, bk, emb, fan, scale)
 
-    def _add_plain(self, k: str, stripped: str) -> None:
+    def _add_plain(self, k: str, stripped: str, layer: bool) -> None:
         plain = stripped.replace(".modules_to_save.default", "").replace(".modules_to_save", "")
         target = self._match(plain)
         if target is None:
             self._extra[plain] = k
             return
-        have, want = self._adapter.meta(k).shape, self._base.meta(target).shape
-        if tuple(have) != tuple(want):
-            raise CheckpointError(
-                self.source,
+        have, want = tuple(self._adapter.meta(k).shape), tuple(self._base.meta(target).shape)
+        if have != want:
+            why = (
                 f"adapter tensor {k!r} replaces {target!r} with shape {list(have)} "
-                f"but the base has {list(want)}",
+                f"but the base has {list(want)}"
             )
-        self._replace[target] = k
+            if not have or not have[0] or len(have) != len(want) or have[1:] != want[1:]:
+                raise CheckpointError(self.source, why)
+            self.resized[target] = why  # other rows: a resized vocabulary, aligned by token
+        table = self._layer if layer else self._replace
+        old = table.get(target)
+        if old is not None:  # PEFT writes a trained module as both <m>.weight and
+            mts = plain != stripped  # <m>.modules_to_save.weight: the same tensor
+            if (".modules_to_save" in old) == mts or self._adapter.meta(old).shape != have:
+                raise CheckpointError(
+                    self.source, f"adapter tensors {old!r} and {k!r} both replace {target!r}"
+                )
+            if not mts:
+                return
+        table[target] = k
 
     def _attach(self, magnitudes: dict[str, str], biases: dict[str, str]) -> None:
         """Pair DoRA magnitudes and lora_bias biases with their A/B pairs; refuse strays."""
+        for target in [t for t in self._layer if t not in self._factors]:
+            if target in self._replace:  # a base-layer copy without LoRA: the tensor itself
+                raise CheckpointError(
+                    self.source,
+                    f"adapter tensors {self._replace[target]!r} and {self._layer[target]!r} "
+                    f"both replace {target!r}",
+                )
+            self._replace[target] = self._layer.pop(target)
         modules = {f.module: (t, f) for t, f in self._factors.items()}
         for module, (t, _) in modules.items():
             if t in self._replace:
@@ -204,7 +241,7 @@ class LoraReader:
                 raise CheckpointError(
                     self.source, f"use_dora is set but {module!r} has no lora_magnitude_vector"
                 )
-            m, shape = self._adapter.meta(mk), self._base.meta(target).shape
+            m, shape = self._adapter.meta(mk), self._shape(target)
             rows = shape[1] if (f.emb or f.fan) else shape[0]
             if not m.is_float or tuple(m.shape) != (rows,):
                 raise CheckpointError(
@@ -233,7 +270,7 @@ class LoraReader:
                     f"lora_bias trains a bias for {module}, whose base layer has no bias "
                     "(PEFT cannot merge it)",
                 )
-            have, want = self._adapter.meta(bk), self._base.meta(bias).shape
+            have, want = self._adapter.meta(bk), self._shape(bias)
             if not have.is_float or tuple(have.shape) != tuple(want):
                 raise CheckpointError(
                     self.source,
@@ -256,13 +293,27 @@ class LoraReader:
         shape = (a.shape[1], b.shape[0]) if emb else (b.shape[0], a.shape[1])
         if self._fan and not emb:
             shape = (shape[1], shape[0])
-        expected = self._base.meta(target).shape
-        if shape != tuple(expected):
+        expected = self._shape(target)
+        if shape != expected:
+            grown = shape[1:] == expected[1:] and target not in self._layer
             raise CheckpointError(
                 self.source,
-                f"adapter update for {target!r} has shape {list(shape)} but the base has {list(expected)}",
+                f"adapter update for {target!r} has shape {list(shape)} but the base has "
+                f"{list(expected)}"
+                + (
+                    " (LoRA on a resized vocabulary: the adapter lacks the resized layer, which "
+                    "PEFT saves as '<module>.base_layer.weight')"
+                    if grown
+                    else ""
+                ),
             )
         return int(a.shape[0])
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        """The shape of ``key`` before any LoRA update: the adapter's copy or replacement of it
+        (a resized vocabulary's rows), else the base's."""
+        src = self._layer.get(key) or self._replace.get(key)
+        return tuple((self._adapter.meta(src) if src else self._base.meta(key)).shape)
 
     def _match(self, name: str) -> str | None:
         if name in self._base_keys:
@@ -279,7 +330,9 @@ class LoraReader:
         if key in self._replace and key not in self._bias_add:
             return self._adapter.meta(self._replace[key])
         m = self._base.meta(key)
-        return TensorMeta("F32", m.shape) if key in self._factors or key in self._bias_add else m
+        if key in self._factors or key in self._bias_add:
+            return TensorMeta("F32", self._shape(key))
+        return m
 
     def delta(self, key: str) -> torch.Tensor:
         """``scale·B·A`` for a targeted weight, in the base's layout (float32)."""
@@ -287,7 +340,7 @@ class LoraReader:
         a = self._adapter.get(f.a).float()
         b = self._adapter.get(f.b).float()
         d = (b @ a).T if f.emb or f.fan else b @ a
-        expected = self._base.meta(key).shape
+        expected = self._shape(key)
         if tuple(d.shape) != expected:
             raise CheckpointError(
                 self.source,
@@ -312,7 +365,8 @@ class LoraReader:
             return self._adapter.get(self._extra[key])
         if key in self._replace and key not in self._bias_add:
             return self._adapter.get(self._replace[key])
-        w = self._adapter.get(self._replace[key]) if key in self._replace else self._base.get(key)
+        src = self._replace.get(key) or self._layer.get(key)
+        w = self._adapter.get(src) if src else self._base.get(key)
         if key in self._bias_add:
             bk, scale = self._bias_add[key]
             return w.float() + scale * self._adapter.get(bk).float().reshape(w.shape)

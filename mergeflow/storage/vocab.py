@@ -14,6 +14,11 @@ folds them unchanged:
   by those rows only. A token two checkpoints add has one row.
 - a checkpoint without a tokenizer (or a base without one) folds by index when its rows
   match the base's, and is refused when it has more.
+
+A PEFT adapter of a fine-tune that resized its embeddings presents its grown vocabulary tensors
+(:attr:`~mergeflow.storage.lora.LoraReader.resized`) and is aligned here like a dense
+checkpoint, through the tokenizer beside ``adapter_config.json``; a resized tensor that is not
+a vocabulary tensor is refused.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from mergeflow.merging.tensors import SAFETENSORS_DTYPES, TensorReader
 from mergeflow.merging.vectors import check_compatible
 from mergeflow.merging.vocab import Fill, RowMap, RowsReader, row_map
 from mergeflow.storage.checkpoints import OpenedCheckpoint
+from mergeflow.storage.lora import LoraReader
 from mergeflow.storage.objects import ObjectStore
 from mergeflow.storage.safetensors_file import SafetensorsReader
 from mergeflow.storage.vocab_files import (
@@ -83,6 +89,14 @@ def _ck_rows(reader: TensorReader, v: VocabInfo, label: str) -> int | None:
     if len(set(rows.values())) > 1:
         raise CheckpointError(label, f"its vocabulary tensors disagree on their rows: {rows}")
     return next(iter(rows.values()), None)
+
+
+def _check_resized(v: VocabInfo | None, ck: OpenedCheckpoint) -> None:
+    """An adapter's tensor may have other rows than the base's only where rows are tokens."""
+    if isinstance(ck.reader, LoraReader):
+        for key, why in ck.reader.resized.items():
+            if v is None or (key not in v.tensors and key not in v.tied):
+                raise CheckpointError(ck.uri, f"{why} (only vocabulary tensors may be resized)")
 
 
 def _added_rows(
@@ -187,6 +201,7 @@ def align(
     it keeps its added rows and tokenizer files (None at step 0); ``files``: build the union's
     tokenizer files when the checkpoint adds tokens (not for a check).
     """
+    _check_resized(v, ck)
     if v is None:
         return VocabFold(base.reader, ck.reader, state)
     prev = prev_rows(folder, v, "the state")
