@@ -39,6 +39,15 @@ adapter's first fold) keeps this path too, its null directions put at ``ε`` lev
 tail's SVD. The share is not larger because a tail that takes a whole noise bulk costs as
 much as the full SVD (at 10⁻³ the benchmark's clustered accuracy fixture folded 1.5x slower).
 
+Memory: ``M`` is never copied whole to float64. Its Gram and its float64 products (the
+tail, the small columns) are summed and stacked over row blocks of at most
+:data:`BLOCK_BYTES`; and :func:`_apply` builds the removed part in ``U``'s own buffer and,
+where ``U`` has ``X``'s shape, the result too, summing ``X V`` over row blocks. So beside its
+inputs a projection holds one ``m × k`` matrix plus blocks: for a 32000 x 4096 ``lm_head``
+(500 MiB in float32) 0.9 GiB above its inputs, where a float64 copy and three float32
+products took 1.7 GiB (measured on 2026-12-07). A matrix within one block is done in one go,
+as before.
+
 Edge cases:
 
 * **rank deficiency**: directions with ``σ_i ≤ max(m, n)·ε·σ_max`` (LAPACK's numerical rank
@@ -93,28 +102,75 @@ def numerical_rank(s: torch.Tensor, shape: tuple[int, int]) -> int:
 
 def _by_svd(x: torch.Tensor, m: torch.Tensor, alpha: float) -> torch.Tensor:
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    return _apply(x, u, vh.mT, split_rank(s, alpha), numerical_rank(s, (m.shape[0], m.shape[1])))
+    k = numerical_rank(s, (m.shape[0], m.shape[1]))
+    return _apply(x, u, vh.mT, split_rank(s, alpha), k)
 
 
 def _apply(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: int, k: int) -> torch.Tensor:
-    """``X − U_r (U_rᵀ X V_r) V_rᵀ − Σ_{r≤i<k} (u_iᵀ X v_i) u_i v_iᵀ`` in ``x``'s dtype."""
+    """``X − U_r (U_rᵀ X V_r) V_rᵀ − Σ_{r≤i<k} (u_iᵀ X v_i) u_i v_iᵀ`` in ``x``'s dtype.
+
+    ``u`` is consumed: the removed part ``L = [U_r B | u_i c_i]`` (``B = U_rᵀ X V_r``,
+    ``c_i = u_iᵀ X v_i``) is built in its buffer, and where it has ``X``'s shape the result
+    ``X − L V_kᵀ`` too, row block by row block; so the projection of a large matrix holds one
+    ``m × k`` matrix beside its inputs (``X V`` is never whole). A matrix within one block
+    (:data:`BLOCK_BYTES`) is done in one go.
+    """
     u, v = u[:, :k].to(x.dtype), v[:, :k].to(x.dtype)
     r = min(r, k)
-    left = x @ v  # X V (m × k), then in place [U_r (U_rᵀ X V_r) | u_i·(u_iᵀ X v_i)] ...
-    block = u[:, :r].mT @ left[:, :r] if r > 0 else None
-    tail = left[:, r:].mul_(u[:, r:])
-    torch.mul(u[:, r:], tail.sum(0), out=tail)  # u_iᵀ X v_i, i ≥ r
-    if block is not None:
-        torch.mm(u[:, :r], block, out=left[:, :r])
-    return torch.addmm(x, left, v.mT, alpha=-1)  # ... so the removed part is one product
+    blocks = _row_blocks(x, x.element_size())
+    block, c = None, x.new_zeros(k - r)
+    for a, b in blocks:  # B and c, summed over row blocks of X V
+        xv = x[a:b] @ v
+        ub = u[a:b]
+        if r > 0:
+            part = ub[:, :r].mT @ xv[:, :r]
+            block = part if block is None else block.add_(part)
+        c.add_(xv[:, r:].mul_(ub[:, r:]).sum(0))
+        del xv
+    out = u if u.shape == x.shape else torch.empty_like(x)
+    for a, b in blocks:
+        ub = u[a:b]
+        if block is not None:
+            ub[:, :r] = ub[:, :r] @ block
+        ub[:, r:].mul_(c)
+        out[a:b] = torch.addmm(x[a:b], ub, v.mT, alpha=-1)
+    return out
 
 
-def _gram_eigh(m64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (ascending) and eigenvectors of ``MᵀM``, in float64."""
-    if m64.device.type != "cpu":
-        return torch.linalg.eigh(m64.mT @ m64)
-    a = m64.numpy()
-    lam, v = np.linalg.eigh(a.T @ a)  # numpy runs Aᵀ·A as a symmetric rank-k update
+BLOCK_BYTES = 1 << 27
+"""Float64 row blocks of ``M`` are at most this large (128 MiB): a tall ``M`` is never copied
+whole to float64 (a 32000 x 4096 ``lm_head`` would take 1 GiB), its Gram and its float64
+products are summed and stacked block by block. A matrix within one block is done in one go."""
+
+
+def _row_blocks(m: torch.Tensor, itemsize: int = 8) -> list[tuple[int, int]]:
+    """Row ranges of ``m`` whose copies (float64 by default) fit :data:`BLOCK_BYTES`."""
+    rows = max(1, BLOCK_BYTES // (itemsize * max(1, m.shape[1])))
+    return [(i, min(i + rows, m.shape[0])) for i in range(0, m.shape[0], rows)]
+
+
+def _mul64(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``M V`` in float64, ``M`` converted one row block at a time."""
+    v = v.to(torch.float64)
+    return torch.cat([m[a:b].to(torch.float64) @ v for a, b in _row_blocks(m)])
+
+
+def _gram_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of ``MᵀM``, in float64 (summed by row block)."""
+    if m.device.type != "cpu":
+        gt = m.new_zeros((m.shape[1], m.shape[1]), dtype=torch.float64)
+        for i, j in _row_blocks(m):
+            b = m[i:j].to(torch.float64)
+            gt.addmm_(b.mT, b)
+        return torch.linalg.eigh(gt)
+    parts = iter(_row_blocks(m))
+    i, j = next(parts)
+    a = m[i:j].to(torch.float64).numpy()
+    g = a.T @ a  # numpy runs Aᵀ·A as a symmetric rank-k update
+    for i, j in parts:
+        a = m[i:j].to(torch.float64).numpy()
+        g += a.T @ a
+    lam, v = np.linalg.eigh(g)
     return torch.from_numpy(lam), torch.from_numpy(v)
 
 
@@ -125,14 +181,13 @@ def thin_svd_by_gram(
     ``σ_k, V_k`` in float64, or None when the kept spectrum spans more than
     ``GRAM_MAX_CONDITION`` (see the module doc: Gram + ``eigh``, the tail by Rayleigh-Ritz).
     """
-    m64 = m.to(torch.float64)
-    lam, v = _gram_eigh(m64)
+    lam, v = _gram_eigh(m)
     lam, v = lam.flip(0), v.flip(1)  # descending
     s = lam.clamp_min(0).sqrt()
     head = int((s >= RITZ_SHARE * s[0]).sum())
     tail_w = None
     if head < s.numel():  # the tail: an SVD of M V_tail in float64 (m × (n − head))
-        p, st, qh = torch.linalg.svd(m64 @ v[:, head:], full_matrices=False)
+        p, st, qh = torch.linalg.svd(_mul64(m, v[:, head:]), full_matrices=False)
         v = torch.cat([v[:, :head], v[:, head:] @ qh.mT], 1)
         s = torch.cat([s[:head], st])
         tail_w = p
@@ -145,7 +200,7 @@ def thin_svd_by_gram(
     w = m.to(dtype) @ v[:, :h].to(dtype)  # U Σ in the compute dtype, ...
     small = (s[:h] < W32_MIN_SHARE * s[0]).nonzero().squeeze(1)
     if small.numel():  # ... where that is not exact, float64; there σ_i = ‖M v_i‖ (ε·κ, not ε·κ²)
-        ws = w[:, small] if dtype == torch.float64 else m64 @ v[:, small]
+        ws = w[:, small] if dtype == torch.float64 else _mul64(m, v[:, small])
         s[small] = torch.linalg.vector_norm(ws, dim=0)
         if dtype != torch.float64:
             w[:, small] = ws.to(dtype)
@@ -161,6 +216,7 @@ def _by_gram(x: torch.Tensor, m: torch.Tensor, alpha: float) -> torch.Tensor | N
     if svd is None:
         return None
     u, s, v = svd
+    del svd  # _apply consumes U
     if s.numel() == 0:
         return x
     return _apply(x, u, v, split_rank(s, alpha), s.numel())
