@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import random
-import textwrap
 import uuid
 from itertools import pairwise
 from pathlib import Path
@@ -31,6 +30,7 @@ import pytest
 import torch
 import yaml
 from helpers.cli import start_serve
+from helpers.lm_eval_tasks import write_task
 from test_flows import wait_for_version
 from test_vocab import V, _base, _finetune
 
@@ -116,22 +116,7 @@ def _tasks(folder: Path) -> Path:
             choices = [a, *rng.sample([w for w in ("blue", "baz", "qux", "six") if w != a], 2)]
             rng.shuffle(choices)
             rows.append({"question": q, "choices": choices, "label": choices.index(a)})
-    (folder / "facts.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    (folder / "facts.yaml").write_text(
-        textwrap.dedent(f"""
-        task: mf_facts
-        dataset_path: json
-        dataset_kwargs:
-          data_files: {{test: {folder / "facts.jsonl"}}}
-        test_split: test
-        output_type: multiple_choice
-        doc_to_text: "{{{{question}}}}"
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: label
-        metric_list:
-          - metric: acc
-        """)
-    )
+    write_task(folder, "facts", rows)
     return folder
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import random
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers.lm_eval_tasks import write_task
 from safetensors.torch import load_file
 
 from mergeflow.errors import ConfigError
@@ -94,38 +94,9 @@ def lm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         rows.append(
             {"question": f"{a} + {b} =", "choices": choices, "label": choices.index(str(a + b))}
         )
-    (tasks / "sums.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    write_task(tasks, "sums", rows)
     text = [{"text": f"{a} + {b} = {a + b}"} for a, b in _sums(random.Random(2), 30)]
-    (tasks / "text.jsonl").write_text("\n".join(json.dumps(r) for r in text))
-    (tasks / "sums.yaml").write_text(
-        textwrap.dedent(f"""
-        task: mf_sums
-        dataset_path: json
-        dataset_kwargs:
-          data_files: {{test: {tasks / "sums.jsonl"}}}
-        test_split: test
-        output_type: multiple_choice
-        doc_to_text: "{{{{question}}}}"
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: label
-        metric_list:
-          - metric: acc
-        """)
-    )
-    (tasks / "text.yaml").write_text(
-        textwrap.dedent(f"""
-        task: mf_text
-        dataset_path: json
-        dataset_kwargs:
-          data_files: {{test: {tasks / "text.jsonl"}}}
-        test_split: test
-        output_type: loglikelihood_rolling
-        doc_to_text: ""
-        doc_to_target: "{{{{text}}}}"
-        metric_list:
-          - metric: word_perplexity
-        """)
-    )
+    write_task(tasks, "text", text, multiple_choice=False)
     return {"model": folder, "tasks": tasks}
 
 
