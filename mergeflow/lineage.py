@@ -4,8 +4,8 @@ A lineage is declared in YAML and validated once by :class:`LineageSpec`::
 
     name: digits-opcm                       # slug: a-z 0-9 and '-'
     base: s3://mergeflow/models/vit-base    # local path, s3://, hf://org/repo@rev, mlflow://models/...
-    method: opcm
-    params: {alpha: 0.5}
+    method: opcm                            # continual; or a pool method (fw_merging, batch_adamerging):
+    params: {alpha: 0.5}                    # each new checkpoint is merged with the accepted pool again
     sources:                                # watched in publication order
       - s3://mergeflow/published/digits
       - hf://?base_model=org/vit-base        # new Hub fine-tunes of the base (hf://org/repo watches one repo)
@@ -22,13 +22,8 @@ A lineage is declared in YAML and validated once by :class:`LineageSpec`::
     max_task_vector_ratio: 1.0              # refuse ‖τ‖/‖θ₀‖ above this (another base); null: off
     vocab: base                             # tokens a checkpoint adds: left out (base) or added (union)
 
-Layout under ``store``::
-
-    lineage.yaml                    the spec, as created
-    init/state/state.json           the step-0 state (made on the first fold)
-    steps/<NNNN>-<shortid>/state    the state after fold NNNN (fresh prefix per attempt)
-    steps/<NNNN>-<shortid>/model    the merged weights (HF layout, with config.json)
-    init/<method>/state             a candidate method's step-0 state (a portfolio)
+Under ``store``: ``lineage.yaml`` (the spec, as created), then the states, merged weights
+and evaluations of every step (:mod:`mergeflow.tasks.layout`).
 
 The catalog (:func:`save_lineage`, :func:`load_lineage`, :func:`list_lineages`) keeps the
 spec in ``<store>/lineage.yaml`` and a small pointer to it in a Prefect Variable named
@@ -226,11 +221,18 @@ class LineageSpec(BaseModel):
 
     @model_validator(mode="after")
     def _method_ok(self) -> LineageSpec:
-
         try:
-            validate_params(get_continual(self.method), self.params)
+            m = get_method(self.method)
+            validate_params(m if m.kind == "pool" else get_continual(self.method), self.params)
         except ConfigError as e:
             raise ValueError(str(e)) from None
+        for key, on, why in (  # a pool lineage merges its pool again with each new checkpoint
+            ("candidates", bool(self.candidates), "rebuild the lineage with each method instead"),
+            ("dask", self.dask is not None, "a pool merge optimises the whole model at once"),
+            ("vocab: union", self.vocab == "union", "a pool merge keeps the base's vocabulary"),
+        ):
+            if on and m.kind == "pool":
+                raise ValueError(f"method {self.method!r} merges a pool and takes no {key}: {why}")
         for i, c in enumerate(self.candidates):
             try:
                 validate_params(continual_method(c.method or self.method), self._params_of(c))
@@ -253,6 +255,11 @@ class LineageSpec(BaseModel):
         return data
 
     # ------------------------------------------------------------------ derived
+    @property
+    def method_kind(self) -> Literal["continual", "pool"]:
+        """``continual`` (fold into the last accepted state) or ``pool`` (merge its pool again)."""
+        return "pool" if get_method(self.method).kind == "pool" else "continual"
+
     def fold_options(self) -> FoldOptions:
         """The options that change the numbers a fold produces (they live in the state)."""
         return FoldOptions(
@@ -392,7 +399,6 @@ def save_lineage(spec: LineageSpec, *, replace: bool = False) -> LineageSpec:
 
 
 def _pointer(name: str) -> dict[str, Any] | None:
-
     value = Variable.get(variable_name(name), default=None)
     return value if isinstance(value, dict) else None
 

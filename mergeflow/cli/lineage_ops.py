@@ -6,7 +6,8 @@ A lineage's versions are a history of merges that can be edited, forked and publ
   fold after it from the state before it (flow ``mergeflow-replay``); ``lineage resume NAME``
   finishes an interrupted replay;
 - ``lineage branch NAME --at VERSION --as NEW``: a new lineage continuing that version's state;
-- ``lineage rebuild NAME --as NEW --method M``: refold the same checkpoints with another method;
+- ``lineage rebuild NAME --as NEW --method M``: refold the same checkpoints with another method
+  (a pool method merges them as one pool);
 - ``export models:/NAME@ALIAS OUT`` and ``publish NAME --to hf://org/repo``: the merged model as a
   Hugging Face folder with its model card, on disk or on the Hub.
 
@@ -69,11 +70,13 @@ def register_lineage(ls: Any) -> None:
 
     p = ls.add_parser(
         "rebuild",
-        help="refold a lineage's checkpoints, in the same order, with another method",
+        help="refold a lineage's checkpoints, in the same order, with another method (or merge them as a pool)",
         description=(
             "Create lineage NEW with METHOD and refold into it, in their original order, the checkpoints NAME "
             "folded (dropped and validation-rejected ones excluded), under NEW's lock (flow mergeflow-rebuild). "
-            "Running it again resumes an interrupted rebuild."
+            "A pool METHOD (fw_merging, batch_adamerging) merges them all at once instead, on the calibration "
+            "split of each one's task, as NEW's first version; each later checkpoint is merged with NEW's "
+            "accepted pool again. Running it again resumes an interrupted rebuild."
         ),
     )
     p.add_argument("name")
@@ -285,12 +288,33 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
             store=args.store,
         )
         _check_store(spec)
+        if spec.method_kind == "pool":
+            _check_pool(spec, origin.name)
         save_lineage(spec)
     outcomes = rebuild_flow(spec.name)
     for out in outcomes:
         print(f"{out.checkpoint_id}\t{out.status}\tversion {out.version or '-'}\t{out.reason}")
-    print(f"lineage {spec.name}: {spec.method} rebuild of {origin.name}, {len(outcomes)} fold(s)")
+    what = "pool merge(s)" if spec.method_kind == "pool" else "fold(s)"
+    print(f"lineage {spec.name}: {spec.method} rebuild of {origin.name}, {len(outcomes)} {what}")
     return 0
+
+
+def _check_pool(spec: LineageSpec, origin: str) -> None:
+    """Before NEW exists: every task of the pool names calibration data (else nothing is made)."""
+    from mergeflow.errors import CheckpointError
+    from mergeflow.tasks.calibration import check_pool_calibration
+    from mergeflow.tasks.replay import rebuild_queue
+
+    queue = rebuild_queue.fn(spec)
+    if not queue:
+        return
+    try:
+        check_pool_calibration(spec, queue)
+    except CheckpointError as e:
+        raise ConfigError(
+            f"{spec.name} would merge {len(queue)} checkpoint(s) of {origin} as one pool: "
+            f"{e.problem} (checkpoint {e.source}); nothing was created"
+        ) from None
 
 
 def _mlflow_env() -> None:

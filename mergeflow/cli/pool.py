@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from mergeflow.errors import ConfigError
 from mergeflow.evaluation.calibration import build_objective
 from mergeflow.evaluation.spec import EvaluationSuite
+from mergeflow.merging.methods import get_pool, validate_params
 from mergeflow.merging.methods.base import Objective
 from mergeflow.merging.pool import pool_merge
 from mergeflow.merging.state import FoldOptions
@@ -139,7 +140,8 @@ def merge_pool(
     suite = require_calibration(args, args.method)
     base_keys = set(base.reader.keys())
     heads = _task_heads(suite, {c.uri: head_of(c.reader, base_keys) for c in cks}, strict=True)
-    p = dict(params)
+    pm = get_pool(args.method)
+    o = pm.objective_options(validate_params(pm, params))
     objective = build_objective(
         suite,
         base.config or {},
@@ -147,9 +149,9 @@ def merge_pool(
         tuple(heads),
         read_bytes=read_uri,
         device=device,
-        batch_size=int(p.get("examples", p.get("batch_size", 32))),
-        seed=int(p.get("seed", 0)),
-        loss=p.get("loss", "cross_entropy" if args.method == "fw_merging" else "auto"),
+        batch_size=o.batch_size,
+        seed=o.seed,
+        loss=o.loss,
     )
     options = FoldOptions(
         compute_dtype=args.compute_dtype, missing="zero" if args.allow_missing else "error"

@@ -40,7 +40,8 @@ def format_chain(versions: Sequence[VersionRecord]) -> str:
                 v.version,
                 str(v.step),
                 v.status,
-                v.checkpoint_id if len(v.checkpoint_id) <= 32 else v.checkpoint_id[:31] + "…",
+                (v.checkpoint_id if len(v.checkpoint_id) <= 32 else v.checkpoint_id[:31] + "…")
+                + (f" (pool of {len(v.pool)})" if v.pool else ""),
                 v.parent_version or "-",
                 f"{avg:.4f}" if avg is not None else "-",
                 f"{bwt:+.4f}" if bwt is not None else "-",

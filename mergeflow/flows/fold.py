@@ -14,32 +14,35 @@ Each checkpoint is one ``mergeflow-fold-checkpoint`` subflow:
 2. validate the checkpoint against the base (headers only); a bad one is recorded as a
    rejected version with its reason (``Registry.record_rejection``) and never retried;
 3. fold it (one fold, or one per candidate as mapped tasks, each into its own method's
-   state of the parent) into a fresh prefix ``<storage>/steps/<NNNN>-<id>/state``;
+   state of the parent) into a fresh prefix ``<storage>/steps/<NNNN>-<id>/state``; a lineage
+   whose method is a pool method merges the parent's pool plus the checkpoint again instead
+   (:mod:`mergeflow.flows.pool`);
 4. export the merged weights to ``…/model`` (HF layout);
 5. evaluate (validation for the gate and selection, test for the report) and gate; the
    best candidate becomes the version, and each method's best keeps its state for the
    next fold (the others are deleted);
-6. register the MLflow version LAST (the commit point). A crash before it leaves no
-   version: the retry folds again into a new prefix, and ``gc`` removes the orphan.
+6. register the MLflow version LAST (the commit point, :mod:`mergeflow.flows.commit`). A
+   crash before it leaves no version: the retry folds again into a new prefix, and ``gc``
+   removes the orphan.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
 
 from mergeflow.errors import CheckpointChanged, CheckpointError, ConfigError
-from mergeflow.evaluation.continual import gate_metrics
+from mergeflow.flows.commit import Merged, commit, reject, skip
 from mergeflow.flows.dask import dask_fold
 from mergeflow.flows.lock import LOCK_LEASE_S as LOCK_LEASE_S  # re-exported
 from mergeflow.flows.lock import ensure_fold_lock as ensure_fold_lock  # re-exported
-from mergeflow.flows.lock import fence, lineage_lock, reap_crashed_run
+from mergeflow.flows.lock import lineage_lock, reap_crashed_run
+from mergeflow.flows.pool import merge_pool_run
 from mergeflow.flows.queue import order_pending, target_index
-from mergeflow.lineage import CandidateFold, LineageSpec
+from mergeflow.lineage import LineageSpec
 from mergeflow.tasks import layout
-from mergeflow.tasks.evaluate import evaluate_model, gate, own_scores, save_evaluation
+from mergeflow.tasks.evaluate import evaluate_model
 from mergeflow.tasks.fold import (
     discard_prefixes,
     export_model,
@@ -47,7 +50,6 @@ from mergeflow.tasks.fold import (
     validate_checkpoint,
 )
 from mergeflow.tasks.guard import (
-    confirm_commit,
     identify_checkpoint,
     repair_aliases,
     screen_checkpoint,
@@ -59,16 +61,7 @@ from mergeflow.tasks.lineage import (
     load_spec,
     seen_checkpoints,
 )
-from mergeflow.tasks.register import matrix_rows, record_rejection, register_fold
-from mergeflow.tasks.values import (
-    CheckpointRef,
-    EvalOutput,
-    FoldOutcome,
-    FoldOutput,
-    ModelOutput,
-    OwnScores,
-    ParentState,
-)
+from mergeflow.tasks.values import CheckpointRef, FoldOutcome, ParentState
 
 
 def pending_checkpoints(spec: LineageSpec, seen: set[str]) -> list[CheckpointRef]:
@@ -76,33 +69,14 @@ def pending_checkpoints(spec: LineageSpec, seen: set[str]) -> list[CheckpointRef
     return order_pending([list_source(uri) for uri in spec.sources], seen)
 
 
-def _record(
-    spec: LineageSpec, parent: ParentState, ck: CheckpointRef, **fields: Any
-) -> dict[str, Any]:
-    return {
-        "lineage": spec.name,
-        "registered_model": spec.registered_model,
-        "step": parent.step + 1,
-        "checkpoint_id": ck.id,
-        "checkpoint_uri": ck.uri,
-        "checkpoint_digest": ck.digest,
-        "parent_version": parent.version,
-        "method": spec.method,
-        "params": parent.params,
-        "base_uri": spec.base,
-        "state_uri": "",
-        "model_uri": "",
-        **fields,
-    }
-
-
 @flow(name="mergeflow-fold-checkpoint", flow_run_name="{spec.name}-{ck.id}", log_prints=True)
 def fold_one(spec: LineageSpec, ck: CheckpointRef, replaces: str | None = None) -> FoldOutcome:
     """Fold one checkpoint (see the module docstring). Call with the lineage's lock held.
 
+    A lineage whose method is a pool method merges the last accepted version's pool plus
+    ``ck`` again instead (:func:`mergeflow.flows.pool.merge_pool_run`); the rest is the same.
     ``replaces``: this fold replays that version after a dropped checkpoint (flows/replay.py).
     """
-    log = get_run_logger()
     t0 = time.perf_counter()
     parent = load_parent(spec, replaying=replaces is not None)
     ck = identify_checkpoint(ck)
@@ -110,202 +84,56 @@ def fold_one(spec: LineageSpec, ck: CheckpointRef, replaces: str | None = None) 
         ck = validate_checkpoint(spec, ck)
         screen_checkpoint(spec, ck)
     except CheckpointChanged as e:
-        return _skip(ck, e)
+        return skip(ck, e)
     except CheckpointError as e:
-        return _reject(spec, parent, ck, str(e), replaces)
+        return reject(spec, parent, ck, str(e), replaces)
     load_s = time.perf_counter() - t0
+    try:
+        if spec.method_kind == "pool":
+            merged = merge_pool_run(spec, parent, [ck])
+        else:
+            merged = _fold_candidates(spec, parent, ck)
+    except CheckpointChanged as e:
+        return skip(ck, e)
+    except CheckpointError as e:  # e.g. NaN values found while streaming the tensors
+        return reject(spec, parent, ck, str(e), replaces)
+    return commit(spec, parent, ck, merged, replaces, load_s)
+
+
+def _fold_candidates(spec: LineageSpec, parent: ParentState, ck: CheckpointRef) -> Merged:
+    """Fold, export and evaluate every candidate (mapped tasks when there are several): each
+    folds into its own method's state of the parent. Raises the error of the first failing
+    candidate in order, after every candidate's tasks have finished (no write follows a
+    discard), and discards every candidate's prefix then."""
     cands = spec.candidate_folds()
     prefixes = [
         layout.new_prefix(spec, parent.step + 1, c.label if len(cands) > 1 else None) for c in cands
     ]
     try:
-        folds, models, evals = _fold_candidates(spec, parent, ck, cands, prefixes)
-    except CheckpointChanged as e:
+        if len(cands) == 1:
+            c = cands[0]
+            fold_step = dask_fold if spec.dask is not None else fold_checkpoint
+            fold = fold_step(spec, parent, ck, c.label, c.params, prefixes[0], c.method)
+            model = export_model(spec, fold)
+            return Merged(cands, prefixes, [fold], [model], [evaluate_model(spec, fold, model)])
+        ff = fold_checkpoint.map(
+            unmapped(spec),
+            unmapped(parent),
+            unmapped(ck),
+            [c.label for c in cands],
+            [c.params for c in cands],
+            prefixes,
+            [c.method for c in cands],
+        )
+        mf = export_model.map(unmapped(spec), ff)
+        ef = evaluate_model.map(unmapped(spec), ff, mf)
+        for futures in (ff, mf, ef):
+            futures.wait()
+        folds = [f.result() for f in ff]  # in candidate order: the first failing one is reported
+        return Merged(cands, prefixes, folds, [f.result() for f in mf], [f.result() for f in ef])
+    except CheckpointError:
         discard_prefixes(prefixes)
-        return _skip(ck, e)
-    except CheckpointError as e:  # e.g. NaN values found while streaming the tensors
-        discard_prefixes(prefixes)
-        return _reject(spec, parent, ck, str(e), replaces)
-    own = own_scores(spec, ck, parent)
-    methods = [c.method for c in cands] if len(cands) > 1 else []
-    choice = gate(spec, evals, parent.validation, own, methods)
-    best, accepted, reasons = choice.index, choice.accepted, choice.reasons
-    keep = {best, *choice.heads.values()}  # the registered fold and each method's chain head
-    discard_prefixes([p for i, p in enumerate(prefixes) if i not in keep])
-    fold, model, ev = folds[best], models[best], evals[best]
-    metrics, matrix = _metrics(spec, parent, ck, fold, model, ev, own, load_s)
-    for c, cand in zip(cands, evals, strict=True):
-        if len(evals) > 1 and cand.validation:
-            metrics[f"candidate/{c.label}/val/avg"] = sum(cand.validation.values()) / len(
-                cand.validation
-            )
-    rows, names = matrix_rows(matrix)
-    save_evaluation(
-        fold.prefix,
-        {
-            "checkpoint": ck.model_dump(mode="json"),
-            "status": "accepted" if accepted else "rejected",
-            "validation": ev.validation,
-            "test": ev.test,
-            "matrix": matrix.model_dump(mode="json"),
-            "candidate": cands[best].label,
-        },
-    )
-    record = _record(
-        spec,
-        parent,
-        ck,
-        replaces=replaces,
-        params=fold.params,
-        state_uri=fold.state_uri,
-        model_uri=model.model_uri,
-        method=fold.method or spec.method,
-        status="accepted" if accepted else "rejected",
-        reason="; ".join(reasons),
-        metrics=metrics,
-        accuracy_matrix=rows,
-        task_names=names,
-        eval_datasets=ev.datasets,
-        candidates=[
-            {
-                "label": c.label,
-                "method": c.method,
-                "params": f.params,
-                "state_uri": f.state_uri if i in keep else "",
-                "validation": e.validation,
-            }
-            for i, (c, f, e) in enumerate(zip(cands, folds, evals, strict=True))
-        ]
-        if len(cands) > 1
-        else [],
-    )
-    try:
-        _confirm(spec, parent, ck, replaces)
-    except CheckpointChanged as e:
-        discard_prefixes([prefixes[i] for i in sorted(keep)])
-        return _skip(ck, e)
-    version = register_fold(record)
-    status = "accepted" if accepted else "rejected"
-    log.info(
-        f"{ck.id}: {status} as version {version.version} (step {fold.step}){': ' + record['reason'] if reasons else ''}"
-    )
-    return FoldOutcome(
-        checkpoint_id=ck.id,
-        status=status,
-        version=version.version,
-        step=fold.step,
-        reason=record["reason"],
-        metrics=metrics,
-    )
-
-
-def _fold_candidates(
-    spec: LineageSpec,
-    parent: ParentState,
-    ck: CheckpointRef,
-    cands: list[CandidateFold],
-    prefixes: list[str],
-) -> tuple[list[FoldOutput], list[ModelOutput], list[EvalOutput]]:
-    """Fold, export and evaluate every candidate (mapped tasks when there are several): each
-    folds into its own method's state of the parent. Raises the error of the first failing
-    candidate in order, after every candidate's tasks have finished (no write follows a discard)."""
-    if len(cands) == 1:
-        c = cands[0]
-        fold_step = dask_fold if spec.dask is not None else fold_checkpoint
-        fold = fold_step(spec, parent, ck, c.label, c.params, prefixes[0], c.method)
-        model = export_model(spec, fold)
-        return [fold], [model], [evaluate_model(spec, fold, model)]
-    ff = fold_checkpoint.map(
-        unmapped(spec),
-        unmapped(parent),
-        unmapped(ck),
-        [c.label for c in cands],
-        [c.params for c in cands],
-        prefixes,
-        [c.method for c in cands],
-    )
-    mf = export_model.map(unmapped(spec), ff)
-    ef = evaluate_model.map(unmapped(spec), ff, mf)
-    for futures in (ff, mf, ef):
-        futures.wait()
-    folds = [f.result() for f in ff]  # in candidate order: the first failing one is reported
-    return folds, [f.result() for f in mf], [f.result() for f in ef]
-
-
-def _metrics(
-    spec: LineageSpec,
-    parent: ParentState,
-    ck: CheckpointRef,
-    fold: FoldOutput,
-    model: ModelOutput,
-    ev: EvalOutput,
-    own: OwnScores,
-    load_s: float,
-) -> tuple[dict[str, float], Any]:
-    """Test scores per task, ACC/BWT of the chain plus this fold, normalized scores
-    (``test/norm/<task>``, ``test/norm_avg``, the same on ``val/``), validation scores,
-    forgetting against the champion on validation (``val/forgetting/<task>``,
-    ``val/forgetting_avg``), timings."""
-    m: dict[str, float] = {
-        "load_seconds": load_s,
-        "fold_seconds": fold.seconds,
-        "stats_seconds": fold.stats_seconds,
-        "export_seconds": model.seconds,
-        "eval_seconds": ev.seconds,
-        "peak_rss_mb": fold.peak_rss_mb,
-        "step": float(fold.step),
-    }
-    matrix = parent.matrix
-    if ev.test:
-        matrix = parent.matrix.append(ck.id, ev.test)
-        m.update({f"test/{k}": v for k, v in ev.test.items()})
-        m["test/avg"] = matrix.acc()
-        bwt = matrix.bwt()
-        if bwt is not None:
-            m["test/bwt"] = bwt
-    if ev.validation:
-        m.update({f"val/{k}": v for k, v in ev.validation.items()})
-        m["val/avg"] = sum(ev.validation.values()) / len(ev.validation)
-    hib = spec.evaluation.higher_is_better if spec.evaluation is not None else True
-    m.update(gate_metrics("test", ev.test, own.test, higher_is_better=hib))
-    m.update(
-        gate_metrics("val", ev.validation, own.validation, parent.validation, higher_is_better=hib)
-    )
-    return m, matrix
-
-
-def _reject(
-    spec: LineageSpec, parent: ParentState, ck: CheckpointRef, reason: str, replaces: str | None
-) -> FoldOutcome:
-    get_run_logger().warning(f"{ck.id}: rejected, not folded: {reason}")
-    try:
-        _confirm(spec, parent, ck, replaces)
-    except CheckpointChanged as e:
-        return _skip(ck, e)
-    version = record_rejection(
-        _record(spec, parent, ck, status="rejected", reason=reason, replaces=replaces)
-    )
-    return FoldOutcome(
-        checkpoint_id=ck.id,
-        status="rejected",
-        version=version.version,
-        step=parent.step + 1,
-        reason=reason,
-    )
-
-
-def _confirm(
-    spec: LineageSpec, parent: ParentState, ck: CheckpointRef, replaces: str | None
-) -> None:
-    """Right before a version is registered: the lock is still ours (``fence``) and the
-    lineage and the checkpoint did not move (``confirm_commit``); see flows/lock.py."""
-    fence(spec)
-    confirm_commit(spec, parent, ck, replaces is not None)
-
-
-def _skip(ck: CheckpointRef, e: CheckpointChanged) -> FoldOutcome:
-    get_run_logger().warning(f"{ck.id}: skipped: {e}")
-    return FoldOutcome(checkpoint_id=ck.id, status="skipped", reason=str(e))
+        raise
 
 
 @flow(

@@ -20,7 +20,8 @@ whose version was registered and refolds the others; new folds of the lineage ar
 until then (``load_parent``). A progress artifact and one log line per step show progress.
 
 ``mergeflow-rebuild`` refolds the checkpoints of the lineage a rebuilt lineage came from
-(``origin``), in the same order, with the rebuilt lineage's method, under its lock.
+(``origin``), in the same order, with the rebuilt lineage's method, under its lock; with a
+pool method it merges them all as one pool (:func:`mergeflow.flows.pool.rebuild_pool`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from mergeflow.errors import StateError
 from mergeflow.flows.fold import fold_one
 from mergeflow.flows.lock import fence, lineage_lock, reap_crashed_run
+from mergeflow.flows.pool import rebuild_pool
 from mergeflow.tasks.lineage import load_spec
 from mergeflow.tasks.replay import (
     DropResult,
@@ -111,11 +113,19 @@ def replay_flow(lineage: str, checkpoint: str = "", reason: str = "") -> list[Re
     on_crashed=[reap_crashed_run],
 )
 def rebuild_flow(lineage: str) -> list[FoldOutcome]:
-    """Refold the origin's checkpoints into the rebuilt ``lineage``, in order (resumable)."""
+    """Refold the origin's checkpoints into the rebuilt ``lineage``, in order (resumable), or
+    merge them as one pool when its method is a pool method."""
     log = get_run_logger()
     spec = load_spec(lineage)
     with lineage_lock(spec):
         queue = rebuild_queue(spec)
+        if spec.method_kind == "pool" and queue:  # one merge of the whole queue
+            artifact = _progress(lineage, "rebuild", 1)
+            out = [rebuild_pool(spec, queue)]
+            log.info(f"rebuild: a pool of {len(queue)} {out[0].status} as version {out[0].version}")
+            if artifact is not None:
+                update_progress_artifact(artifact, progress=100.0)
+            return out
         artifact = _progress(lineage, "rebuild", len(queue))
         out = []
         for i, ck in enumerate(queue, 1):

@@ -16,7 +16,7 @@ import torch
 
 from mergeflow.errors import CheckpointError, StateError
 from mergeflow.merging import pipeline
-from mergeflow.merging.methods import get_continual, validate_params
+from mergeflow.merging.methods import get_continual, get_pool, method_names, validate_params
 from mergeflow.merging.methods.base import (
     Folded,
     FoldStats,
@@ -63,10 +63,12 @@ def new_state(
     options: FoldOptions | None = None,
     vocab: VocabInfo | None = None,
 ) -> StateInfo:
-    """An empty (step 0) state for a continual method; parameters are validated here.
+    """An empty (step 0) state for a continual method, or a pool method for a lineage that
+    merges pools; parameters are validated here.
 
     ``vocab``: the base's vocabulary tensors (their rows are aligned by token when folding)."""
-    p = validate_params(get_continual(method), params)
+    kind = get_pool if method in method_names("pool") else get_continual
+    p = validate_params(kind(method), params)
     return StateInfo(
         method=method,
         params=p.model_dump(),

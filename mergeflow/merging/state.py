@@ -42,6 +42,11 @@ class FoldedCheckpoint(BaseModel):
     id: str
     digest: str
     step: int
+    uri: str = Field(
+        "",
+        description="where it was read from: a pool state records it to merge its pool again "
+        "with the next checkpoint (continual folds leave it empty)",
+    )
 
 
 class AddedToken(BaseModel):

@@ -65,6 +65,8 @@ class ModelCard(BaseModel):
     step: int
     scale: float
     checkpoints: tuple[CardCheckpoint, ...] = ()
+    pool: bool = False
+    """The version merged ``checkpoints`` at once with a pool method (not fold by fold)."""
     excluded: tuple[CardExclusion, ...] = ()
     metrics: dict[str, float] = Field(default_factory=dict)
     run_id: str | None = None
@@ -137,10 +139,18 @@ def render_card(card: ModelCard) -> str:
         "",
         f"# {card.registered_model} (version {card.version})",
         "",
-        f"A **merge** of {n} fine-tuned checkpoint{'s' if n != 1 else ''} of {base}, folded one "
-        f"at a time with the continual merging method `{card.method}` by mergeflow "
-        f"(lineage `{card.lineage}`). The merged weights are θ₀ + scale·D, with D the "
-        "method's state after the last fold.",
+        f"A **merge** of {n} fine-tuned checkpoint{'s' if n != 1 else ''} of {base}, "
+        + (
+            f"merged at once as one pool with the pool merging method `{card.method}`"
+            if card.pool
+            else f"folded one at a time with the continual merging method `{card.method}`"
+        )
+        + f" by mergeflow (lineage `{card.lineage}`). The merged weights are θ₀ + scale·D, "
+        + (
+            "with D the pool's merged task vector."
+            if card.pool
+            else "with D the method's state after the last fold."
+        ),
         "",
         "## Method",
         "",

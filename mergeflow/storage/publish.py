@@ -104,7 +104,7 @@ def build_card(
             step=c.step,
             id=c.id,
             digest=c.digest,
-            uri=by_digest[c.digest].checkpoint_uri if c.digest in by_digest else "",
+            uri=c.uri or (by_digest[c.digest].checkpoint_uri if c.digest in by_digest else ""),
             version=by_digest[c.digest].version if c.digest in by_digest else "",
         )
         for c in info.checkpoints
@@ -137,6 +137,7 @@ def build_card(
         step=info.step,
         scale=info.scale,
         checkpoints=folded,
+        pool=bool(v.pool),
         excluded=excluded,
         metrics=dict(v.metrics),
         run_id=v.run_id,

@@ -204,20 +204,35 @@ class StateWrite:
         """The writer of the folded checkpoint's tensors that the base lacks."""
         return ShardedWriter(StoreSink(self.dst, self.rel_heads), self.max_shard_size)
 
-    def commit(self, info: StateInfo, parts: list[dict[str, str]] | None = None) -> StateManifest:
-        """Write the parts' index (if any), then ``state.json``: the commit point."""
+    def member_heads(self, index: int) -> tuple[ShardedWriter, str]:
+        """The writer of one pool member's heads (a pool state keeps every member's) and the
+        URI to record for them."""
+        rel = f"{self.rel_heads}/{index:05d}"
+        return ShardedWriter(StoreSink(self.dst, rel), self.max_shard_size), _uri(self.dst, rel)
+
+    def commit(
+        self,
+        info: StateInfo,
+        parts: list[dict[str, str]] | None = None,
+        heads: dict[str, str] | None = None,
+    ) -> StateManifest:
+        """Write the parts' index (if any), then ``state.json``: the commit point.
+
+        ``heads``: checkpoint id -> heads URI of every checkpoint (a pool state); by default
+        the parent's plus the folded checkpoint's."""
         if parts is not None:
             weight_map = {k: v for m in parts for k, v in m.items()}
             index = {"metadata": engine.state_metadata(self.step), "weight_map": weight_map}
             self.dst.write_bytes(
                 f"{self.rel_tensors}/{INDEX_FILE}", json.dumps(index, indent=2).encode()
             )
-        heads = dict(self.parent.heads) if self.parent is not None else {}
-        cid = info.checkpoints[-1].id
-        if info.heads.get(cid):
-            heads[cid] = _uri(self.dst, self.rel_heads)
-        else:
-            self.dst.delete_prefix(self.rel_heads)
+        if heads is None:
+            heads = dict(self.parent.heads) if self.parent is not None else {}
+            cid = info.checkpoints[-1].id
+            if info.heads.get(cid):
+                heads[cid] = _uri(self.dst, self.rel_heads)
+            else:
+                self.dst.delete_prefix(self.rel_heads)
         new = StateManifest(info=info, tensors=_uri(self.dst, self.rel_tensors), heads=heads)
         write_manifest(self.dst, new)
         self._drop_replaced(new)
@@ -332,7 +347,7 @@ def summary(manifest: StateManifest) -> dict[str, Any]:
             "description": i.projection.description,
             "count": len(i.projection.projected),
         },
-        "checkpoints": [c.model_dump() for c in i.checkpoints],
+        "checkpoints": [c.model_dump(exclude_defaults=True) for c in i.checkpoints],
         "vocab": vocab.summary(i),
         "tensors": manifest.tensors,
         "heads": manifest.heads,

@@ -5,13 +5,15 @@ Statistics (methods that read them, e.g. ``regmean``, ``fisher``): the checkpoin
 split of the checkpoint's task and cached by checkpoint digest under the lineage's store,
 ``<store>/stats/<digest>.safetensors``. The objective (methods that learn, e.g.
 ``adamerging``) scores every task folded so far, the incoming one included, on its
-calibration split. Anything missing is a :class:`~mergeflow.errors.CheckpointError`, so the
-fold registers a rejected version that says what is missing; nothing falls back silently.
+calibration split; a pool merge's scores every task of its pool. Anything missing is a
+:class:`~mergeflow.errors.CheckpointError`, so the fold registers a rejected version that
+says what is missing (a rebuild refuses the pool); nothing falls back silently.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from safetensors.torch import save
@@ -21,6 +23,7 @@ from mergeflow.evaluation.calibration import build_objective
 from mergeflow.evaluation.statistics import stats_for_checkpoint
 from mergeflow.lineage import LineageSpec
 from mergeflow.merging.engine import resolve_device
+from mergeflow.merging.methods import get_pool, validate_params
 from mergeflow.merging.methods.base import Objective
 from mergeflow.merging.stats import STATS_FILE, CheckpointStats, check_stats
 from mergeflow.storage import states
@@ -119,3 +122,58 @@ def fold_objective(
         raise
     except ConfigError as e:
         raise CheckpointError(ck.uri, f"the calibration objective cannot be built: {e}") from None
+
+
+def check_pool_calibration(spec: LineageSpec, pool: Sequence[CheckpointRef]) -> None:
+    """Every task of the pool's checkpoints names a calibration split, or a
+    :class:`~mergeflow.errors.CheckpointError` naming the first task without one."""
+    what = f"method {spec.method!r} learns from calibration data"
+    if spec.evaluation is None:
+        raise CheckpointError(pool[-1].uri, f"{what}, and the lineage has no evaluation tasks")
+    for ck in pool:
+        for t in spec.evaluation.tasks:
+            if t.checkpoint == ck.id and t.calibration_uri() is None:
+                raise CheckpointError(
+                    ck.uri, f"{what}, and task {t.name!r} has no calibration split"
+                )
+
+
+def pool_objective(
+    spec: LineageSpec,
+    pool: Sequence[CheckpointRef],
+    opened: Sequence[OpenedCheckpoint],
+    base: OpenedCheckpoint,
+) -> Objective:
+    """The calibration objective of a pool merge: every task of the pool's checkpoints, each
+    with its checkpoint's head, as the lineage's pool method asks (examples, seed, loss).
+
+    A task of the pool without a calibration split refuses the checkpoint it belongs to
+    (:class:`~mergeflow.errors.CheckpointError` naming the task); a checkpoint without any
+    task is merged all the same (it only enters through the method's choice)."""
+    check_pool_calibration(spec, pool)
+    assert spec.evaluation is not None
+    keys = set(base.reader.keys())
+    heads = {
+        ck.id: {k: o.reader.get(k) for k in o.reader.keys() if k not in keys}
+        for ck, o in zip(pool, opened, strict=True)
+    }
+    pm = get_pool(spec.method)
+    o = pm.objective_options(validate_params(pm, spec.params))
+    try:
+        return build_objective(
+            spec.evaluation,
+            base.config or {},
+            heads,
+            tuple(heads),
+            read_bytes=layout.read_uri,
+            device=str(resolve_device(spec.device)),
+            batch_size=o.batch_size,
+            seed=o.seed,
+            loss=o.loss,
+        )
+    except ServiceUnavailable:
+        raise
+    except ConfigError as e:
+        raise CheckpointError(
+            pool[-1].uri, f"the calibration objective cannot be built: {e}"
+        ) from None

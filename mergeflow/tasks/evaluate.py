@@ -131,13 +131,17 @@ def _score_alone(
 
 
 @task(name="own-scores", task_run_name="own-scores-{ck.id}")
-def own_scores(spec: LineageSpec, ck: CheckpointRef, parent: ParentState) -> OwnScores:
-    """a_i(θ_i) for the tasks of ``ck`` and of every checkpoint the parent state folded.
+def own_scores(
+    spec: LineageSpec, ck: CheckpointRef, parent: ParentState, new: Sequence[CheckpointRef] = ()
+) -> OwnScores:
+    """a_i(θ_i) for the tasks of ``ck`` (and of ``new``) and of every checkpoint the parent
+    state folded.
 
     Computed once per checkpoint (``ck`` alone, validation and test) and cached on the
     lineage's store as ``own-scores/<digest>.json``, keyed by task definition
     (:func:`~mergeflow.evaluation.own.own_key`); earlier checkpoints are read from there
-    (one whose scores are not cached is left out).
+    (one whose scores are not cached is left out). ``new``: other checkpoints that enter the
+    chain with ``ck`` (a pool merge's), scored like it.
     """
     suite = spec.evaluation
     if suite is None:
@@ -146,15 +150,16 @@ def own_scores(spec: LineageSpec, ck: CheckpointRef, parent: ParentState) -> Own
     refs = [CheckpointRef(id=c.id, uri="", digest=c.digest) for c in manifest.info.checkpoints]
     st = layout.store(spec.store)
     out: dict[str, dict[str, float]] = {"validation": {}, "test": {}}
-    for ref in [*refs, ck]:
+    entering = [*new, ck]
+    for ref in [*refs, *entering]:
         tasks = [t for t in suite.tasks if t.checkpoint == ref.id]
         if not tasks or not ref.digest:
             continue
         path = _own_path(ref.digest)
         cached = json.loads(st.read_bytes(path)) if st.exists(path) else {}
         keys = {t.name: own_key(t, suite) for t in tasks}
-        if ref is ck and any(cached.get(n, {}).get("key") != k for n, k in keys.items()):
-            scores = _score_alone(spec, suite, ck, tasks)
+        if ref in entering and any(cached.get(n, {}).get("key") != k for n, k in keys.items()):
+            scores = _score_alone(spec, suite, ref, tasks)
             cached = {n: {"key": keys[n], **{s: scores[s][n] for s in scores}} for n in keys}
             st.write_bytes(path, json.dumps(cached, indent=2, sort_keys=True).encode())
         for n, k in keys.items():

@@ -127,7 +127,8 @@ def chain_states(spec: LineageSpec, last: VersionRecord | None) -> dict[str, str
 
 def ensure_init_state(spec: LineageSpec, method: str | None = None) -> str:
     """Create the step-0 state of ``method`` (default: the lineage's), once: method, params,
-    base digest, projection rule, at :func:`~mergeflow.tasks.layout.init_state_uri`."""
+    base digest, projection rule, at :func:`~mergeflow.tasks.layout.init_state_uri` (a pool
+    lineage's records its pool method: every version merges a pool from there)."""
     name = method or spec.method
     uri = layout.init_state_uri(spec, name)
     st = layout.store(uri)

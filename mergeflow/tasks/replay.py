@@ -180,16 +180,27 @@ def _branch_state(src_uri: str, dst_uri: str, params: dict[str, Any]) -> str:
 @task(name="rebuild-queue", **io_task)
 def rebuild_queue(spec: LineageSpec) -> list[CheckpointRef]:
     """The checkpoints ``spec.origin`` folded (up to its version), in order, minus those ``spec``
-    registered already (a resumed rebuild)."""
+    registered already (a resumed rebuild; a pool merge registers its whole pool at once).
+
+    An origin that merges pools contributes each version's pool members it did not list yet,
+    in pool order (from the version's state, which records their URIs)."""
     if spec.origin is None or spec.origin.kind != "rebuild":
         raise ConfigError(f"lineage {spec.name} is not a rebuild of another lineage")
     origin = registry().versions(spec.origin.registered_model)
-    done = {v.checkpoint_digest for v in registry().versions(spec.registered_model)}
-    return [
-        _ref(v)
-        for v in sorted(origin, key=lambda v: int(v.version))
-        if int(v.version) <= int(spec.origin.version)
-        and v.status in LIVE_STATUSES
-        and v.state_uri
-        and v.checkpoint_digest not in done
-    ]
+    done = {d for v in registry().versions(spec.registered_model) for d in v.held()}
+    out: list[CheckpointRef] = []
+    for v in sorted(origin, key=lambda v: int(v.version)):
+        if int(v.version) > int(spec.origin.version) or v.status not in LIVE_STATUSES:
+            continue
+        if not v.state_uri:
+            continue
+        for ck in _members(v) if v.pool else [_ref(v)]:
+            if ck.digest not in done and all(ck.digest != c.digest for c in out):
+                out.append(ck)
+    return out
+
+
+def _members(v: VersionRecord) -> list[CheckpointRef]:
+    """The checkpoints a pool version merged, as its state records them."""
+    info = states.read_manifest(layout.store(v.state_uri)).info
+    return [CheckpointRef(id=c.id, uri=c.uri, digest=c.digest) for c in info.checkpoints]

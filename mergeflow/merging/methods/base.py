@@ -221,6 +221,17 @@ class Pool:
     names: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class ObjectiveOptions:
+    """How a caller builds a pool method's calibration :class:`Objective`: examples per task
+    and step, the seed of the minibatch order, the loss (``auto``: cross-entropy where the
+    data have labels, entropy otherwise)."""
+
+    batch_size: int = 32
+    seed: int = 0
+    loss: Literal["auto", "cross_entropy", "entropy"] = "auto"
+
+
 class PoolMethod(ABC, Generic[P]):
     """A one-shot merge of a pool by whole-model optimisation on calibration data; ``P`` its Params."""
 
@@ -228,6 +239,16 @@ class PoolMethod(ABC, Generic[P]):
     summary: ClassVar[str]
     kind: ClassVar[Literal["pool"]] = "pool"
     Params: ClassVar[type[MethodParams]]
+
+    def objective_options(self, params: P) -> ObjectiveOptions:
+        """The objective this method learns on. Default: its ``batch_size``, ``seed`` and
+        ``loss`` parameters where it has them."""
+        d = ObjectiveOptions()
+        return ObjectiveOptions(
+            batch_size=int(getattr(params, "batch_size", d.batch_size)),
+            seed=int(getattr(params, "seed", d.seed)),
+            loss=getattr(params, "loss", d.loss),
+        )
 
     @abstractmethod
     def merge(

@@ -30,7 +30,13 @@ import torch
 from pydantic import Field
 
 from mergeflow.errors import LearningError
-from mergeflow.merging.methods.base import MethodParams, Objective, Pool, PoolMethod
+from mergeflow.merging.methods.base import (
+    MethodParams,
+    Objective,
+    ObjectiveOptions,
+    Pool,
+    PoolMethod,
+)
 
 
 class FWMergingParams(MethodParams):
@@ -73,6 +79,10 @@ class FWMerging(PoolMethod[FWMergingParams]):
         "the calibration gradient (the paper claims robustness to irrelevant checkpoints: see benchmarks/fw_pool.py)"
     )
     Params = FWMergingParams
+
+    def objective_options(self, params: FWMergingParams) -> ObjectiveOptions:
+        """``examples`` labelled examples per task for each gradient, cross-entropy (the authors')."""
+        return ObjectiveOptions(batch_size=params.examples, seed=0, loss="cross_entropy")
 
     def merge(
         self, params: FWMergingParams, pool: Pool, objective: Objective, log: Callable[[str], None]

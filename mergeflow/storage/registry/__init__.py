@@ -50,7 +50,9 @@ Version tags (all strings; names in :mod:`.tags`): ``mergeflow.lineage``,
 ("" for none), ``mergeflow.state.uri``, ``mergeflow.model.uri`` ("" when rejected at
 validation), ``mergeflow.model.id`` (the LoggedModel); on a fold that tried several
 candidates, ``mergeflow.candidates`` (JSON: each candidate's label, method, params, state URI
-and validation scores; ``mergeflow.method`` is then the registered candidate's method).
+and validation scores; ``mergeflow.method`` is then the registered candidate's method); on a
+pool merge, ``mergeflow.pool`` (JSON: each checkpoint of the pool, in order; the
+``checkpoint.*`` tags name the newest, and the run has a ``pool`` param with their ids).
 
 Metrics (the fold flow computes them; keys by split): ``test/<task>`` per task,
 ``test/avg`` their mean over the tasks folded so far, ``test/bwt`` backward transfer (from
@@ -72,6 +74,7 @@ from mergeflow.storage.registry.client import Registry
 from mergeflow.storage.registry.records import (
     CandidateRecord,
     FoldRecord,
+    PoolMember,
     RegistryError,
     VersionRecord,
 )
@@ -85,6 +88,7 @@ __all__ = [
     "CandidateRecord",
     "FoldRecord",
     "MlflowSource",
+    "PoolMember",
     "Registry",
     "RegistryError",
     "VersionRecord",

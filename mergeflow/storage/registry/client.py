@@ -93,10 +93,10 @@ class Registry:
         return accepted[-1] if accepted else None
 
     def seen_checkpoints(self, registered_model: str) -> set[str]:
-        """Ids AND digests of every checkpoint folded or rejected (never fold them again)."""
+        """Ids AND digests of every checkpoint folded, merged in a pool or rejected (never fold them again)."""
         seen: set[str] = set()
         for v in self.versions(registered_model):
-            seen.update(x for x in (v.checkpoint_id, v.checkpoint_digest) if x)
+            seen |= v.held()
         return seen
 
     def _by_alias(self, registered_model: str, alias: str) -> VersionRecord | None:

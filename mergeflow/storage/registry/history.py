@@ -109,7 +109,7 @@ def inherited_seen(versions: Sequence[VersionRecord], up_to: str) -> set[str]:
     out: set[str] = set()
     for v in versions:
         if int(v.version) <= int(up_to):
-            out.update(x for x in (v.checkpoint_id, v.checkpoint_digest) if x)
+            out |= v.held()
     return out
 
 

@@ -26,6 +26,7 @@ from mergeflow.storage.registry.tags import (
     T_MODEL_ID,
     T_MODEL_URI,
     T_PARENT_VERSION,
+    T_POOL,
     T_REASON,
     T_REPLACES_VERSION,
     T_STATE_URI,
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CandidateRecord",
     "FoldRecord",
+    "PoolMember",
     "RegistryError",
     "VersionRecord",
     "aliases_of",
@@ -48,6 +50,8 @@ __all__ = [
     "created_at",
     "finite_metrics",
     "parse_candidates",
+    "parse_pool",
+    "pool_tag",
     "run_params",
     "version_from_mlflow",
     "version_tags",
@@ -95,6 +99,37 @@ def parse_candidates(text: str) -> list[CandidateRecord]:
         return []
 
 
+class PoolMember(BaseModel):
+    """One checkpoint of a pool merge's pool (``mergeflow.pool``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    uri: str = ""
+    digest: str = ""
+
+
+def pool_tag(pool: Sequence[PoolMember]) -> str:
+    """The ``mergeflow.pool`` tag: compact JSON, one object per checkpoint (ids and digests
+    only if it would not fit a tag, ids only if even that would not)."""
+    docs = [m.model_dump(mode="json") for m in pool]
+    for drop in ((), ("uri",), ("uri", "digest")):
+        text = json.dumps(
+            [{k: v for k, v in d.items() if k not in drop} for d in docs], separators=(",", ":")
+        )
+        if len(text) <= _MAX_TAG:
+            break
+    return text
+
+
+def parse_pool(text: str) -> list[PoolMember]:
+    """The checkpoints of a ``mergeflow.pool`` tag ([] when absent or unreadable)."""
+    try:
+        return [PoolMember.model_validate(m) for m in json.loads(text or "[]")]
+    except (ValueError, TypeError):
+        return []
+
+
 class FoldRecord(BaseModel):
     """Everything one fold registers (see the package doc for where each field goes)."""
 
@@ -130,6 +165,9 @@ class FoldRecord(BaseModel):
     candidates: list[CandidateRecord] = Field(default_factory=list)
     """Every candidate when the fold tried several (the registered one's ``state_uri`` is
     this record's); empty otherwise."""
+    pool: list[PoolMember] = Field(default_factory=list)
+    """A pool merge: every checkpoint merged, in pool order (``checkpoint_*`` name the newest);
+    empty for a fold."""
 
 
 class VersionRecord(BaseModel):
@@ -163,6 +201,8 @@ class VersionRecord(BaseModel):
     dropped_at: str = ""
     # A fold that tried several candidates (``mergeflow.candidates``), defaulted:
     candidates: list[CandidateRecord] = Field(default_factory=list)
+    # A pool merge (``mergeflow.pool``), defaulted:
+    pool: list[PoolMember] = Field(default_factory=list)
 
     @property
     def note(self) -> str:
@@ -173,6 +213,12 @@ class VersionRecord(BaseModel):
             by = f"by version {self.superseded_by}" if self.superseded_by else "replay pending"
             return f"superseded {by}: {self.superseded_reason}"
         return f"replaces version {self.replaces}" if self.replaces else ""
+
+    def held(self) -> set[str]:
+        """Ids and digests of the checkpoints the version recorded: its own, and its pool's."""
+        refs = [(self.checkpoint_id, self.checkpoint_digest)]
+        refs += [(m.id, m.digest) for m in self.pool]
+        return {x for ref in refs for x in ref if x}
 
     def chains(self) -> dict[str, str]:
         """Method -> the state its next fold continues: the kept candidate states, or the
@@ -203,13 +249,14 @@ def _flatten(params: Mapping[str, Any], prefix: str) -> dict[str, str]:
 
 
 def run_params(rec: FoldRecord) -> dict[str, str]:
-    """Run and LoggedModel params: ``method``, ``param.<k>`` (flattened), ``base``, ``checkpoint``;
-    with candidates ``candidate.<label>.method`` and ``candidate.<label>.param.<k>``."""
+    """Run and LoggedModel params: ``method``, ``param.<k>`` (flattened), ``base``, ``checkpoint``
+    (and ``pool``, the pool's ids, for a pool merge); with candidates ``candidate.<label>.method`` and ``candidate.<label>.param.<k>``."""
     return {
         "method": rec.method,
         **_flatten(rec.params, "param"),
         "base": rec.base_uri[:_MAX_PARAM_VALUE],
         "checkpoint": rec.checkpoint_uri[:_MAX_PARAM_VALUE],
+        **({"pool": ",".join(m.id for m in rec.pool)[:_MAX_PARAM_VALUE]} if rec.pool else {}),
         **{f"candidate.{c.label}.method": c.method for c in rec.candidates},
         **{
             k: v
@@ -237,6 +284,7 @@ def version_tags(rec: FoldRecord, model_id: str) -> dict[str, str]:
         T_MODEL_ID: model_id,
         **({T_REPLACES_VERSION: rec.replaces} if rec.replaces else {}),
         **({T_CANDIDATES: candidates_tag(rec.candidates)} if rec.candidates else {}),
+        **({T_POOL: pool_tag(rec.pool)} if rec.pool else {}),
     }
 
 
@@ -282,4 +330,5 @@ def version_from_mlflow(mv: ModelVersion, aliases: Mapping[str, str]) -> Version
         dropped_reason=tags.get(T_DROPPED_REASON, ""),
         dropped_at=tags.get(T_DROPPED_AT, ""),
         candidates=parse_candidates(tags.get(T_CANDIDATES, "")),
+        pool=parse_pool(tags.get(T_POOL, "")),
     )

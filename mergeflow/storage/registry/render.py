@@ -47,6 +47,7 @@ def describe(rec: FoldRecord) -> str:
         "",
         "| | |",
         "|---|---|",
+        *_pool(rec),
         f"| checkpoint | `{rec.checkpoint_id}` |",
         f"| checkpoint URI | `{rec.checkpoint_uri}` |",
         f"| digest | `{rec.checkpoint_digest}` |",
@@ -70,6 +71,15 @@ def describe(rec: FoldRecord) -> str:
             lines.append(f"| … | {len(keys) - 40} more in the run |")
     text = "\n".join(lines)
     return text if len(text) <= _MAX_DESCRIPTION else text[: _MAX_DESCRIPTION - 1] + "…"
+
+
+def _pool(rec: FoldRecord) -> list[str]:
+    """The pool row of a pool merge: how many checkpoints, which ones (the newest is the checkpoint)."""
+    if not rec.pool:
+        return []
+    ids = ", ".join(f"`{m.id}`" for m in rec.pool[:40])
+    more = f", … {len(rec.pool) - 40} more" if len(rec.pool) > 40 else ""
+    return [f"| pool | {rec.method} merge of {len(rec.pool)} checkpoint(s): {ids}{more} |"]
 
 
 def _candidates(rec: FoldRecord) -> list[str]:

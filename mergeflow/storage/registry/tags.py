@@ -31,6 +31,7 @@ __all__ = [
     "T_MODEL_ID",
     "T_MODEL_URI",
     "T_PARENT_VERSION",
+    "T_POOL",
     "T_REASON",
     "T_REPLACES_VERSION",
     "T_STATE_URI",
@@ -77,6 +78,10 @@ T_CANDIDATES = TAG_PREFIX + "candidates"
 """On a fold that tried several candidates only: compact JSON, one object per candidate
 (``label``, ``method``, ``params``, ``state_uri``, ``validation``); the states kept are the
 ones the next fold continues (one per method), the others are ``""``."""
+T_POOL = TAG_PREFIX + "pool"
+"""On a pool merge only (a lineage whose method is a pool method): compact JSON, one object per
+checkpoint of the pool in order (``id``, ``uri``, ``digest``; URIs left out if it would not fit
+a tag, the state lists them too). The version's ``checkpoint.*`` tags name the newest of them."""
 
 T_REPLACES_VERSION = TAG_PREFIX + "replaces.version"
 """On a replayed fold: the version it replaces (absent on an ordinary fold)."""
