@@ -12,7 +12,9 @@ reuses) the digits suite of ``benchmarks/quality.py`` and merges pools of
 
 Methods, each on the same pools, scored on the relevant tasks' **test** split with their
 own heads: ``fw_merging`` (FW-Hard with FusionBench's defaults; with the authors'
-discriminative config's step size 1; and with that step size starting at the base), ``batch_adamerging`` (learned
+discriminative config's step size 1; and with that step size starting at the base),
+``fw_soft`` (FW-Soft with the authors' defaults: one checkpoint per task, the step learned
+as AdaMerging coefficients, 10 x 500 Adam steps), ``batch_adamerging`` (learned
 coefficients, one per checkpoint and tensor), batch task arithmetic (s = 0.3), batch TIES
 (defaults) and continual ``opcm`` (pool folded relevant-first, in pool order). The learning
 methods read only the relevant tasks' **calibration** split (64 training images each).
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             ("fw_merging (FusionBench defaults)", "fw", {}),
             ("fw_merging, step_size 1", "fw", {"step_size": 1.0}),
             ("fw_merging, init base, step_size 1", "fw", {"step_size": 1.0, "init": "base"}),
+            ("fw_soft (FW-Soft, the authors' defaults)", "soft", {}),
             ("learned coefficients (batch_adamerging)", "ada", {}),
             ("task arithmetic (s=0.3)", "ta", {}),
             ("TIES (defaults)", "ties", {}),
@@ -122,16 +125,16 @@ def main(argv: list[str] | None = None) -> int:
         ):
             t0 = time.perf_counter()
             out = DictWriter()
-            if run in ("fw", "ada"):
-                method = "fw_merging" if run == "fw" else "batch_adamerging"
+            if run in ("fw", "soft", "ada"):
+                method = {"fw": "fw_merging", "soft": "fw_soft", "ada": "batch_adamerging"}[run]
                 objective = build_objective(
                     es,
                     config,
                     {c: heads[c] for c in relevant},
                     relevant,
-                    batch_size=100 if run == "fw" else 32,
+                    batch_size=32 if run == "ada" else 100,
                     seed=args.seed,
-                    loss="cross_entropy" if run == "fw" else "auto",
+                    loss="auto" if run == "ada" else "cross_entropy",
                 )
                 pool_merge(method, fw_params, br, readers, out, objective, log=None)
                 merged = out.tensors

@@ -258,6 +258,7 @@ def test_every_method_listed_with_defaults():
             "batch_weight_average",
             "batch_adamerging",
             "fw_merging",
+            "fw_soft",
         }
     )
     assert {p["name"]: p["default"] for p in rows["opcm"]["params"]} == {

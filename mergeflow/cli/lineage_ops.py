@@ -74,7 +74,7 @@ def register_lineage(ls: Any) -> None:
         description=(
             "Create lineage NEW with METHOD and refold into it, in their original order, the checkpoints NAME "
             "folded (dropped and validation-rejected ones excluded), under NEW's lock (flow mergeflow-rebuild). "
-            "A pool METHOD (fw_merging, batch_adamerging) merges them all at once instead, on the calibration "
+            "A pool METHOD (fw_merging, fw_soft, batch_adamerging) merges them all at once instead, on the calibration "
             "split of each one's task, as NEW's first version; each later checkpoint is merged with NEW's "
             "accepted pool again. Running it again resumes an interrupted rebuild."
         ),

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         required=True,
-        help="merging method (see `mergeflow methods`): opcm, task_arithmetic, weight_average, magmax, ties, dop, nufilt, adamerging, regmean, fisher, batch_*, fw_merging",
+        help="merging method (see `mergeflow methods`): opcm, task_arithmetic, weight_average, magmax, ties, dop, nufilt, adamerging, regmean, fisher, batch_*, fw_merging, fw_soft",
     )
     p.add_argument(
         "--out",

@@ -1,4 +1,4 @@
-"""`mergeflow merge` with a pool method (fw_merging, batch_adamerging): calibration data in, one merge out."""
+"""`mergeflow merge` with a pool method (fw_merging, fw_soft, batch_adamerging): calibration data in, one merge out."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from mergeflow.storage.checkpoints import OpenedCheckpoint
 from mergeflow.storage.schemes import read_uri
 
 CALIBRATION_HELP = (
-    "methods that learn (adamerging, fw_merging, batch_adamerging): a YAML or JSON evaluation suite ({tasks: [{name, "
+    "methods that learn (adamerging, fw_merging, fw_soft, batch_adamerging): a YAML or JSON evaluation suite ({tasks: [{name, "
     "checkpoint, data}]}) whose tasks name a calibration split; a task's checkpoint is a CHECKPOINT "
     "as given or its last path component"
 )

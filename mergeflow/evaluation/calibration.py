@@ -10,7 +10,7 @@ of each task (:meth:`~mergeflow.evaluation.spec.TaskSpec.calibration_uri`), neve
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -117,6 +117,46 @@ class CalibrationObjective:
         n = len(t.order)
         b = min(self.batch_size, n)
         return t.order[(step * b + np.arange(b)) % n]
+
+    def narrow(
+        self,
+        tasks: Sequence[str] | None = None,
+        *,
+        loss: Literal["cross_entropy", "entropy"] | None = None,
+        batch_size: int | None = None,
+    ) -> CalibrationObjective:
+        """A view on the same model, data and row orders: only ``tasks`` (all by default),
+        ``loss`` instead of each task's own (``entropy`` ignores the labels; ``cross_entropy``
+        needs them), ``batch_size`` rows per task and step. Shares this objective's module and,
+        once loaded, its loaded tensors and heads.
+        """
+        names = self.tasks if tasks is None else tuple(tasks)
+        chosen = []
+        for name in names:
+            try:
+                t = self._task(name)
+            except KeyError:
+                raise ConfigError(
+                    f"the calibration objective has no task {name!r}; its tasks: {', '.join(self.tasks)}"
+                ) from None
+            if loss == "entropy":
+                t = replace(t, labels=None)
+            elif loss == "cross_entropy" and t.labels is None:
+                raise ConfigError(
+                    f"task {t.name!r}: calibration data {t.uri!r} has no labels ('labels' or 'y'), so it has no cross-entropy"
+                )
+            chosen.append(t)
+        view = CalibrationObjective(
+            self._module,
+            chosen,
+            device=self.device,
+            batch_size=self.batch_size if batch_size is None else batch_size,
+        )
+        if self._loaded:
+            view._ref = self._ref
+            view._heads = {n: self._heads[n] for n in view.tasks}
+            view._loaded = True
+        return view
 
     def _task(self, name: str) -> _TaskData:
         """The task named ``name`` (KeyError when it has none)."""

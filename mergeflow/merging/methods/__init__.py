@@ -18,6 +18,7 @@ from mergeflow.merging.methods.batch_weight_average import BatchWeightAverage
 from mergeflow.merging.methods.dop import DOP
 from mergeflow.merging.methods.fisher import Fisher
 from mergeflow.merging.methods.fw_merging import FWMerging
+from mergeflow.merging.methods.fw_soft import FWSoft
 from mergeflow.merging.methods.magmax import MagMax
 from mergeflow.merging.methods.nufilt import NUFILT
 from mergeflow.merging.methods.opcm import OPCM
@@ -47,6 +48,7 @@ METHODS: tuple[Method, ...] = (
     BatchWeightAverage(),
     BatchAdaMerging(),
     FWMerging(),
+    FWSoft(),
 )
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Generic, Literal, Protocol, TypeVar
+from typing import ClassVar, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -100,6 +100,23 @@ class Objective(Protocol):
     tasks: tuple[str, ...]
 
     def __call__(self, tensors: Mapping[str, torch.Tensor], step: int) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class NarrowableObjective(Objective, Protocol):
+    """An :class:`Objective` that gives views of itself on the same data, model and minibatch
+    order: some of its ``tasks`` (their mean loss), another ``loss`` (``entropy`` ignores the
+    labels; ``cross_entropy`` needs them) or another ``batch_size`` (examples per task and
+    step). A method that needs one loss per task, or a second loss, asks for one (FW-Soft:
+    a gradient per task for its oracle, the entropy for its coefficients)."""
+
+    def narrow(
+        self,
+        tasks: Sequence[str] | None = None,
+        *,
+        loss: Literal["cross_entropy", "entropy"] | None = None,
+        batch_size: int | None = None,
+    ) -> NarrowableObjective: ...
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ tensor``) or per checkpoint and module (``module``)::
 
 learned with Adam (``steps``, ``lr``) from ``init`` (0.3, task arithmetic's default) on the
 calibration objective of every task in the pool: cross-entropy where the data has labels,
-entropy of the predictions where it has none. Deterministic for a seed. Unlike the continual
+entropy of the predictions where it has none (the coefficients are in the compute dtype;
+:func:`learn_layer_coefficients` is also FW-Soft's step). Deterministic for a seed. Unlike the continual
 ``adamerging``, memory grows with the pool: every task vector is held during learning (this
 is the batch form, for ``merge`` and comparison).
 """
@@ -15,7 +16,7 @@ is the batch form, for ``merge`` and comparison).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar, Literal
 
 import torch
@@ -41,6 +42,71 @@ class BatchAdaMergingParams(MethodParams):
     seed: int = Field(0, description="seed of the minibatch order")
 
 
+def learn_layer_coefficients(
+    start: Mapping[str, torch.Tensor],
+    vectors: Sequence[Mapping[str, torch.Tensor]],
+    objective: Objective,
+    *,
+    init: float,
+    steps: int,
+    lr: float,
+    granularity: str = "tensor",
+    first_step: int = 0,
+    what: str = "step",
+    lr_name: str = "lr",
+    log: Callable[[str], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Layer-wise AdaMerging from ``start``: ``Σ_i λ_{i,g(k)} v_{i,k}`` of every tensor ``k``.
+
+    One coefficient per vector ``v_i`` and group ``g(k)`` (:func:`group_of`), all from
+    ``init``, in ``start``'s dtype; ``steps`` Adam steps (learning rate ``lr``) on
+    ``objective(start + Σ_i λ_i v_i, first_step + s)``. Returns the combination (detached)
+    and the loss at every step. A non-finite loss or coefficient raises
+    :class:`~mergeflow.errors.LearningError` (``what`` and ``lr_name`` word its message);
+    ``log`` reports the first step, every 25th and the last.
+    """
+    keys = tuple(start)
+    groups = sorted({group_of(k, granularity) for k in keys})
+    index = {g: j for j, g in enumerate(groups)}
+    gi = {k: index[group_of(k, granularity)] for k in keys}
+    dtype = start[keys[0]].dtype if keys else torch.float32
+    lam = torch.full((len(vectors), len(groups)), init, dtype=dtype, requires_grad=True)
+    opt = torch.optim.Adam([lam], lr=lr)
+    losses: list[float] = []
+    for step in range(steps):
+        x = {}
+        for k, b in start.items():
+            v = b
+            for i, vec in enumerate(vectors):
+                v = v + lam[i, gi[k]].to(b.dtype) * vec[k]
+            x[k] = v
+        loss = objective(x, first_step + step)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise LearningError(
+                f"the calibration loss became {value} at {what} {step + 1}; lower {lr_name} (now {lr:g})"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if not bool(torch.isfinite(lam.detach()).all()):
+            raise LearningError(
+                f"the merging coefficients became non-finite at {what} {step + 1}; lower {lr_name} (now {lr:g})"
+            )
+        losses.append(value)
+        if log is not None and (step == 0 or (step + 1) % 25 == 0 or step + 1 == steps):
+            log(f"{what} {step + 1}/{steps}: loss {value:.4f}")
+    with torch.no_grad():
+        combined = {
+            k: sum(
+                (float(lam[i, gi[k]]) * vec[k] for i, vec in enumerate(vectors)),
+                torch.zeros_like(start[k]),
+            )
+            for k in keys
+        }
+    return combined, losses
+
+
 class BatchAdaMerging(PoolMethod[BatchAdaMergingParams]):
     name: ClassVar[str] = "batch_adamerging"
     summary: ClassVar[str] = (
@@ -59,32 +125,14 @@ class BatchAdaMerging(PoolMethod[BatchAdaMergingParams]):
         """Σ_i λ_{i,k} τ_{i,k} with the learned coefficients."""
         base = {k: pool.base(k) for k in pool.keys}
         taus = [{k: pool.tau(i, k) for k in pool.keys} for i in range(pool.size)]
-        groups = sorted({group_of(k, params.granularity) for k in pool.keys})
-        gi = {k: groups.index(group_of(k, params.granularity)) for k in pool.keys}
-        lam = torch.full((pool.size, len(groups)), params.init, requires_grad=True)
-        opt = torch.optim.Adam([lam], lr=params.lr)
-        for step in range(params.steps):
-            x = {}
-            for k, b in base.items():
-                v = b
-                for i in range(pool.size):
-                    v = v + lam[i, gi[k]].to(b.dtype) * taus[i][k]
-                x[k] = v
-            loss = objective(x, step)
-            if not math.isfinite(float(loss.detach())):
-                raise LearningError(
-                    f"the calibration loss became {float(loss.detach())} at step {step + 1}; lower lr (now {params.lr:g})"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step == 0 or (step + 1) % 25 == 0 or step + 1 == params.steps:
-                log(f"step {step + 1}/{params.steps}: loss {float(loss.detach()):.4f}")
-        with torch.no_grad():
-            return {
-                k: sum(
-                    (float(lam[i, gi[k]]) * taus[i][k] for i in range(pool.size)),
-                    torch.zeros_like(base[k]),
-                )
-                for k in pool.keys
-            }
+        merged, _ = learn_layer_coefficients(
+            base,
+            taus,
+            objective,
+            init=params.init,
+            steps=params.steps,
+            lr=params.lr,
+            granularity=params.granularity,
+            log=log,
+        )
+        return merged

@@ -23,7 +23,7 @@ chosen checkpoint is read again for the update. Defaults are the authors' (Fusio
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar, Literal
 
 import torch
@@ -52,24 +52,61 @@ class FWMergingParams(MethodParams):
     )
 
 
-def _cos_sum(g: dict[str, torch.Tensor], weights: Callable[[str], torch.Tensor]) -> float:
-    """Σ_k cos(g_k, w_k) over the tensors, streaming ``weights`` (0 for a zero tensor)."""
-    total = 0.0
-    for k, gk in g.items():
+def cos_sums(
+    grads: Sequence[Mapping[str, torch.Tensor]], weights: Callable[[str], torch.Tensor]
+) -> list[float]:
+    """``Σ_k cos(g_k, w_k)`` for each gradient ``g`` of ``grads`` (0 for a zero tensor),
+    streaming ``weights`` once: each of its tensors is read one time for all the gradients."""
+    totals = [0.0] * len(grads)
+    if not grads:
+        return totals
+    for k in grads[0]:
         w = weights(k)
-        den = float(torch.linalg.vector_norm(gk)) * float(torch.linalg.vector_norm(w))
-        if den > 0:
-            total += float(torch.dot(gk.reshape(-1), w.reshape(-1).to(gk.dtype))) / den
-    return total
+        w_norm = float(torch.linalg.vector_norm(w))
+        for j, g in enumerate(grads):
+            gk = g[k]
+            den = float(torch.linalg.vector_norm(gk)) * w_norm
+            if den > 0:
+                totals[j] += float(torch.dot(gk.reshape(-1), w.reshape(-1).to(gk.dtype))) / den
+    return totals
 
 
-def _weights_of(pool: Pool, base: dict[str, torch.Tensor], i: int) -> Callable[[str], torch.Tensor]:
+def weights_of(
+    pool: Pool, base: Mapping[str, torch.Tensor], i: int
+) -> Callable[[str], torch.Tensor]:
     """θ_i tensor by tensor, read from the pool on demand."""
 
     def get(k: str) -> torch.Tensor:
         return base[k] + pool.tau(i, k)
 
     return get
+
+
+def calibration_gradient(
+    objective: Objective,
+    base: Mapping[str, torch.Tensor],
+    delta: Mapping[str, torch.Tensor],
+    step: int,
+    where: str,
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """The loss of ``θ₀ + δ`` on the objective's minibatch ``step`` and its gradient per tensor
+    (zeros where the loss does not reach). A non-finite loss or gradient raises
+    :class:`~mergeflow.errors.LearningError` naming ``where``."""
+    keys = tuple(base)
+    x = {k: (base[k] + delta[k]).requires_grad_(True) for k in keys}
+    loss = objective(x, step)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise LearningError(f"the calibration loss became {value} at {where}")
+    grads = torch.autograd.grad(loss, [x[k] for k in keys], allow_unused=True)
+    g = {
+        k: (gk if gk is not None else torch.zeros_like(base[k])).detach()
+        for k, gk in zip(keys, grads, strict=True)
+    }
+    for k, gk in g.items():
+        if not bool(torch.isfinite(gk).all()):
+            raise LearningError(f"the calibration gradient of {k!r} became non-finite at {where}")
+    return value, g
 
 
 class FWMerging(PoolMethod[FWMergingParams]):
@@ -98,21 +135,11 @@ class FWMerging(PoolMethod[FWMergingParams]):
         delta = {k: v.clone() for k, v in init.items()}  # θ̄ − θ₀
         names = pool.names or tuple(str(i) for i in range(pool.size))
         for t in range(params.max_iters):
-            x = {k: (base[k] + delta[k]).requires_grad_(True) for k in pool.keys}
-            loss = objective(x, t)
-            if not math.isfinite(float(loss.detach())):
-                raise LearningError(
-                    f"the calibration loss became {float(loss.detach())} at iteration {t + 1}"
-                )
-            grads = torch.autograd.grad(loss, [x[k] for k in pool.keys], allow_unused=True)
-            g = {
-                k: (gk if gk is not None else torch.zeros_like(base[k])).detach()
-                for k, gk in zip(pool.keys, grads, strict=True)
-            }
+            loss, g = calibration_gradient(objective, base, delta, t, f"iteration {t + 1}")
             # the oracle: the checkpoint (or the initial merge) least aligned with the gradient
-            best, best_cos = -1, _cos_sum(g, lambda k: base[k] + init[k])
+            best, best_cos = -1, cos_sums([g], lambda k: base[k] + init[k])[0]
             for i in range(pool.size):
-                c = _cos_sum(g, _weights_of(pool, base, i))
+                c = cos_sums([g], weights_of(pool, base, i))[0]
                 if c < best_cos:
                     best, best_cos = i, c
             gamma = 2.0 / (t + 2) * params.step_size
@@ -121,7 +148,7 @@ class FWMerging(PoolMethod[FWMergingParams]):
                 delta[k].add_(target - delta[k], alpha=gamma * lam)
             chosen = "the initial merge" if best < 0 else names[best]
             log(
-                f"iteration {t + 1}/{params.max_iters}: loss {float(loss.detach()):.4f}, "
+                f"iteration {t + 1}/{params.max_iters}: loss {loss:.4f}, "
                 f"chose {chosen} (cosine sum {best_cos:.4f}), step {gamma * lam:.4f}"
             )
         return delta
