@@ -97,6 +97,8 @@ FULL_LAYERS = 32
 CHECKPOINTS = 2
 SCALE = 0.3  # task arithmetic's weight per checkpoint, mergeflow's default and mergekit's here
 BUCKET = "llm7b"
+GROUPS = ("local", "s3-baseline", "s3-task_arithmetic", "s3-opcm")
+"""What ``--only`` may name: the local runs (mergekit's included), and each S3 group."""
 EXTRA_SPARE = 2 * GiB
 
 
@@ -547,6 +549,10 @@ def main() -> None:
     )
     ap.add_argument("--shard-size", help="input, state and output shards (default 5GB)")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument(
+        "--only",
+        help=f"comma-separated groups to run (default all): {', '.join(GROUPS)}",
+    )
     ap.add_argument("--work", type=Path, default=WORK, help=argparse.SUPPRESS)
     ap.add_argument("--driver", help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
@@ -558,6 +564,9 @@ def main() -> None:
         return
     if args.layers is not None and args.layers < 1:
         ap.error("--layers must be at least 1")
+    groups = GROUPS if not args.only else tuple(g.strip() for g in args.only.split(","))
+    if unknown := [g for g in groups if g not in GROUPS]:
+        ap.error(f"--only: unknown group(s) {', '.join(unknown)}; groups: {', '.join(GROUPS)}")
     from mergeflow.cli.args import parse_size
 
     shape = SMOKE if args.smoke else FULL
@@ -571,7 +580,7 @@ def main() -> None:
         f"load {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}",
         flush=True,
     )
-    if not args.skip_mergekit:
+    if not args.skip_mergekit and "local" in groups:
         compare._mk_python()  # before the disk check: creating the venv takes some disk
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -609,11 +618,14 @@ def main() -> None:
         n = len(layout)
 
         def local(row: Row, cmd: list[str], dest: Path | None) -> None:
+            if "local" not in groups:
+                return
             check = _count_check(dest, n) if dest is not None else None
             rows.append(run_measured(row, cmd, env, check))
             shutil.rmtree(out, ignore_errors=True)  # bound the disk: outputs go once counted
 
-        print("\n== local runs ==", flush=True)
+        if "local" in groups:
+            print("\n== local runs ==", flush=True)
         local(
             Row(
                 "reading baseline (local): 2 folds + export",
@@ -687,7 +699,7 @@ def main() -> None:
         time.sleep(5)
         lo_rate = (_lo_bytes() - lo_a) / 5
         where = "from S3" if args.s3_inputs else "from the local disk"
-        for what in ("baseline", "task_arithmetic", "opcm"):
+        for what in [g.removeprefix("s3-") for g in groups if g.startswith("s3-")]:
             print(f"\n== S3: {what} (inputs read {where}) ==", flush=True)
             data = work / f"s3-{what}"
             server = ObjectStoreServer(data, port=None)
