@@ -295,3 +295,18 @@ def test_a_nearly_full_disk_still_serves_several_buckets(small_disk: Path) -> No
             assert server.client().get_object(Bucket=bucket, Key="k")["Body"].read() == b"x" * 1000
     finally:
         server.stop(grace=1.0)
+
+
+def test_upload_checksums_are_botocores_default_except_over_plain_http(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mergeflow.storage.s3 import make_s3_client
+
+    for k in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MERGEFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(k, raising=False)
+    calc = lambda url: make_s3_client(url).meta.config.request_checksum_calculation  # noqa: E731
+    assert calc("http://127.0.0.1:9000") == "when_required"  # SigV4 signs the payload already
+    assert calc("https://s3.example.com") == "when_supported"
+    assert calc(None) == "when_supported"  # AWS itself
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000")
+    assert calc(None) == "when_required"
