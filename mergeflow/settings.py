@@ -71,6 +71,10 @@ class Settings(BaseSettings):
         default=None, description="default: s3://<bucket>/mlartifacts"
     )
     health_timeout_s: float = Field(default=180.0, gt=0, description="wait for each server")
+    digest_cache: bool = Field(
+        default=True,
+        description="cache local checkpoints' digests under home/cache/digests, keyed by file identity",
+    )
 
     @field_validator("home")
     @classmethod

@@ -21,6 +21,7 @@ import torch
 from mergeflow.errors import CheckpointError, ConfigError
 from mergeflow.merging.stats import STATS_FILE, CheckpointStats, check_stats
 from mergeflow.merging.tensors import TORCH_TO_SAFETENSORS, DictReader, TensorMeta, TensorReader
+from mergeflow.storage.digest_cache import cached_digest
 from mergeflow.storage.hf_layout import (
     ADAPTER_CONFIG,
     ADAPTER_FILE,
@@ -128,20 +129,28 @@ class OpenedCheckpoint:
     weight_files: list[str] = field(default_factory=list)
 
     def digest(self) -> str:
-        """Content digest: sha256 of the weight files' bytes (local) or of their ETags (remote)."""
-        h = hashlib.sha256()
+        """Content digest: sha256 of the weight files' bytes (local, cached by the files'
+        identity: :mod:`~mergeflow.storage.digest_cache`) or of their ETags (remote)."""
         if isinstance(self.store, LocalStore):
-            for rel in sorted(self.weight_files):
-                if len(self.weight_files) > 1:  # a lone file's name is not content
-                    h.update(rel.encode() + b"\0")
-                with open(self.store.root / (self.prefix + rel), "rb") as f:
-                    while chunk := f.read(8 * 2**20):
-                        h.update(chunk)
-        else:
-            infos = {i.relpath: i for i in self.store.list(self.prefix.rstrip("/"))}
-            for rel in sorted(self.weight_files):
-                i = infos.get(self.prefix + rel)
-                h.update(f"{rel}\0{i.size if i else -1}\0{i.etag if i else ''}\n".encode())
+            root, rels = self.store.root, sorted(self.weight_files)
+            return cached_digest([root / (self.prefix + r) for r in rels], self._local_digest)
+        h = hashlib.sha256()
+        infos = {i.relpath: i for i in self.store.list(self.prefix.rstrip("/"))}
+        for rel in sorted(self.weight_files):
+            i = infos.get(self.prefix + rel)
+            h.update(f"{rel}\0{i.size if i else -1}\0{i.etag if i else ''}\n".encode())
+        return "sha256:" + h.hexdigest()
+
+    def _local_digest(self) -> str:
+        """sha256 of the local weight files' bytes (names too when there are several)."""
+        h = hashlib.sha256()
+        assert isinstance(self.store, LocalStore)
+        for rel in sorted(self.weight_files):
+            if len(self.weight_files) > 1:  # a lone file's name is not content
+                h.update(rel.encode() + b"\0")
+            with open(self.store.root / (self.prefix + rel), "rb") as f:
+                while chunk := f.read(8 * 2**20):
+                    h.update(chunk)
         return "sha256:" + h.hexdigest()
 
     def small_files(self) -> list[str]:
