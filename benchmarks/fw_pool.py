@@ -14,13 +14,15 @@ Methods, each on the same pools, scored on the relevant tasks' **test** split wi
 own heads: ``fw_merging`` (FW-Hard with FusionBench's defaults; with the authors'
 discriminative config's step size 1; and with that step size starting at the base),
 ``fw_soft`` (FW-Soft with the authors' defaults: one checkpoint per task, the step learned
-as AdaMerging coefficients, 10 x 500 Adam steps), ``batch_adamerging`` (learned
+as AdaMerging coefficients, 10 x 500 Adam steps; and with cross-entropy instead of the
+entropy for the coefficients), ``batch_adamerging`` (learned
 coefficients, one per checkpoint and tensor), batch task arithmetic (s = 0.3), batch TIES
 (defaults) and continual ``opcm`` (pool folded relevant-first, in pool order). The learning
 methods read only the relevant tasks' **calibration** split (64 training images each).
 
     .venv/bin/python benchmarks/fw_pool.py                 # 0, 4, 8, 16 irrelevant
     .venv/bin/python benchmarks/fw_pool.py --irrelevant 0,4
+    .venv/bin/python benchmarks/fw_pool.py --irrelevant 0 --only soft --out /tmp/soft.json   # FW-Soft rows only
 
 Prints a markdown table (ACC %, seconds per merge) and writes
 ``benchmarks/results/fw_pool.json``.
@@ -79,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--irrelevant", default="0,4,8,16")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--only", help="comma-separated run kinds (fw, soft, ada, ta, ties, opcm); default all"
+    )
     ap.add_argument("--work", type=Path, default=HERE / "_work" / "quality" / "digits")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "fw_pool.json")
     args = ap.parse_args(argv)
@@ -118,11 +123,14 @@ def main(argv: list[str] | None = None) -> int:
             ("fw_merging, step_size 1", "fw", {"step_size": 1.0}),
             ("fw_merging, init base, step_size 1", "fw", {"step_size": 1.0, "init": "base"}),
             ("fw_soft (FW-Soft, the authors' defaults)", "soft", {}),
+            ("fw_soft, cross-entropy coefficients", "soft", {"ada_loss": "cross_entropy"}),
             ("learned coefficients (batch_adamerging)", "ada", {}),
             ("task arithmetic (s=0.3)", "ta", {}),
             ("TIES (defaults)", "ties", {}),
             ("OPCM (α=0.5, continual)", "opcm", {}),
         ):
+            if args.only and run not in args.only.split(","):
+                continue
             t0 = time.perf_counter()
             out = DictWriter()
             if run in ("fw", "soft", "ada"):
