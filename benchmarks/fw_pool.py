@@ -13,9 +13,9 @@ reuses) the digits suite of ``benchmarks/quality.py`` and merges pools of
 Methods, each on the same pools, scored on the relevant tasks' **test** split with their
 own heads: ``fw_merging`` (FW-Hard with FusionBench's defaults; with the authors'
 discriminative config's step size 1; and with that step size starting at the base),
-``fw_soft`` (FW-Soft with the authors' defaults: one checkpoint per task, the step learned
-as AdaMerging coefficients, 10 x 500 Adam steps; and with cross-entropy instead of the
-entropy for the coefficients), ``batch_adamerging`` (learned
+``fw_soft`` (FW-Soft: one checkpoint per task, the step learned as AdaMerging
+coefficients, 10 x 500 Adam steps; with the authors' entropy for the coefficients, and with
+mergeflow's default, cross-entropy), ``batch_adamerging`` (learned
 coefficients, one per checkpoint and tensor), batch task arithmetic (s = 0.3), batch TIES
 (defaults) and continual ``opcm`` (pool folded relevant-first, in pool order). The learning
 methods read only the relevant tasks' **calibration** split (64 training images each).
@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             ("fw_merging (FusionBench defaults)", "fw", {}),
             ("fw_merging, step_size 1", "fw", {"step_size": 1.0}),
             ("fw_merging, init base, step_size 1", "fw", {"step_size": 1.0, "init": "base"}),
-            ("fw_soft (FW-Soft, the authors' defaults)", "soft", {}),
-            ("fw_soft, cross-entropy coefficients", "soft", {"ada_loss": "cross_entropy"}),
+            ("fw_soft, the authors' entropy coefficients", "soft", {"ada_loss": "entropy"}),
+            ("fw_soft (defaults: cross-entropy coefficients)", "soft", {}),
             ("learned coefficients (batch_adamerging)", "ada", {}),
             ("task arithmetic (s=0.3)", "ta", {}),
             ("TIES (defaults)", "ties", {}),

@@ -127,7 +127,7 @@ def _setting(n_tasks: int, n_cks: int):
 @pytest.mark.parametrize(
     ("n_tasks", "n_cks", "params"),
     [
-        (2, 4, {"max_iters": 3, "ada_iters": 40, "ada_lr": 0.02}),
+        (2, 4, {"max_iters": 3, "ada_iters": 40, "ada_lr": 0.02, "ada_loss": "entropy"}),
         (
             2,
             3,
@@ -144,7 +144,7 @@ def _setting(n_tasks: int, n_cks: int):
             3,
             2,
             {"max_iters": 3, "ada_iters": 25, "ada_lr": 0.05},
-        ),  # the oracle runs out of checkpoints
+        ),  # the oracle runs out of checkpoints; the default loss (cross-entropy)
     ],
 )
 def test_fw_soft_equals_the_authors_algorithm_on_known_losses(n_tasks, n_cks, params) -> None:
@@ -163,7 +163,7 @@ def test_fw_soft_equals_the_authors_algorithm_on_known_losses(n_tasks, n_cks, pa
         lr=params["ada_lr"],
         init=params.get("ada_init", 0.3),
         coeff=params.get("ada_coeff", 1e-8),
-        ada_loss=params.get("ada_loss", "entropy"),
+        ada_loss=params.get("ada_loss", "cross_entropy"),
     )
     for k in base:
         assert torch.allclose(out.tensors[k], want[k], rtol=0, atol=1e-10), k
@@ -177,7 +177,7 @@ def test_fw_soft_equals_the_authors_algorithm_on_known_losses(n_tasks, n_cks, pa
     want_calls = []
     for t in range(params["max_iters"]):
         want_calls += [((j,), "cross_entropy", 100, t) for j in tasks]
-        loss = params.get("ada_loss", "entropy")
+        loss = params.get("ada_loss", "cross_entropy")
         want_calls += [(tasks, loss, 16, t * ada + s) for s in range(ada)]
     assert obj.calls == want_calls
 
@@ -246,7 +246,7 @@ def test_a_diverging_fw_soft_writes_nothing(where: str, how: str, message: str) 
     obj.how, obj.where = how, where
     out = DictWriter()
     with pytest.raises(CheckpointError, match=f"{message}.*nothing was written"):
-        pool_merge("fw_soft", {"max_iters": 2, "ada_iters": 3}, DictReader(base),
+        pool_merge("fw_soft", {"max_iters": 2, "ada_iters": 3, "ada_loss": "entropy"}, DictReader(base),
                    [DictReader(c) for c in cks], out, obj, log=None)  # fmt: skip
     assert not out.committed and out.tensors == {}
 
@@ -297,7 +297,7 @@ def test_methods_lists_fw_soft_with_its_parameters(cli) -> None:
         "ada_iters": 500,
         "ada_lr": 1e-3,
         "ada_batch_size": 16,
-        "ada_loss": "entropy",
+        "ada_loss": "cross_entropy",
         "ada_init": 0.3,
         "ada_coeff": 1e-8,
         "seed": 0,
