@@ -198,7 +198,7 @@ def _base_tensor(key: str, shape: tuple[int, ...]) -> torch.Tensor:
 def build(suite: str) -> tuple[Path, list[Path]]:
     """Write base.safetensors and ckpt_{i}.safetensors for a suite, streaming (reused when complete)."""
     from mergeflow.storage.objects import LocalStore, StoreSink
-    from mergeflow.storage.safetensors_file import ShardedWriter
+    from mergeflow.storage.shard_writer import ShardedWriter
 
     spec = SUITES[suite]
     folder = WORK / suite
@@ -262,8 +262,8 @@ def drive_reading(base: str, cks: list[str], out: str, widen: bool = False) -> N
     """Read each fold's inputs once (base, checkpoint, previous output), write its output once;
     ``widen``: write float32 outputs, as a state kept at the compute precision must."""
     from mergeflow.storage.objects import LocalStore, StoreSink
-    from mergeflow.storage.safetensors_file import ShardedWriter
     from mergeflow.storage.schemes import open_checkpoint
+    from mergeflow.storage.shard_writer import ShardedWriter
 
     t0 = time.perf_counter()
     store = LocalStore(out)
@@ -287,8 +287,8 @@ def drive_reading(base: str, cks: list[str], out: str, widen: bool = False) -> N
 def drive_reading_batch(base: str, cks: list[str], out: str) -> None:
     """Read the base and every checkpoint once, write one output: a batch merge's storage limit."""
     from mergeflow.storage.objects import LocalStore, StoreSink
-    from mergeflow.storage.safetensors_file import ShardedWriter
     from mergeflow.storage.schemes import open_checkpoint
+    from mergeflow.storage.shard_writer import ShardedWriter
 
     t0 = time.perf_counter()
     store = LocalStore(out)

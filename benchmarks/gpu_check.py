@@ -311,8 +311,8 @@ def merge_on(
     from mergeflow.merging.state import BaseRef, FoldOptions
     from mergeflow.storage import states
     from mergeflow.storage.objects import LocalStore, StoreSink
-    from mergeflow.storage.safetensors_file import ShardedWriter
     from mergeflow.storage.schemes import open_checkpoint
+    from mergeflow.storage.shard_writer import ShardedWriter
 
     shutil.rmtree(out, ignore_errors=True)
     options = FoldOptions(compute_dtype=compute_dtype)  # type: ignore[arg-type]

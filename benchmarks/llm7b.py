@@ -7,6 +7,7 @@ Run from the repository root::
     .venv/bin/python benchmarks/llm7b.py --layers 3 --keep    # keep the built inputs for the next run
     .venv/bin/python benchmarks/llm7b.py --layers 3 --only s3-task_arithmetic,s3-baseline   # some groups, in this order
     .venv/bin/python benchmarks/llm7b.py --s3-inputs    # upload base and checkpoints to the S3 store too
+    .venv/bin/python benchmarks/llm7b.py --pin-store    # S3 groups: the store on core 1, the runs on core 0
     .venv/bin/python benchmarks/llm7b.py --smoke        # shrunk widths: checks the script, measures nothing
 
 Inputs: a base and 2 checkpoints shaped like Llama-2-7B (``LlamaForCausalLM``: hidden 4096,
@@ -19,7 +20,8 @@ through mergeflow's ``ShardedWriter`` into HF folders: 5 GB shards
 
 ``--layers`` (default 6, what runs within the hour on 2 cores) is capped by the free disk of the work folder, checked first:
 the inputs (3 x bf16), the largest run's float32 states (the previous and the new state of
-a fold: 2 x 4 bytes per parameter, about 54 GB at full size), one spooled shard, the S3
+a fold: 2 x 4 bytes per parameter, about 54 GB at full size), the spool (one 5 GB output
+shard, or two 1 GiB state shards: the one written and the one being stored), the S3
 copies of the inputs with ``--s3-inputs``, and 2 GiB to spare. Each run's output is deleted
 once it is counted, and each S3 run has its own SeaweedFS whose data is deleted after it.
 
@@ -105,6 +107,8 @@ size (about 3 hours there, and about 100 GB of disk)."""
 GROUPS = ("local", "s3-baseline", "s3-task_arithmetic", "s3-opcm")
 """What ``--only`` may name: the local runs (mergekit's included), and each S3 group."""
 EXTRA_SPARE = 2 * GiB
+PIN_CLIENT: list[str] = []
+"""``--pin-store``: the measured runs' command prefix (``taskset -c 0``)."""
 
 
 @dataclass(frozen=True)
@@ -180,7 +184,10 @@ def disk_need(layers: int, s: Shape, shard: int, s3_inputs: bool) -> int:
     p = n_params(llama_7b(layers, s))
     model, state = 2 * p, 4 * p
     inputs = (CHECKPOINTS + 1) * model
-    return inputs * (2 if s3_inputs else 1) + 2 * state + min(shard, state) + EXTRA_SPARE
+    from mergeflow.storage.states import DEFAULT_SHARD  # the state shards: 2 in the spool
+
+    spool = max(min(shard, state), 2 * min(DEFAULT_SHARD, state))
+    return inputs * (2 if s3_inputs else 1) + 2 * state + spool + EXTRA_SPARE
 
 
 def choose_layers(
@@ -214,7 +221,7 @@ def build(
 ) -> list[Path]:
     """Write base/, ckpt_0/, ckpt_1/ as HF folders, tensor by tensor (reused when complete)."""
     from mergeflow.storage.objects import LocalStore, StoreSink
-    from mergeflow.storage.safetensors_file import ShardedWriter
+    from mergeflow.storage.shard_writer import ShardedWriter
 
     names = ["base", *(f"ckpt_{i}" for i in range(CHECKPOINTS))]
     dirs = [folder / n for n in names]
@@ -249,15 +256,17 @@ def drive_reading(
     out: str, base: str, start: int, cks: list[str], export: bool, shard: int
 ) -> None:
     """Read each fold's inputs once (base, checkpoint, previous output) and write its output
-    once in float32, as a state; ``export``: then read base and last output, write the model.
+    once in float32, as a state is written (its shard size, each shard stored while the next
+    is written); ``export``: then read base and last output, write the model in ``shard``s.
 
     compare.drive_reading's reads the previous output as one ``model.safetensors``; this one
     opens it as a folder (sharded at 7B size) in a local folder or an S3 prefix, and drops
     it after the next is written, as a fold drops the state it replaced.
     """
     from mergeflow.storage.objects import StoreSink
-    from mergeflow.storage.safetensors_file import ShardedWriter
     from mergeflow.storage.schemes import open_checkpoint, open_store
+    from mergeflow.storage.shard_writer import ShardedWriter
+    from mergeflow.storage.states import DEFAULT_SHARD
 
     t0 = time.perf_counter()
     store = open_store(out)
@@ -266,7 +275,7 @@ def drive_reading(
         i = start + j
         c = open_checkpoint(ck).reader
         p = open_checkpoint(f"{out}/step{i - 1}").reader if i else None
-        w = ShardedWriter(StoreSink(store, f"step{i}"), max_shard_size=shard)
+        w = ShardedWriter(StoreSink(store, f"step{i}"), DEFAULT_SHARD, background=True)
         for k in b.keys():
             b.get(k)
             t = c.get(k)
@@ -349,7 +358,7 @@ def run_measured(
     io0, lo0 = _proc_io(), _lo_bytes()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        ["/usr/bin/time", "-v", *cmd],
+        ["/usr/bin/time", "-v", *PIN_CLIENT, *cmd],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -535,6 +544,7 @@ def _child_env(work: Path, extra: dict[str, str] | None = None) -> dict[str, str
         and not k.startswith("MERGEFLOW_S3_")
     }
     env |= {"TMPDIR": str(work / "tmp"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env["MERGEFLOW_HOME"] = str(work / "home")  # its digest cache starts empty in every run
     return env | (extra or {})
 
 
@@ -556,8 +566,17 @@ def main() -> None:
     ap.add_argument(
         "--smoke", action="store_true", help="shrunk widths, small shards: checks the script"
     )
-    ap.add_argument("--shard-size", help="input, state and output shards (default 5GB)")
+    ap.add_argument(
+        "--shard-size",
+        help="input and output model shards (default 5GB); states use mergeflow's (1 GiB)",
+    )
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument(
+        "--pin-store",
+        action="store_true",
+        help="S3 groups: the store's threads on core 1, the measured runs on core 0 (as if the "
+        "store were another machine's)",
+    )
     ap.add_argument(
         "--only",
         help=f"comma-separated groups to run (default all): {', '.join(GROUPS)}",
@@ -574,6 +593,8 @@ def main() -> None:
     if args.layers is not None and args.layers < 1:
         ap.error("--layers must be at least 1")
     groups = GROUPS if not args.only else tuple(g.strip() for g in args.only.split(","))
+    if args.pin_store and (os.cpu_count() or 1) < 2:
+        ap.error("--pin-store needs 2 cores")
     if unknown := [g for g in groups if g not in GROUPS]:
         ap.error(f"--only: unknown group(s) {', '.join(unknown)}; groups: {', '.join(GROUPS)}")
     from mergeflow.cli.args import parse_size
@@ -619,6 +640,7 @@ def main() -> None:
         build_s = time.perf_counter() - t0
         cks = [ck0, ck1]
         print(f"inputs ready in {build_s:.0f} s", flush=True)
+        shutil.rmtree(work / "home", ignore_errors=True)  # each checkpoint is hashed once, as new
         env = _child_env(work)
         out = work / "out"
         shard_arg = str(shard)
@@ -708,12 +730,17 @@ def main() -> None:
         time.sleep(5)
         lo_rate = (_lo_bytes() - lo_a) / 5
         where = "from S3" if args.s3_inputs else "from the local disk"
+        if args.pin_store:
+            PIN_CLIENT[:] = ["taskset", "-c", "0"]
+            print("S3 groups pinned: the store on core 1, the measured runs on core 0", flush=True)
         for what in [g.removeprefix("s3-") for g in groups if g.startswith("s3-")]:
             print(f"\n== S3: {what} (inputs read {where}) ==", flush=True)
             data = work / f"s3-{what}"
             server = ObjectStoreServer(data, port=None)
             servers.append(server)
             server.start()
+            if args.pin_store:  # every thread of the store on core 1, the runs on core 0
+                subprocess.run(["taskset", "-a", "-p", "-c", "1", str(server.pid)], check=True)
             server.ensure_bucket(BUCKET)
             s3env = env | server.env()
             inputs = [str(base), *map(str, cks)]
@@ -765,7 +792,7 @@ def main() -> None:
                                 projected=proj,
                             ),
                             _mf("state", "fold", "--state", state, "--base", inputs[0])
-                            + ["--device", "cpu", "--no-progress", "--max-shard-size", shard_arg]
+                            + ["--device", "cpu", "--no-progress"]
                             + [inputs[i + 1]],
                             s3env,
                         )

@@ -89,7 +89,7 @@ LLAMA = dict(
 MF_IMPORTS = (
     "import mergeflow.cli, mergeflow.merging.engine, mergeflow.merging.methods, "
     "mergeflow.storage.checkpoints, mergeflow.storage.states, "
-    "mergeflow.storage.safetensors_file, mergeflow.storage.objects"
+    "mergeflow.storage.safetensors_file, mergeflow.storage.shard_writer, mergeflow.storage.objects"
 )
 ENV = os.environ | {
     "HF_HUB_OFFLINE": "1",

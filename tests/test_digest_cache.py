@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -45,10 +46,31 @@ def test_an_unchanged_file_is_hashed_once_and_a_rewritten_one_again(
     f.write_bytes(b"b" * 100)  # same size, new content: its times change
     calls2, compute2 = _counting("sha256:two")
     assert cached_digest([f], compute2) == "sha256:two" and len(calls2) == 1
+    entries = home / "cache" / "digests"
+    assert len(list(entries.iterdir())) == 1  # the old content's entry was pruned
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # a touch keeping mtime changes ctime
     calls3, compute3 = _counting("sha256:three")
     assert cached_digest([f], compute3) == "sha256:three" and len(calls3) == 1
+    assert len(list(entries.iterdir())) == 1
+
+
+def test_entries_of_deleted_files_are_pruned_by_the_next_new_entry(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(digest_cache, "RACY_S", 0.0)
+    gone, kept, new = (tmp_path / f"{n}.safetensors" for n in ("gone", "kept", "new"))
+    for f in (gone, kept, new):
+        f.write_bytes(f.name.encode())
+    cached_digest([gone], lambda: "sha256:gone")
+    cached_digest([kept], lambda: "sha256:kept")
+    entries = home / "cache" / "digests"
+    assert len(list(entries.iterdir())) == 2
+    gone.unlink()
+    cached_digest([new], lambda: "sha256:new")
+    kept_files = sorted(json.loads(e.read_text())["files"][0] for e in entries.iterdir())
+    assert kept_files == [str(kept.resolve()), str(new.resolve())]
+    assert cached_digest([kept], lambda: "sha256:other") == "sha256:kept"
 
 
 def test_a_file_modified_just_before_hashing_is_not_cached(home: Path, tmp_path: Path) -> None:

@@ -157,7 +157,7 @@ def test_a_killed_writers_spool_is_swept_by_the_next_writer(tmp_path):
     import sys
 
     from mergeflow.storage.objects import LocalStore, StoreSink
-    from mergeflow.storage.safetensors_file import ShardedWriter
+    from mergeflow.storage.shard_writer import ShardedWriter
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -177,8 +177,8 @@ def test_a_killed_writers_spool_is_swept_by_the_next_writer(tmp_path):
 
 def test_sharded_writer_round_trip_bf16(tmp_path):
     from mergeflow.storage.objects import LocalStore, StoreSink
-    from mergeflow.storage.safetensors_file import ShardedWriter
     from mergeflow.storage.schemes import open_checkpoint
+    from mergeflow.storage.shard_writer import ShardedWriter
 
     tensors = {f"t{i}": torch.randn(64, 8).to(torch.bfloat16) for i in range(5)} | {
         "ids": torch.arange(7)
@@ -194,6 +194,104 @@ def test_sharded_writer_round_trip_bf16(tmp_path):
         assert torch.equal(ck.reader.get(k), v)
 
 
+class _SlowSink:
+    """A sink that records when each shard arrives and can hold or fail a hand-off."""
+
+    def __init__(self, root, fail: str | None = None) -> None:
+        import threading
+
+        from mergeflow.storage.objects import LocalStore, StoreSink
+
+        self.inner = StoreSink(LocalStore(root))
+        self.fail = fail
+        self.arrived: list[str] = []
+        self.release = threading.Event()
+        self.release.set()
+
+    def put(self, local_path, name: str) -> None:
+        self.release.wait(10)
+        if name == self.fail:
+            raise OSError(f"disk full while storing {name}")
+        self.inner.put(local_path, name)
+        self.arrived.append(name)
+
+
+def test_a_background_writer_stores_each_shard_while_the_next_is_written(tmp_path):
+    """``background``: shard i is in the sink before shard i+1 is finished, one hand-off at a
+    time; names without a count, the index last, every shard with the given metadata."""
+    import time
+
+    from safetensors import safe_open
+
+    from mergeflow.storage.schemes import open_checkpoint
+    from mergeflow.storage.shard_writer import ShardedWriter
+
+    tensors = {f"t{i}": torch.randn(64, 8) for i in range(5)}  # 2048 B each: one per shard
+    sink = _SlowSink(tmp_path / "m")
+    w = ShardedWriter(sink, max_shard_size=2048, background=True, metadata={"step": "3"})
+    seen = []
+    for k, v in tensors.items():
+        w.add(k, v)
+        deadline = time.monotonic() + 10
+        while len(sink.arrived) < len(seen) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append(list(sink.arrived))
+    # adding tensor i opens shard i + 1 and hands shard i off: it arrives before the commit
+    assert seen == [[f"model-0000{j}.safetensors" for j in range(1, i + 1)] for i in range(5)]
+    names = w.commit()
+    assert names == [f"model-0000{i}.safetensors" for i in range(1, 6)]
+    assert sink.arrived == [*names, "model.safetensors.index.json"]
+    ck = open_checkpoint(str(tmp_path / "m"))
+    for k, v in tensors.items():
+        assert torch.equal(ck.reader.get(k), v)
+    for n in names:
+        with safe_open(str(tmp_path / "m" / n), "pt") as f:
+            assert f.metadata() == {"format": "pt", "step": "3"}
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    assert index["metadata"] == {"total_size": 5 * 2048, "step": "3"}
+
+    one = ShardedWriter(_SlowSink(tmp_path / "one"), background=True)
+    one.add("a", torch.ones(3))
+    assert one.commit() == ["model.safetensors"]  # one shard: the usual name, no index
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["model.safetensors"]
+
+
+def test_a_failed_background_hand_off_is_raised_and_the_spool_dropped(tmp_path):
+    """The sink's error surfaces at the next add or at the commit; abort waits for the
+    hand-off in flight and leaves no spool; other metadata at the commit is refused."""
+    import time
+
+    from mergeflow.storage.shard_writer import ShardedWriter
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    sink = _SlowSink(tmp_path / "m", fail="model-00001.safetensors")
+    w = ShardedWriter(sink, max_shard_size=2048, spool_dir=str(spool), background=True)
+    w.add("a", torch.randn(64, 8))
+    w.add("b", torch.randn(64, 8))  # hands shard 1 off, which fails
+    with pytest.raises(OSError, match="disk full while storing model-00001.safetensors"):
+        w.commit()
+    assert list(spool.iterdir()) == [] and sink.arrived == []
+
+    sink = _SlowSink(tmp_path / "m2")
+    sink.release.clear()  # the first hand-off is held: the writer goes on meanwhile
+    w = ShardedWriter(sink, max_shard_size=2048, spool_dir=str(spool), background=True)
+    t0 = time.monotonic()
+    w.add("a", torch.randn(64, 8))
+    w.add("b", torch.randn(64, 8))
+    assert time.monotonic() - t0 < 5 and sink.arrived == []
+    sink.release.set()
+    w.abort()
+    assert list(spool.iterdir()) == [] and sink.arrived == ["model-00001.safetensors"]
+
+    w = ShardedWriter(_SlowSink(tmp_path / "m3"), 2048, spool_dir=str(spool), background=True)
+    w.add("a", torch.randn(64, 8))
+    w.add("b", torch.randn(64, 8))
+    with pytest.raises(ValueError, match="writes the metadata it was made with"):
+        w.commit({"other": "1"})
+    assert list(spool.iterdir()) == []
+
+
 @pytest.mark.parametrize("in_place", [True, False])
 def test_shards_are_valid_safetensors_with_the_header_inserted_in_place_or_copied(
     tmp_path, monkeypatch, in_place
@@ -202,18 +300,18 @@ def test_shards_are_valid_safetensors_with_the_header_inserted_in_place_or_copie
     a range (no copy), else the data is copied after it; the safetensors library reads both."""
     from safetensors import safe_open
 
-    from mergeflow.storage import safetensors_file
+    from mergeflow.storage import shard_writer
     from mergeflow.storage.objects import LocalStore, StoreSink
-    from mergeflow.storage.safetensors_file import ShardedWriter
+    from mergeflow.storage.shard_writer import ShardedWriter
 
     calls: list[bool] = []
-    real = safetensors_file._insert_range
+    real = shard_writer._insert_range
 
     def insert(fd: int, length: int) -> bool:
         calls.append(ok := in_place and real(fd, length))
         return ok
 
-    monkeypatch.setattr(safetensors_file, "_insert_range", insert)
+    monkeypatch.setattr(shard_writer, "_insert_range", insert)
     tensors = {
         "a": torch.randn(300, 7),
         "b": torch.randn(5).to(torch.bfloat16),

@@ -16,8 +16,9 @@ from safetensors.torch import save_file
 from mergeflow.errors import CheckpointError, ConfigError
 from mergeflow.storage.hub import HubRef, HubSource, open_hub_store
 from mergeflow.storage.objects import ObjectStore, ReadOnlyStore
-from mergeflow.storage.safetensors_file import SafetensorsReader, ShardedWriter
+from mergeflow.storage.safetensors_file import SafetensorsReader
 from mergeflow.storage.schemes import open_checkpoint, open_source, open_store
+from mergeflow.storage.shard_writer import ShardedWriter
 from mergeflow.storage.sources import Source
 
 CARD = "---\nbase_model: {base}\nlicense: mit\n---\n# A fine-tune\n"

@@ -85,3 +85,20 @@ def test_overlapping_passes_restore_the_thread_count(two_threads: None) -> None:
     assert not errors
     assert seen_in_b == [1], "B's ops ran on more than one thread after A ended"
     assert torch.get_num_threads() == 2
+
+
+def test_cpu_workers_follow_the_cores_this_process_may_use(monkeypatch) -> None:
+    """One compute thread per core of the process's CPU set (a container's or taskset's), at
+    most 2; ``MERGEFLOW_FOLD_WORKERS`` overrides; one on a GPU."""
+    import os
+
+    default_workers = pipeline.default_workers
+    monkeypatch.delenv("MERGEFLOW_FOLD_WORKERS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert default_workers(torch.device("cpu")) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert default_workers(torch.device("cpu")) == 2
+    assert default_workers(torch.device("cuda")) == 1
+    monkeypatch.setenv("MERGEFLOW_FOLD_WORKERS", "3")
+    assert default_workers(torch.device("cpu")) == 3

@@ -11,14 +11,16 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.models import tiny_state
 from safetensors.torch import save
 
 from mergeflow.errors import CheckpointError, ConfigError
 from mergeflow.services.s3_server import ObjectStoreServer, is_healthy, sockets
 from mergeflow.storage.objects import StoreSink
 from mergeflow.storage.s3 import S3Object, S3Settings, S3Store, make_s3_client
-from mergeflow.storage.safetensors_file import SafetensorsReader, ShardedWriter
+from mergeflow.storage.safetensors_file import SafetensorsReader
 from mergeflow.storage.schemes import open_store
+from mergeflow.storage.shard_writer import ShardedWriter
 
 pytestmark = pytest.mark.services
 
@@ -298,7 +300,7 @@ def test_a_nearly_full_disk_still_serves_several_buckets(small_disk: Path) -> No
 
 
 def test_upload_checksums_are_botocores_default_except_over_plain_http(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from mergeflow.storage.s3 import make_s3_client
 
@@ -310,3 +312,80 @@ def test_upload_checksums_are_botocores_default_except_over_plain_http(
     assert calc(None) == "when_supported"  # AWS itself
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000")
     assert calc(None) == "when_required"
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    config = tmp_path / "aws-config"
+    config.write_text("[default]\nendpoint_url = http://127.0.0.1:9001\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    assert make_s3_client().meta.endpoint_url == "http://127.0.0.1:9001"
+    assert calc(None) == "when_required"  # the endpoint came from the config file
+
+
+def test_a_state_in_s3_gets_its_shards_while_the_fold_runs_and_a_refused_fold_leaves_none(
+    s3_bucket: Any, tmp_path: Path, cli: Any, model_files: Any
+) -> None:
+    """``state fold`` into S3 with several state shards (each uploaded while the next is
+    folded) equals the same folds into a local folder; a checkpoint refused after the whole
+    pass (another base: its task-vector ratio is only known at the end, when every shard but
+    the last is in S3 already) leaves the state and the bucket as they were."""
+    from safetensors.torch import save_file
+
+    from mergeflow.storage import states
+
+    base, cks = model_files(2)
+    alien = tmp_path / "alien.safetensors"
+    save_file({k: v * 40 if v.is_floating_point() else v for k, v in tiny_state(7).items()}, alien)
+    uri = f"{s3_bucket.uri}/state"
+    local = tmp_path / "local-state"
+    for where in (uri, local):
+        assert (
+            cli("state", "init", "--state", where, "--base", base, "--method", "opcm").returncode
+            == 0
+        )
+        r = cli("state", "fold", "--state", where, "--max-shard-size", "600B", *cks)
+        assert r.returncode == 0, r.stderr
+    store = open_store(uri)
+    before = {o.relpath: o.etag for o in store.list()}
+    shards = [p for p in before if p.endswith(".safetensors")]
+    assert len(shards) > 3 and all("-of-" not in p for p in shards)
+    (_, s3_reader), (_, local_reader) = (
+        states.load_state(store),
+        states.load_state(open_store(str(local))),
+    )
+    assert s3_reader is not None and local_reader is not None
+    assert s3_reader.keys() == local_reader.keys()
+    for k in s3_reader.keys():
+        assert torch.equal(s3_reader.get(k), local_reader.get(k)), k
+
+    r = cli("state", "fold", "--state", uri, "--max-shard-size", "600B", alien)
+    assert r.returncode == 2 and "max_task_vector_ratio" in r.stderr
+    assert {o.relpath: o.etag for o in store.list()} == before
+
+
+def test_weights_are_stored_as_sent_and_not_gzipped_by_the_embedded_store(
+    s3_bucket: Any, tmp_path: Path
+) -> None:
+    """Uploads declare their type, multipart parts too: SeaweedFS gzips an untyped part whose
+    first 128 bytes compress, which a float32 upcast of bf16 values (half its bytes zero) does,
+    at about 35 MB/s of the store's CPU. Typed, the part is stored as sent."""
+    data = torch.randn(6 * MiB, generator=torch.Generator().manual_seed(3)).bfloat16().float()
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(data.numpy().tobytes())  # 24 MiB: three parts
+    meta = tmp_path / "state.json"
+    meta.write_text('{"step": 1}')
+    store = S3Store.from_uri(s3_bucket.uri)
+    volumes = s3_bucket.server.data_dir / "data"
+
+    def stored() -> int:
+        return sum(p.stat().st_size for p in volumes.glob("*.dat"))
+
+    before = stored()
+    store.put_file(f, "w/model.safetensors")
+    assert stored() - before >= f.stat().st_size  # gzipped it would be about half
+    store.put_file(meta, "w/state.json")
+    bucket, prefix = s3_bucket.uri.removeprefix("s3://").split("/", 1)
+    head = store.client.head_object(Bucket=bucket, Key=f"{prefix}/w/model.safetensors")
+    assert head["ContentType"] == "application/octet-stream"
+    head = store.client.head_object(Bucket=bucket, Key=f"{prefix}/w/state.json")
+    assert head["ContentType"] == "application/json"
+    assert store.read_bytes("w/model.safetensors") == f.read_bytes()

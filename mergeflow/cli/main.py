@@ -178,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-shard-size",
         type=parse_size,
-        default=parse_size("5GB"),
-        help="largest state shard (default: 5GB)",
+        default=states.DEFAULT_SHARD,
+        help="largest state shard (default: 1GiB; each finished shard is stored while the next is folded)",
     )
     _common_fold_options(p)
     p.add_argument("--calibration", metavar="SUITE", help=mergeflow.cli.pool.CALIBRATION_HELP)

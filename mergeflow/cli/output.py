@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mergeflow.errors import ConfigError
 from mergeflow.storage.objects import LocalStore, StoreSink
-from mergeflow.storage.safetensors_file import ShardedWriter
+from mergeflow.storage.shard_writer import ShardedWriter
 
 
 class Output:

@@ -40,13 +40,15 @@ MAX_INFLIGHT_ELEMENTS = 16 * 2**20
 
 
 def default_workers(device: torch.device) -> int:
-    """Compute threads: one per core on a CPU (``MERGEFLOW_FOLD_WORKERS`` overrides), one on a GPU."""
+    """Compute threads: one per core this process may run on, at most 2, on a CPU
+    (``MERGEFLOW_FOLD_WORKERS`` overrides), one on a GPU."""
     env = os.environ.get("MERGEFLOW_FOLD_WORKERS")
     if env:
         return max(1, int(env))
     if device.type != "cpu":
         return 1
-    return max(1, min(2, os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(2, cores or 1))
 
 
 _threads_lock = threading.Lock()

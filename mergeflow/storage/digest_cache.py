@@ -9,8 +9,9 @@ change time back), so the digest is computed again. A file modified less than
 second write in the same tick could keep every field (git's "racy" rule).
 
 One small JSON file per key under ``<MERGEFLOW_HOME>/cache/digests/``, written atomically; a
-cache that cannot be read or written only costs the hash. ``MERGEFLOW_DIGEST_CACHE=false``
-turns it off.
+cache that cannot be read or written only costs the hash. Each new entry prunes the entries
+whose files were since deleted or changed (they can never hit again), so the cache holds one
+entry per checkpoint as it is now. ``MERGEFLOW_DIGEST_CACHE=false`` turns it off.
 """
 
 from __future__ import annotations
@@ -67,5 +68,18 @@ def cached_digest(paths: Sequence[Path], compute: Callable[[], str]) -> str:
         tmp.write_text(json.dumps({"digest": digest, "files": [str(p) for p in paths]}))
         os.replace(tmp, entry)
     except OSError:
-        pass
+        return digest
+    _prune(entry.parent)
     return digest
+
+
+def _prune(folder: Path) -> None:
+    """Remove the entries whose files are gone or changed (their key is no longer theirs)."""
+    for entry in folder.glob("*.json"):
+        try:
+            files = json.loads(entry.read_text())["files"]
+            ident = _identity([Path(f) for f in files])
+            if ident is None or ident[0] != entry.stem:
+                entry.unlink()
+        except (OSError, ValueError, KeyError, TypeError):
+            entry.unlink(missing_ok=True)

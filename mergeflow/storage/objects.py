@@ -145,7 +145,7 @@ class LocalStore:
 
 
 class StoreSink:
-    """A :class:`~mergeflow.storage.safetensors_file.ShardSink` that puts shards into a store prefix."""
+    """A :class:`~mergeflow.storage.shard_writer.ShardSink` that puts shards into a store prefix."""
 
     def __init__(self, store: ObjectStore, prefix: str = "") -> None:
         self.store = store

@@ -30,11 +30,13 @@ from mergeflow.storage import vocab
 from mergeflow.storage.checkpoints import OpenedCheckpoint, open_weights
 from mergeflow.storage.hf_layout import INDEX_FILE
 from mergeflow.storage.objects import ObjectStore, StoreSink
-from mergeflow.storage.safetensors_file import ShardedWriter
 from mergeflow.storage.schemes import open_store
+from mergeflow.storage.shard_writer import ShardedWriter
 
 MANIFEST = "state.json"
-DEFAULT_SHARD = 5 * 2**30
+DEFAULT_SHARD = 2**30
+"""State tensors go out in 1 GiB shards, each handed to the store while the next is folded
+(:class:`ShardedWriter`'s ``background``): an upload overlaps the fold instead of following it."""
 
 
 class StateManifest(BaseModel):
@@ -182,13 +184,22 @@ class StateWrite:
         return w
 
     def tensors(self) -> ShardedWriter:
-        """The writer of every state tensor (single-process fold)."""
-        return ShardedWriter(StoreSink(self.dst, self.rel_tensors), self.max_shard_size)
+        """The writer of every state tensor (single-process fold); shards leave in the background."""
+        return ShardedWriter(
+            StoreSink(self.dst, self.rel_tensors),
+            self.max_shard_size,
+            background=True,
+            metadata=engine.state_metadata(self.step),
+        )
 
     def part(self, index: int) -> ShardedWriter:
         """The writer of one disjoint part of the state tensors (one worker of a distributed fold)."""
         return ShardedWriter(
-            StoreSink(self.dst, self.rel_tensors), self.max_shard_size, prefix=f"part-{index:05d}"
+            StoreSink(self.dst, self.rel_tensors),
+            self.max_shard_size,
+            prefix=f"part-{index:05d}",
+            background=True,
+            metadata=engine.state_metadata(self.step),
         )
 
     def part_map(self, index: int, names: list[str], keys: list[str]) -> dict[str, str]:

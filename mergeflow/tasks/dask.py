@@ -32,8 +32,8 @@ from mergeflow.merging import engine
 from mergeflow.merging.methods import get_continual
 from mergeflow.storage import states, vocab
 from mergeflow.storage.checkpoints import OpenedCheckpoint
-from mergeflow.storage.safetensors_file import ShardedWriter
 from mergeflow.storage.schemes import open_checkpoint
+from mergeflow.storage.shard_writer import ShardedWriter
 from mergeflow.tasks import layout
 from mergeflow.tasks.calibration import checkpoint_stats, fold_objective
 from mergeflow.tasks.fold import fold_output, fold_source

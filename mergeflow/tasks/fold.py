@@ -18,8 +18,8 @@ from mergeflow.merging.methods import get_continual
 from mergeflow.merging.state import StateInfo
 from mergeflow.storage import states, vocab
 from mergeflow.storage.objects import ObjectStore, StoreSink
-from mergeflow.storage.safetensors_file import ShardedWriter
 from mergeflow.storage.schemes import open_checkpoint
+from mergeflow.storage.shard_writer import ShardedWriter
 from mergeflow.storage.vocab_files import model_files
 from mergeflow.tasks import layout
 from mergeflow.tasks.calibration import checkpoint_stats, fold_objective

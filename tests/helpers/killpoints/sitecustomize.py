@@ -31,11 +31,11 @@ POINTS: dict[str, tuple[str, str, int, str, str]] = {
     # the first tensor read of a checkpoint (screening or folding)
     "read": ("mergeflow.storage.safetensors_file", "SafetensorsReader.get", 1, "", ""),
     # in the middle of the fold: the second state tensor written
-    "fold": ("mergeflow.storage.safetensors_file", "ShardedWriter.add", 2, "fold", ""),
+    "fold": ("mergeflow.storage.shard_writer", "ShardedWriter.add", 2, "fold", ""),
     # the state's tensors are written; state.json (its commit) not yet
     "state": ("mergeflow.storage.states", "StateWrite.commit", 1, "fold", ""),
     # in the middle of the export: the second merged tensor written
-    "export": ("mergeflow.storage.safetensors_file", "ShardedWriter.add", 2, "export-model", ""),
+    "export": ("mergeflow.storage.shard_writer", "ShardedWriter.add", 2, "export-model", ""),
     # the evaluation has started
     "evaluate": ("mergeflow.tasks.evaluate", "evaluate_model.fn", 1, "", ""),
     # everything is written; the MLflow version not yet
