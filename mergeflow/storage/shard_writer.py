@@ -223,9 +223,13 @@ class ShardedWriter:
         self._wait()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="mergeflow-shard")
-        name = f"{self._prefix}-{i + 1:05d}.safetensors"
+        name = self._background_name(i)
         self._pending = self._pool.submit(self._finish, i, name, dict(self._metadata))
         self._handed.update(dict.fromkeys(self._shards[i][1], name))
+
+    def _background_name(self, i: int) -> str:
+        """Shard ``i``'s name when shards leave before the count is known."""
+        return f"{self._prefix}-{i + 1:05d}.safetensors"
 
     def _stop(self) -> None:
         if self._pool is not None:
@@ -251,7 +255,7 @@ class ShardedWriter:
                     f"({self._metadata}); commit got {meta}"
                 )
             if self._background and n > 1:
-                names = [f"{self._prefix}-{i + 1:05d}.safetensors" for i in range(n)]
+                names = [self._background_name(i) for i in range(n)]
                 todo = [n - 1]
             else:
                 names = (
