@@ -30,18 +30,21 @@ from mergeflow.merging.state import BaseRef
 from mergeflow.merging.tensors import DictReader, DictWriter
 
 HERE = Path(__file__).resolve().parent
-GRID: list[dict] = [
-    {},
-    {"lr": 0.03},
-    {"lr": 0.05, "steps": 120},
-    {"steps": 200},
+GRID: list[dict] = [  # 0-10: the per-tensor sweep that set lr, steps and batch; 11-13: rows
+    {"granularity": "tensor"},
+    {"granularity": "tensor", "lr": 0.03},
+    {"granularity": "tensor", "lr": 0.05, "steps": 120},
+    {"granularity": "tensor", "steps": 200},
     {"granularity": "module"},
-    {"batch_size": 64},
-    {"lr": 0.1, "steps": 120},
-    {"lr": 0.05, "steps": 200},
-    {"lr": 0.05, "steps": 120, "batch_size": 64},
-    {"update": "projected"},
-    {"update": "projected", "alpha": 0.8},
+    {"granularity": "tensor", "batch_size": 64},
+    {"granularity": "tensor", "lr": 0.1, "steps": 120},
+    {"granularity": "tensor", "lr": 0.05, "steps": 200},
+    {"granularity": "tensor", "lr": 0.05, "steps": 120, "batch_size": 64},
+    {"granularity": "tensor", "update": "projected"},
+    {"granularity": "tensor", "update": "projected", "alpha": 0.8},
+    {},
+    {"steps": 120},
+    {"lr": 0.03},
 ]
 
 

@@ -12,7 +12,8 @@ Three suites, all real data and real fine-tuning on CPU:
 
 Methods: the five data-free continual methods (OPCM, task arithmetic, weight averaging,
 MagMax, TIES) and the three data-informed ones (issue 19): ``adamerging`` learns its
-per-tensor coefficients at every fold on the calibration split of every task folded so
+coefficients (one pair per output row of each matrix by default, per tensor in the
+``adamerging_tensor`` row) at every fold on the calibration split of every task folded so
 far; ``regmean`` and ``fisher`` read each checkpoint's statistics (input Grams, diagonal
 Fisher), computed once per checkpoint on its own task's calibration split (64 examples
 drawn from the task's train data, never validation or test) and timed apart from the
@@ -29,7 +30,7 @@ Hyperparameters are the papers' (and the methods') defaults; nothing is tuned. A
     python benchmarks/quality.py                 # vision and text, 5 orders
     python benchmarks/quality.py --suite text8 --orders 2
     python benchmarks/quality.py --suite vision --orders 2
-    python benchmarks/quality.py --suite vision --methods adamerging,regmean,fisher
+    python benchmarks/quality.py --suite vision --methods adamerging,regmean,fisher   # adamerging: per row (adamerging_tensor: per tensor)
 
 Writes ``benchmarks/results/quality_{suite}.json`` / ``.png`` and prints a markdown table.
 With ``--methods`` only those methods run; their results replace theirs in an existing
@@ -81,11 +82,30 @@ METHODS: list[tuple[str, str, dict]] = [
     ("continual TIES (defaults)", "ties", {}),
     ("DOP (FusionBench defaults, 200 steps)", "dop", {}),
     ("NUFILT (authors' defaults)", "nufilt", {}),
-    ("learned coefficients (adamerging, 80 steps)", "adamerging", {}),
+    ("learned coefficients per row (adamerging, 80 steps)", "adamerging", {}),
+    (
+        "learned coefficients per tensor (adamerging, granularity: tensor)",
+        "adamerging",
+        {"granularity": "tensor"},
+    ),
     ("continual RegMean (α=0.9)", "regmean", {}),
     ("continual Fisher (normalized)", "fisher", {}),
-    ("learned coefficients, projected update (adamerging)", "adamerging", {"update": "projected"}),
-    ("layer-wise AdaMerging, batch over all checkpoints", "batch_adamerging", {}),
+    (
+        "learned coefficients per tensor, projected update (adamerging)",
+        "adamerging",
+        {"update": "projected", "granularity": "tensor"},
+    ),
+    (
+        "learned coefficients per row, projected update (adamerging)",
+        "adamerging",
+        {"update": "projected"},
+    ),
+    ("AdaMerging per row, batch over all checkpoints", "batch_adamerging", {}),
+    (
+        "layer-wise AdaMerging (per tensor), batch over all checkpoints",
+        "batch_adamerging",
+        {"granularity": "tensor"},
+    ),
     ("portfolio: every continual method above, best on validation", "portfolio", {}),
 ]
 POOL = {"batch_adamerging"}  # one merge of every checkpoint at once: no fold order, no BWT
@@ -93,8 +113,9 @@ PORTFOLIO = "portfolio"  # built from the continual rows' chains, one pick per f
 
 
 def key_of(method: str, params: dict) -> str:
-    """The results key of a METHODS row: the method, or method_<update> for a variant."""
-    return f"{method}_{params['update']}" if "update" in params else method
+    """The results key of a METHODS row: the method, then its ``update`` and ``granularity``
+    when the row sets them (``adamerging_projected_tensor``); ``--methods`` names rows by it."""
+    return "_".join([method, *(str(params[k]) for k in ("update", "granularity") if k in params)])
 
 
 # the paper's CLIP ViT-B/32 8-task ACC; AdaMerging's is the published batch layer-wise
@@ -438,8 +459,7 @@ def run_suite(
     selected = [
         row
         for row in METHODS
-        if row[1] != PORTFOLIO
-        and (methods is None or row[1] in methods or key_of(row[1], row[2]) in methods)
+        if row[1] != PORTFOLIO and (methods is None or key_of(row[1], row[2]) in methods)
     ]
     stats: dict[str, CheckpointStats] | None = None
     stats_secs: dict[str, float] = {}
@@ -524,13 +544,17 @@ def run_suite(
         kept, summary["orders"] = previous_methods(path, summary, set(results))
     merged = kept | results
     if methods is None or PORTFOLIO in methods:
-        merged[PORTFOLIO] = portfolio_row(merged, summary["orders"], own, candidates)
-        r = merged[PORTFOLIO]
-        print(
-            f"  [{name}] {r['label']:36s} ACC {mean_std(r['acc']):>12s}   nACC "
-            f"{mean_std(r['norm_acc']):>12s}   BWT {mean_std(r['bwt']):>12s}",
-            flush=True,
-        )
+        try:
+            merged[PORTFOLIO] = portfolio_row(merged, summary["orders"], own, candidates)
+        except ValueError as e:  # the rows just run are still written below
+            print(f"  [{name}] {e}; the portfolio row is left as it was", flush=True)
+        else:
+            r = merged[PORTFOLIO]
+            print(
+                f"  [{name}] {r['label']:36s} ACC {mean_std(r['acc']):>12s}   nACC "
+                f"{mean_std(r['norm_acc']):>12s}   BWT {mean_std(r['bwt']):>12s}",
+                flush=True,
+            )
     order_of = {key_of(m, p): i for i, (_, m, p) in enumerate(METHODS)}
     summary["methods"] = dict(sorted(merged.items(), key=lambda kv: order_of.get(kv[0], 99)))
     path.write_text(json.dumps(summary, indent=1))
@@ -556,7 +580,7 @@ def portfolio_row(
     keys = candidates or [key_of(m, p) for _, m, p in METHODS if m not in POOL and m != PORTFOLIO]
     missing = [k for k in keys if "validation_acc" not in results.get(k, {})]
     if missing:
-        raise SystemExit(
+        raise ValueError(
             f"portfolio: no validation scores for {', '.join(missing)}; run them first "
             f"(--methods {','.join(missing)}) or leave them out (--candidates)"
         )
@@ -692,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--methods",
         default=None,
-        help="comma-separated method names to run (default all: "
+        help="comma-separated rows to run, by key (default all: "
         + ",".join(key_of(m, p) for _, m, p in METHODS)
         + "); their results merge into the suite's existing JSON",
     )

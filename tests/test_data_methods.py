@@ -311,6 +311,44 @@ def test_adamerging_learns_the_coefficients_of_a_known_optimum() -> None:
     assert all(torch.equal(state.get(k), again.get(k)) for k in base)
 
 
+def test_adamerging_learns_one_pair_per_row_of_each_matrix() -> None:
+    """granularity=row (the default): M₂[r] = a_r·M₁[r] + b_r·τ₂[r] for each row r of a
+    matrix, one (a, b) for a vector; a target with different pairs per row is reached, and
+    one pair per tensor cannot reach it."""
+    base = base_model()
+    cks = [checkpoint(i, base) for i in range(2)]
+    taus = [{k: c[k] - base[k] for k in base} for c in cks]
+    first = {k: base[k] + 0.8 * taus[0][k] for k in base}  # fold 1 lands on b₁ = 0.8
+    pairs = {
+        "fc.weight": (torch.tensor([0.5, 1.1, 0.2]), torch.tensor([1.3, 0.4, 0.9])),
+        "out.weight": (torch.tensor([1.4, 0.3]), torch.tensor([-0.2, 0.8])),
+        "fc.bias": (0.6, 1.2),
+        "norm.weight": (0.9, 0.7),
+    }
+
+    def times(c, x):
+        return x * c[:, None].to(x.dtype) if isinstance(c, torch.Tensor) else x * c
+
+    target = {
+        k: base[k] + times(a, 0.8 * taus[0][k]) + times(b, taus[1][k])
+        for k, (a, b) in pairs.items()
+    }
+    folds = [("c0", cks[0], None), ("c1", cks[1], None)]
+    for granularity in ("row", "tensor"):
+        params = {"steps": 600, "lr": 0.05, "granularity": granularity}
+        _, s1 = fold_all("adamerging", params, base, folds[:1], Quadratic(first))
+        assert all(torch.allclose(s1.get(k), 0.8 * taus[0][k], atol=2e-3) for k in base)
+        _, s2 = fold_all("adamerging", params, base, folds, Quadratic(target))
+        close = {k: torch.allclose(base[k] + s2.get(k), target[k], atol=5e-3) for k in base}
+        want = granularity == "row"
+        assert close == {
+            "fc.weight": want,
+            "out.weight": want,
+            "fc.bias": True,
+            "norm.weight": True,
+        }
+
+
 def test_adamerging_refuses_without_data_and_when_the_loss_diverges() -> None:
     base = base_model()
     ck = checkpoint(0, base)
@@ -461,7 +499,14 @@ def test_adamerging_projected_learns_coefficients_of_the_opcm_update() -> None:
     base = base_model()
     cks = [checkpoint(i, base) for i in range(2)]
     taus = [{k: c[k] - base[k] for k in base} for c in cks]
-    params = {"steps": 400, "lr": 0.05, "update": "projected", "alpha": 0.5}
+    # one pair per tensor: the rerun's first fold must keep M₁'s singular vectors (below)
+    params = {
+        "steps": 400,
+        "lr": 0.05,
+        "update": "projected",
+        "alpha": 0.5,
+        "granularity": "tensor",
+    }
     # step 1: b₁ lands on a known optimum, so M₁ = b₁·τ₁ is known to the test
     first = {k: base[k] + 0.9 * taus[0][k] for k in base}
     _, s1 = fold_all("adamerging", params, base, [("c0", cks[0], None)], Quadratic(first))

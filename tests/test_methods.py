@@ -295,7 +295,7 @@ def test_every_method_listed_with_defaults():
     assert {p["name"]: p["default"] for p in rows["adamerging"]["params"]} == {
         "steps": 80,
         "lr": 0.01,
-        "granularity": "tensor",
+        "granularity": "row",
         "loss": "auto",
         "batch_size": 32,
         "seed": 0,

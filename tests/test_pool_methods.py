@@ -46,6 +46,22 @@ class Quadratic:
         return sum(((tensors[k] - self.target[k]) ** 2).sum() for k in tensors)
 
 
+def merge_pool(method: str, params: dict, base, cks, objective) -> DictWriter:
+    """``pool_merge`` of ``cks`` over ``base`` in float64, into an in-memory writer."""
+    out = DictWriter()
+    pool_merge(
+        method,
+        params,
+        DictReader(base, "base"),
+        [DictReader(c, f"c{i}") for i, c in enumerate(cks)],
+        out,
+        objective,
+        options=F64,
+        log=None,
+    )
+    return out
+
+
 def fw_reference(base, cks, target, iters=10, step_size=0.1, lam=0.3, from_base=False):
     """FW-Hard as the authors' code runs it, on whole in-memory models in float64."""
     init = {k: base[k] + (0 if from_base else lam) * sum(c[k] - base[k] for c in cks) for k in base}
@@ -70,17 +86,7 @@ def test_fw_merging_equals_the_authors_algorithm_on_a_known_loss(params: dict) -
     base = model(0)
     cks = [model(i, base) for i in range(1, 5)]
     target = {k: base[k] + 0.8 * (cks[1][k] - base[k]) for k in base}
-    out = DictWriter()
-    pool_merge(
-        "fw_merging",
-        params,
-        DictReader(base, "base"),
-        [DictReader(c, f"c{i}") for i, c in enumerate(cks)],
-        out,
-        Quadratic(target),
-        options=F64,
-        log=None,
-    )
+    out = merge_pool("fw_merging", params, base, cks, Quadratic(target))
     want = fw_reference(
         base,
         cks,
@@ -101,19 +107,34 @@ def test_batch_adamerging_learns_per_tensor_coefficients_of_a_known_optimum() ->
     cks = [model(i, base) for i in range(1, 3)]
     lam = {"a.weight": (0.9, 0.2), "a.bias": (0.1, 1.1), "b.weight": (0.5, 0.5)}
     target = {k: base[k] + sum(lam[k][i] * (cks[i][k] - base[k]) for i in range(2)) for k in base}
-    out = DictWriter()
-    pool_merge(
-        "batch_adamerging",
-        {"steps": 500, "lr": 0.05},
-        DictReader(base, "base"),
-        [DictReader(c, f"c{i}") for i, c in enumerate(cks)],
-        out,
-        Quadratic(target),
-        options=F64,
-        log=None,
-    )
+    out = merge_pool("batch_adamerging", {"steps": 500, "lr": 0.05}, base, cks, Quadratic(target))
     for k in base:
         assert torch.allclose(out.tensors[k], target[k], atol=2e-3), k
+
+
+def test_batch_adamerging_learns_per_row_coefficients_of_a_known_optimum() -> None:
+    """granularity=row (the default): one coefficient per checkpoint and output row of each
+    matrix, one per checkpoint for a vector; a target with different rows is reached exactly."""
+    base = model(0)
+    cks = [model(i, base) for i in range(1, 3)]
+    lam = {
+        "a.weight": (torch.tensor([0.9, 0.2, 0.6]), torch.tensor([0.2, 1.0, 0.4])),
+        "a.bias": (0.1, 1.1),
+        "b.weight": (torch.tensor([0.5, 1.2]), torch.tensor([0.7, -0.3])),
+    }
+
+    def times(c, x):
+        return x * c[:, None] if isinstance(c, torch.Tensor) else x * c
+
+    target = {
+        k: base[k] + sum(times(lam[k][i], cks[i][k] - base[k]) for i in range(2)) for k in base
+    }
+    for granularity, reached in (("row", True), ("tensor", False)):
+        params = {"steps": 600, "lr": 0.05, "granularity": granularity}
+        out = merge_pool("batch_adamerging", params, base, cks, Quadratic(target))
+        close = [torch.allclose(out.tensors[k], target[k], atol=2e-3) for k in base]
+        # one coefficient per tensor cannot fit rows that want different ones
+        assert close == ([True] * 3 if reached else [False, True, False]), granularity
 
 
 class Diverging:

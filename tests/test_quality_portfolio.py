@@ -48,6 +48,6 @@ def test_each_fold_registers_the_candidate_best_on_validation(quality) -> None:
 def test_a_candidate_without_validation_scores_is_refused_by_name(quality) -> None:
     results = {"a": _result([{"t1": 0.5}], [0.4]), "b": {"matrices": [[{"t1": 0.5}]]}}
     with pytest.raises(
-        SystemExit, match=r"no validation scores for b, c; run them first \(--methods b,c\)"
+        ValueError, match=r"no validation scores for b, c; run them first \(--methods b,c\)"
     ):
         quality.portfolio_row(results, [["t1"]], {"t1": 1.0}, ["a", "b", "c"])

@@ -17,6 +17,7 @@ from mergeflow.merging.methods.base import (
     MethodParams,
     MethodScalars,
     Objective,
+    Prepared,
     WholeModel,
 )
 from mergeflow.merging.state import StateInfo
@@ -35,7 +36,7 @@ from mergeflow.merging.vectors import (
 class FoldPlan:
     """A validated fold of one checkpoint: what :func:`fold_tensors` and :func:`finish_fold` need.
 
-    ``prepared`` holds the method's whole-model step results (plain floats) and
+    ``prepared`` holds the method's whole-model step results (floats or small tensors) and
     ``with_stats`` the tensors whose statistics the method reads, so a plan can be shipped
     to other workers that fold disjoint groups of ``keys``.
     """
@@ -45,8 +46,13 @@ class FoldPlan:
     step: int
     keys: tuple[str, ...]
     heads: tuple[str, ...]
-    prepared: dict[str, float]
+    prepared: Prepared
     with_stats: frozenset[str] = frozenset()
+
+
+def _finite(v: float | torch.Tensor) -> bool:
+    """Whether a whole-model step's value is finite (every entry, for a tensor)."""
+    return bool(torch.isfinite(v).all()) if isinstance(v, torch.Tensor) else math.isfinite(v)
 
 
 def _continual(info: StateInfo) -> tuple[ContinualMethod[Any, Any], MethodParams]:
@@ -196,7 +202,7 @@ def plan_fold(
         prepared = cm.prepare(params, whole) or {}
     except (LearningError, ConfigError) as e:  # diverged, or calibration data that does not fit
         raise CheckpointError(checkpoint.source, f"{e}; nothing was folded") from None
-    bad = [k for k, v in prepared.items() if not math.isfinite(v)]
+    bad = [k for k, v in prepared.items() if not _finite(v)]
     if bad:
         raise CheckpointError(
             checkpoint.source,

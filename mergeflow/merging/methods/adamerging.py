@@ -2,10 +2,15 @@
 
 AdaMerging (Yang et al., ICLR 2024, https://arxiv.org/abs/2310.02575) learns one merging
 coefficient per task and layer by minimising a loss of the merged model on data. Here each
-fold learns, per tensor (``granularity: tensor``) or per module (``module``), the pair
-``(a, b)`` of
+fold learns, per output row of every matrix (``granularity: row``, the default), per
+tensor (``tensor``) or per module (``module``), the pair ``(a, b)`` of
 
     M_t = a·M_{t−1} + b·τ_t,        θ̄_t = θ₀ + M_t
+
+With ``row``, a tensor of two or more dimensions gets one pair per index of its first
+dimension (an ``nn.Linear`` weight ``[out, in]``: one per output feature; an embedding:
+one per token), ``M_t[r] = a_r·M_{t−1}[r] + b_r·τ_t[r]``, and a vector (bias, norm weight)
+or scalar keeps one pair for the whole tensor, so no entry of the model is learned freely.
 
 where ``M_{t−1}`` is the previous merged task vector (with ``update: projected``, ``τ_t`` of
 each projected matrix is first replaced by its OPCM projection X̃_t against ``M_{t−1}``, so
@@ -38,6 +43,7 @@ from mergeflow.merging.methods.base import (
     ContinualMethod,
     MethodParams,
     NoScalars,
+    Prepared,
     TensorStep,
     WholeModel,
 )
@@ -46,9 +52,10 @@ from mergeflow.merging.methods.base import (
 class AdaMergingParams(MethodParams):
     steps: int = Field(80, ge=1, description="Adam steps per fold")
     lr: float = Field(1e-2, gt=0.0, description="Adam learning rate of the coefficients")
-    granularity: Literal["tensor", "module"] = Field(
-        "tensor",
-        description="one (a, b) pair per tensor, or per module (the name up to its last '.')",
+    granularity: Literal["row", "tensor", "module"] = Field(
+        "row",
+        description="one (a, b) pair per output row of each matrix (vectors: per tensor), "
+        "per tensor, or per module (the name up to its last '.')",
     )
     loss: Literal["auto", "cross_entropy", "entropy"] = Field(
         "auto",
@@ -67,12 +74,28 @@ class AdaMergingParams(MethodParams):
 
 def group_of(key: str, granularity: str) -> str:
     """The coefficient group of a tensor: itself, or its module (the name up to its last '.')."""
-    return key if granularity == "tensor" else key.rpartition(".")[0] or key
+    return key.rpartition(".")[0] or key if granularity == "module" else key
+
+
+def coefficient_rows(tensor: torch.Tensor, granularity: str) -> int | None:
+    """How many rows of coefficients a tensor's group has: dim 0 of a matrix under ``row``, else None (one)."""
+    return tensor.shape[0] if granularity == "row" and tensor.ndim >= 2 else None
+
+
+def scaled(x: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
+    """``c·x``, a vector ``c`` scaling ``x`` row by row (its first dimension)."""
+    if isinstance(c, torch.Tensor):
+        return x * c.to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return x * c
+
+
+Coefficient = float | torch.Tensor
+"""One group's a or b: a float, or a vector with one entry per row (``granularity: row``)."""
 
 
 def learn_coefficients(
     params: AdaMergingParams, whole: WholeModel
-) -> tuple[dict[str, tuple[float, float]], list[float]]:
+) -> tuple[dict[str, tuple[Coefficient, Coefficient]], list[float]]:
     """Adam on ``(a, b)`` per group; returns ``group -> (a, b)`` and the loss at every step."""
     objective = whole.objective
     if objective is None:
@@ -83,20 +106,26 @@ def learn_coefficients(
     if params.update == "projected":
         for k in whole.projected & merged.keys():
             taus[k] = _update(params, taus[k], merged[k])
-    groups = sorted({group_of(k, params.granularity) for k in base})
-    index = {g: i for i, g in enumerate(groups)}
-    gi = {k: index[group_of(k, params.granularity)] for k in base}
+    rows = {
+        group_of(k, params.granularity): coefficient_rows(v, params.granularity)
+        for k, v in base.items()
+    }
     t = whole.step
-    a = torch.full((len(groups),), (t - 1) / t, dtype=torch.float32, requires_grad=True)
-    b = torch.full((len(groups),), 1.0 / t, dtype=torch.float32, requires_grad=True)
-    opt = torch.optim.Adam([a, b], lr=params.lr)
+
+    def start(value: float, n: int | None) -> torch.Tensor:
+        return torch.full((n,) if n else (), value, dtype=torch.float32, requires_grad=True)
+
+    a = {g: start((t - 1) / t, n) for g, n in rows.items()}
+    b = {g: start(1.0 / t, n) for g, n in rows.items()}
+    opt = torch.optim.Adam([*a.values(), *b.values()], lr=params.lr)
     losses: list[float] = []
     for i in range(params.steps):
         tensors = {}
         for k, b0 in base.items():
-            x = b0 + b[gi[k]].to(b0.dtype) * taus[k]
+            g = group_of(k, params.granularity)
+            x = b0 + scaled(taus[k], b[g])
             if k in merged:
-                x = x + a[gi[k]].to(b0.dtype) * merged[k]
+                x = x + scaled(merged[k], a[g])
             tensors[k] = x
         loss = objective(tensors, i)
         value = float(loss.detach())
@@ -109,12 +138,16 @@ def learn_coefficients(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if not bool(torch.isfinite(a).all() and torch.isfinite(b).all()):
+        if not all(bool(torch.isfinite(c).all()) for c in (*a.values(), *b.values())):
             raise LearningError(
                 f"the coefficients became non-finite at step {i + 1}; lower lr (now {params.lr:g})"
             )
-    out = {g: (float(a.detach()[index[g]]), float(b.detach()[index[g]])) for g in groups}
-    return out, losses
+    return {g: (_value(a[g]), _value(b[g])) for g in rows}, losses
+
+
+def _value(c: torch.Tensor) -> Coefficient:
+    """A learned coefficient as a float, or a detached vector of row coefficients."""
+    return float(c.detach()) if c.ndim == 0 else c.detach().clone()
 
 
 def _update(params: AdaMergingParams, tau: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
@@ -125,16 +158,16 @@ def _update(params: AdaMergingParams, tau: torch.Tensor, prev: torch.Tensor) -> 
 class AdaMerging(ContinualMethod[AdaMergingParams, NoScalars]):
     name: ClassVar[str] = "adamerging"
     summary: ClassVar[str] = (
-        "learned continual coefficients: M_t = a·M_{t−1} + b·τ_t, (a, b) per tensor learned "
-        "with Adam on the calibration data of every task folded so far"
+        "learned continual coefficients: M_t = a·M_{t−1} + b·τ_t, (a, b) per output row "
+        "(or tensor) learned with Adam on the calibration data of every task folded so far"
     )
     Params = AdaMergingParams
     needs_objective: ClassVar[bool] = True
 
-    def prepare(self, params: AdaMergingParams, whole: WholeModel) -> dict[str, float] | None:
+    def prepare(self, params: AdaMergingParams, whole: WholeModel) -> Prepared | None:
         """The learned pairs as ``a:<group>``/``b:<group>``, plus the first and last loss."""
         coef, losses = learn_coefficients(params, whole)
-        out = {f"a:{g}": ab[0] for g, ab in coef.items()}
+        out: Prepared = {f"a:{g}": ab[0] for g, ab in coef.items()}
         out |= {f"b:{g}": ab[1] for g, ab in coef.items()}
         return out | {"loss:first": losses[0], "loss:last": losses[-1]}
 
@@ -143,13 +176,13 @@ class AdaMerging(ContinualMethod[AdaMergingParams, NoScalars]):
         g = group_of(s.key, params.granularity)
         b = s.prepared[f"b:{g}"]
         if s.prev is None:
-            return s.tau * b
+            return scaled(s.tau, b)
         x = _update(params, s.tau, s.prev) if self._projects(params, s.projected) else s.tau
-        return s.prev * s.prepared[f"a:{g}"] + x * b
+        return scaled(s.prev, s.prepared[f"a:{g}"]) + scaled(x, b)
 
     @staticmethod
     def _projects(params: AdaMergingParams, projected: bool) -> bool:
         return params.update == "projected" and projected
 
     def elementwise(self, params: AdaMergingParams, projected: bool) -> bool:
-        return not self._projects(params, projected)
+        return params.granularity != "row" and not self._projects(params, projected)

@@ -18,8 +18,8 @@ engine:
 - **a whole-model step**: ``prepare`` receives a :class:`WholeModel` (passes over the base,
   the previous merge, the task vector and the statistics, and an :class:`Objective` that
   evaluates a merged model on calibration data) between reading τ and folding; its
-  result reaches every ``fold_tensor`` as ``TensorStep.prepared`` (plain floats, so a plan
-  ships to other workers).
+  result reaches every ``fold_tensor`` as ``TensorStep.prepared`` (floats, or small
+  tensors such as one coefficient per row, so a plan ships to other workers).
 
 Batch methods merge all checkpoints at once, still tensor by tensor. Pool methods merge a
 pool of checkpoints by whole-model optimisation on calibration data (:class:`PoolMethod`):
@@ -41,6 +41,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mergeflow.merging.stats import CheckpointStats, StatKind
 from mergeflow.merging.tensors import TauPass
+
+Prepared = dict[str, float | torch.Tensor]
+"""A whole-model step's result: name -> a float or a small tensor (e.g. a coefficient per row)."""
 
 
 class MethodParams(BaseModel):
@@ -74,7 +77,7 @@ class TensorStep:
     prev: torch.Tensor | None  # previous state tensor D_{t-1}; None when step == 1
     tau: torch.Tensor  # incoming task vector θ_t − θ₀
     projected: bool  # whether the projection rule selects this tensor
-    prepared: dict[str, float] = field(default_factory=dict)  # output of ``prepare``
+    prepared: Prepared = field(default_factory=dict)  # output of ``prepare``
     stats: Mapping[str, torch.Tensor] = field(
         default_factory=dict
     )  # kind -> this tensor's statistic
@@ -167,7 +170,7 @@ class ContinualMethod(ABC, Generic[P, S]):
     needs_objective: ClassVar[bool] = False
     """Whether :meth:`prepare` needs calibration data (``WholeModel.objective``)."""
 
-    def prepare(self, params: P, whole: WholeModel) -> dict[str, float] | None:
+    def prepare(self, params: P, whole: WholeModel) -> Prepared | None:
         """Optional whole-model step before the per-tensor pass (may stream ``whole``'s passes repeatedly).
 
         The result reaches every :meth:`fold_tensor` call as ``TensorStep.prepared``.

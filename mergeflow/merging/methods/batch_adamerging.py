@@ -1,7 +1,8 @@
 """Batch learned coefficients: layer-wise AdaMerging (Yang et al., ICLR 2024, https://arxiv.org/abs/2310.02575).
 
 Over a pool of checkpoints, one coefficient per checkpoint and tensor (``granularity:
-tensor``) or per checkpoint and module (``module``)::
+tensor``), per checkpoint and module (``module``) or per checkpoint and output row of each
+matrix (``row``, as the continual ``adamerging``; vectors keep one per tensor)::
 
     θ̄ = θ₀ + Σ_i λ_{i,k} τ_{i,k}
 
@@ -23,7 +24,7 @@ import torch
 from pydantic import Field
 
 from mergeflow.errors import LearningError
-from mergeflow.merging.methods.adamerging import group_of
+from mergeflow.merging.methods.adamerging import coefficient_rows, group_of, scaled
 from mergeflow.merging.methods.base import MethodParams, Objective, Pool, PoolMethod
 
 
@@ -31,9 +32,10 @@ class BatchAdaMergingParams(MethodParams):
     steps: int = Field(150, ge=1, description="Adam steps")
     lr: float = Field(1e-2, gt=0.0, description="Adam learning rate")
     init: float = Field(0.3, description="starting coefficient of every task vector")
-    granularity: Literal["tensor", "module"] = Field(
-        "tensor",
-        description="one coefficient per checkpoint and tensor, or per checkpoint and module",
+    granularity: Literal["row", "tensor", "module"] = Field(
+        "row",
+        description="one coefficient per checkpoint and output row of each matrix (vectors: "
+        "per tensor), per checkpoint and tensor, or per checkpoint and module",
     )
     loss: Literal["auto", "cross_entropy", "entropy"] = Field(
         "auto", description="auto: cross-entropy where the data has labels, entropy otherwise"
@@ -58,7 +60,8 @@ def learn_layer_coefficients(
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Layer-wise AdaMerging from ``start``: ``Σ_i λ_{i,g(k)} v_{i,k}`` of every tensor ``k``.
 
-    One coefficient per vector ``v_i`` and group ``g(k)`` (:func:`group_of`), all from
+    One coefficient per vector ``v_i`` and group ``g(k)`` (:func:`group_of`; with
+    ``granularity="row"``, one per row of each matrix: :func:`coefficient_rows`), all from
     ``init``, in ``start``'s dtype; ``steps`` Adam steps (learning rate ``lr``) on
     ``objective(start + Σ_i λ_i v_i, first_step + s)``. Returns the combination (detached)
     and the loss at every step. A non-finite loss or coefficient raises
@@ -66,19 +69,21 @@ def learn_layer_coefficients(
     ``log`` reports the first step, every 25th and the last.
     """
     keys = tuple(start)
-    groups = sorted({group_of(k, granularity) for k in keys})
-    index = {g: j for j, g in enumerate(groups)}
-    gi = {k: index[group_of(k, granularity)] for k in keys}
+    gk = {k: group_of(k, granularity) for k in keys}
+    rows = {gk[k]: coefficient_rows(v, granularity) for k, v in start.items()}
     dtype = start[keys[0]].dtype if keys else torch.float32
-    lam = torch.full((len(vectors), len(groups)), init, dtype=dtype, requires_grad=True)
-    opt = torch.optim.Adam([lam], lr=lr)
+    lam = {
+        g: torch.full((len(vectors), *((n,) if n else ())), init, dtype=dtype, requires_grad=True)
+        for g, n in rows.items()
+    }
+    opt = torch.optim.Adam(list(lam.values()), lr=lr)
     losses: list[float] = []
     for step in range(steps):
         x = {}
         for k, b in start.items():
             v = b
             for i, vec in enumerate(vectors):
-                v = v + lam[i, gi[k]].to(b.dtype) * vec[k]
+                v = v + scaled(vec[k], lam[gk[k]][i])
             x[k] = v
         loss = objective(x, first_step + step)
         value = float(loss.detach())
@@ -89,7 +94,7 @@ def learn_layer_coefficients(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if not bool(torch.isfinite(lam.detach()).all()):
+        if not all(bool(torch.isfinite(c.detach()).all()) for c in lam.values()):
             raise LearningError(
                 f"the merging coefficients became non-finite at {what} {step + 1}; lower {lr_name} (now {lr:g})"
             )
@@ -99,7 +104,7 @@ def learn_layer_coefficients(
     with torch.no_grad():
         combined = {
             k: sum(
-                (float(lam[i, gi[k]]) * vec[k] for i, vec in enumerate(vectors)),
+                (scaled(vec[k], _entry(lam[gk[k]][i])) for i, vec in enumerate(vectors)),
                 torch.zeros_like(start[k]),
             )
             for k in keys
@@ -107,10 +112,15 @@ def learn_layer_coefficients(
     return combined, losses
 
 
+def _entry(c: torch.Tensor) -> float | torch.Tensor:
+    """A learned coefficient as a float (one per tensor) or a detached row vector."""
+    return float(c) if c.ndim == 0 else c.detach()
+
+
 class BatchAdaMerging(PoolMethod[BatchAdaMergingParams]):
     name: ClassVar[str] = "batch_adamerging"
     summary: ClassVar[str] = (
-        "layer-wise AdaMerging: one coefficient per checkpoint and tensor, learned with Adam "
+        "AdaMerging: one coefficient per checkpoint and output row (or tensor), learned with Adam "
         "on the calibration data of every task in the pool"
     )
     Params = BatchAdaMergingParams

@@ -29,6 +29,7 @@ from mergeflow.merging.methods.base import (
     Folded,
     MethodParams,
     NoScalars,
+    Prepared,
     TensorStep,
     WholeModel,
 )
@@ -58,7 +59,7 @@ class Fisher(ContinualMethod[FisherParams, NoScalars]):
     statistics: ClassVar[frozenset[StatKind]] = frozenset({"fisher"})
     slots: ClassVar[tuple[str, ...]] = ("weight",)
 
-    def prepare(self, params: FisherParams, whole: WholeModel) -> dict[str, float] | None:
+    def prepare(self, params: FisherParams, whole: WholeModel) -> Prepared | None:
         """``c = 1/(‖F‖ + ε)`` over the checkpoint's Fisher entries (normalize), else 1."""
         if not params.normalize or whole.stats is None:
             return {"c": 1.0}

@@ -20,6 +20,7 @@ from pydantic import Field
 from mergeflow.merging.methods.base import (
     ContinualMethod,
     NoScalars,
+    Prepared,
     ScaledParams,
     TensorStep,
     WholeModel,
@@ -89,7 +90,7 @@ class Ties(ContinualMethod[TiesParams, NoScalars]):
     )
     Params = TiesParams
 
-    def prepare(self, params: TiesParams, whole: WholeModel) -> dict[str, float] | None:
+    def prepare(self, params: TiesParams, whole: WholeModel) -> Prepared | None:
         """With ``trim=global``: the exact global top-k magnitude threshold (two passes)."""
         if params.trim == "global":
             return {"threshold": global_threshold(whole.taus, params.density)}
@@ -98,7 +99,7 @@ class Ties(ContinualMethod[TiesParams, NoScalars]):
     def fold_tensor(self, params: TiesParams, s: TensorStep) -> torch.Tensor:
         """Trim τ_t, then disjoint-merge it with D_{t−1}."""
         thr = (
-            s.prepared["threshold"]
+            float(s.prepared["threshold"])
             if "threshold" in s.prepared
             else tensor_threshold(s.tau, params.density)
         )
