@@ -401,3 +401,13 @@ def test_settings_come_from_mergeflow_variables(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("MERGEFLOW_PROFILE", "staging")
     with pytest.raises(ValueError, match="profile"):
         Settings()
+
+
+def test_a_self_picked_store_port_block_stays_below_the_ephemeral_range() -> None:
+    """A port free when checked but above the kernel's ephemeral floor can become a client
+    connection's local end before the store binds it ("address already in use")."""
+    floor = s3_server.ephemeral_floor()
+    assert 1024 < floor <= 65535
+    for _ in range(20):
+        p = s3_server.free_port_block()
+        assert 20000 <= p and p + s3_server.PORTS_PER_SERVER <= floor

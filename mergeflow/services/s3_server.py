@@ -117,9 +117,21 @@ def find_weed() -> Path:
     )
 
 
-def free_port_block(n: int = PORTS_PER_SERVER, start: int = 20000, stop: int = 60000) -> int:
-    """First port ``p`` such that ``p .. p+n-1`` are all free on 127.0.0.1 (randomised start)."""
+def ephemeral_floor() -> int:
+    """The lowest port the kernel hands out as the local end of a connection (Linux; else 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
+
+def free_port_block(n: int = PORTS_PER_SERVER, start: int = 20000, stop: int | None = None) -> int:
+    """First port ``p`` such that ``p .. p+n-1`` are all free on 127.0.0.1 (randomised start).
+
+    ``stop`` defaults to the ephemeral range's floor: a port above it that is free when
+    checked can become a client connection's local end before the server binds it.
+    """
+    stop = stop if stop is not None else max(ephemeral_floor(), start + 10 * n)
     base = random.randrange(start, stop - n, n)
     for p in list(range(base, stop - n, n)) + list(range(start, base, n)):
         if all(port_free(HOST, p + i) for i in range(n)):

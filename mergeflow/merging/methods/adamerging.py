@@ -74,7 +74,7 @@ class AdaMergingParams(MethodParams):
 
 def group_of(key: str, granularity: str) -> str:
     """The coefficient group of a tensor: itself, or its module (the name up to its last '.')."""
-    return key.rpartition(".")[0] or key if granularity == "module" else key
+    return (key.rpartition(".")[0] or key) if granularity == "module" else key
 
 
 def coefficient_rows(tensor: torch.Tensor, granularity: str) -> int | None:
