@@ -57,13 +57,14 @@ tick started before the upload ended), that run's own seconds, its end -> fold r
 
 def _free_ports() -> dict[str, int]:
     from mergeflow.services import s3_server
+    from mergeflow.services.process import free_port_block
 
-    s3 = s3_server.free_port_block()
+    s3 = free_port_block(s3_server.PORTS_PER_SERVER)
     out = {"s3_port": s3}
     for name in ("prefect_port", "mlflow_port"):
-        p = s3_server.free_port_block(n=1)
+        p = free_port_block(1)
         while p in range(s3, s3 + s3_server.PORTS_PER_SERVER) or p in out.values():
-            p = s3_server.free_port_block(n=1)
+            p = free_port_block(1)
         out[name] = p
     return out
 
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 def _configure_push(stack: Any, push: bool) -> None:
     """With ``push``: SeaweedFS notifies a receiver on a free port (its ``notification.toml``,
     read when it starts) and ``serve`` starts that receiver; without: no notifications."""
-    from mergeflow.services import s3_server
+    from mergeflow.services.process import free_port_block
 
     toml = stack.home / "s3" / "notification.toml"
     if stack.running():
@@ -213,7 +214,7 @@ def _configure_push(stack: Any, push: bool) -> None:
     if not push:
         toml.unlink(missing_ok=True)
         return
-    port = s3_server.free_port_block(n=1)
+    port = free_port_block(1)
     token = uuid.uuid4().hex
     toml.parent.mkdir(parents=True, exist_ok=True)
     toml.write_text(

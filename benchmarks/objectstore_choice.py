@@ -33,11 +33,11 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from mergeflow.services.process import port_free
+from mergeflow.services.process import free_port_block, port_free
 from mergeflow.services.s3_server import (
     EMBEDDED_CREDENTIALS,
+    PORTS_PER_SERVER,
     ObjectStoreServer,
-    free_port_block,
     is_healthy,
 )
 
@@ -69,7 +69,7 @@ class Weed:
     def __init__(self, data_dir: Path, mode: str) -> None:
         self.name = f"SeaweedFS (weed {mode})"
         self.server = ObjectStoreServer(
-            data_dir / f"weed-{mode}", port=free_port_block(), mode=mode
+            data_dir / f"weed-{mode}", port=free_port_block(PORTS_PER_SERVER), mode=mode
         )
         self.endpoint = self.server.endpoint_url
 
@@ -87,7 +87,9 @@ class Moto:
     name = "moto_server"
 
     def __init__(self, data_dir: Path) -> None:
-        self.port = next(p for p in range(free_port_block(), 65000) if port_free("127.0.0.1", p))
+        self.port = next(
+            p for p in range(free_port_block(PORTS_PER_SERVER), 65000) if port_free("127.0.0.1", p)
+        )
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log = data_dir / "moto.log"
         self.proc: subprocess.Popen[bytes] | None = None

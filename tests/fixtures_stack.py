@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 from mergeflow.services import s3_server
-from mergeflow.services.process import log_tail
+from mergeflow.services.process import free_port_block, log_tail
 from mergeflow.services.stack import Stack, StackError
 from mergeflow.settings import Settings
 
@@ -144,11 +144,11 @@ def pick_ports() -> dict[str, int]:
     not collide with the local end of some client connection.
     """
     lo, hi = 20000, 32000
-    s3 = s3_server.free_port_block(start=lo, stop=hi)
+    s3 = free_port_block(s3_server.PORTS_PER_SERVER, start=lo, stop=hi)
     block = set(range(s3, s3 + s3_server.PORTS_PER_SERVER))
     singles: list[int] = []
     while len(singles) < 2:
-        p = s3_server.free_port_block(n=1, start=lo, stop=hi)
+        p = free_port_block(1, start=lo, stop=hi)
         if p not in block and p not in singles:
             singles.append(p)
     return {"s3_port": s3, "prefect_port": singles[0], "mlflow_port": singles[1]}

