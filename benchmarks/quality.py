@@ -15,9 +15,9 @@ MagMax, TIES) and the three data-informed ones (issue 19): ``adamerging`` learns
 coefficients (one pair per output row of each matrix by default, per tensor in the
 ``adamerging_tensor`` row) at every fold on the calibration split of every task folded so
 far; ``regmean`` and ``fisher`` read each checkpoint's statistics (input Grams, diagonal
-Fisher), computed once per checkpoint on its own task's calibration split (64 examples
-drawn from the task's train data, never validation or test) and timed apart from the
-folds.
+Fisher), computed once per checkpoint on its own task's calibration split (the first 64
+examples of the task's train data by default, ``--calibration N`` for another count; never
+validation or test) and timed apart from the folds.
 
 Normalized ACC is the mean over tasks of a_i(θ̄_T)/a_i(θ_i): each task's final score over
 its own checkpoint's score alone.
@@ -31,6 +31,7 @@ Hyperparameters are the papers' (and the methods') defaults; nothing is tuned. A
     python benchmarks/quality.py --suite text8 --orders 2
     python benchmarks/quality.py --suite vision --orders 2
     python benchmarks/quality.py --suite vision --methods adamerging,regmean,fisher   # adamerging: per row (adamerging_tensor: per tensor)
+    python benchmarks/quality.py --suite text8 --calibration 320 --methods adamerging   # every train example calibrates
 
 Writes ``benchmarks/results/quality_{suite}.json`` / ``.png`` and prints a markdown table.
 With ``--methods`` only those methods run; their results replace theirs in an existing
@@ -436,8 +437,12 @@ def run_suite(
     out_dir: Path,
     methods: list[str] | None = None,
     candidates: list[str] | None = None,
+    calibration: int = 64,
 ) -> dict:
     """Run ``methods`` (default all of METHODS) on the suite; merge into its existing JSON.
+
+    ``calibration``: the suite's calibration examples per task, recorded in every row whose
+    method reads them (learned coefficients, statistics).
 
     The portfolio row is assembled from the ``candidates``' chains (default every continual
     row), run now or kept from the JSON, over the orders all of them have.
@@ -476,6 +481,7 @@ def run_suite(
         key = key_of(method, params)
         if method in POOL:
             results[key] = pool_row(ld, evaluator, label, method, params, own)
+            results[key]["calibration"] = calibration
             print(f"  [{name}] {label:36s} ACC {mean_std(results[key]['acc']):>12s}", flush=True)
             continue
         accs, norms, bwts, curves, secs, learns, objs, losses = [], [], [], [], [], [], [], []
@@ -509,6 +515,8 @@ def run_suite(
             "matrices": matrices,  # test a_i(θ̄_j) per order, for the portfolio
             "validation_acc": val_accs,  # validation ACC per order and step
         }
+        if method in LEARNING | WITH_STATS:
+            results[key]["calibration"] = calibration
         if method in LEARNING:
             results[key] |= {
                 "learn_seconds": learns,
@@ -690,6 +698,8 @@ def table(summary: dict) -> str:
     ]
     for m, r in summary["methods"].items():
         label = r["label"] + (" (one merge, no order)" if not r["acc_curves"] else "")
+        if "calibration" in r:
+            label += f" [{r['calibration']} calibration examples/task]"
         if r["acc_curves"] and len(r["acc"]) != len(summary["orders"]):
             label += f" [first {len(r['acc'])} orders only]"
         lines.append(
@@ -725,7 +735,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="comma-separated rows the portfolio picks from (default every continual row)",
     )
+    ap.add_argument(
+        "--calibration",
+        type=int,
+        default=64,
+        help="calibration examples per task the suites write (the first train examples); "
+        "a size other than 64 builds its own suite folder (e.g. text8-cal320), recorded per row",
+    )
     args = ap.parse_args(argv)
+    cal = args.calibration
+    folder = (lambda n: n) if cal == 64 else (lambda n: f"{n}-cal{cal}")
     candidates = args.candidates.split(",") if args.candidates else None
     methods = None
     if args.methods is not None:
@@ -745,36 +764,51 @@ def main(argv: list[str] | None = None) -> int:
 
         print("building the digits suite (8 tasks) ...", flush=True)
         suite = build_digits_suite(
-            args.work / "digits",
+            args.work / folder("digits"),
             n_tasks=8,
+            n_calibration=cal,
             seed=args.seed,
             log=lambda m: print("  " + m, flush=True),
         )
         tables.append(
-            table(run_suite("vision", suite, args.orders, args.seed, args.out, methods, candidates))
+            table(
+                run_suite(
+                    "vision", suite, args.orders, args.seed, args.out, methods, candidates, cal
+                )
+            )
         )
     if args.suite in ("text", "all"):
         from mergeflow.examples.text import build_text_suite
 
         print("building the text suite (MiniLM, 4 tasks) ...", flush=True)
         suite = build_text_suite(
-            args.work / "text", seed=args.seed, log=lambda m: print("  " + m, flush=True)
+            args.work / folder("text"),
+            seed=args.seed,
+            n_calibration=cal,
+            log=lambda m: print("  " + m, flush=True),
         )
         tables.append(
-            table(run_suite("text", suite, args.orders, args.seed, args.out, methods, candidates))
+            table(
+                run_suite("text", suite, args.orders, args.seed, args.out, methods, candidates, cal)
+            )
         )
     if args.suite == "text8":
         from mergeflow.examples.text import all_task_names, build_text_suite
 
         print("building the text8 suite (MiniLM, 8 tasks) ...", flush=True)
         suite = build_text_suite(
-            args.work / "text8",
+            args.work / folder("text8"),
             seed=args.seed,
+            n_calibration=cal,
             checkpoints=all_task_names,
             log=lambda m: print("  " + m, flush=True),
         )
         tables.append(
-            table(run_suite("text8", suite, args.orders, args.seed, args.out, methods, candidates))
+            table(
+                run_suite(
+                    "text8", suite, args.orders, args.seed, args.out, methods, candidates, cal
+                )
+            )
         )
     print()
     print("\n\n".join(tables))

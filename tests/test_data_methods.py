@@ -368,6 +368,30 @@ def test_adamerging_refuses_without_data_and_when_the_loss_diverges() -> None:
     )
 
 
+def test_a_non_finite_row_coefficient_from_the_whole_model_step_folds_nothing(monkeypatch) -> None:
+    """The plan checks every entry of a whole-model step's tensors, not only its floats."""
+    from mergeflow.merging.methods.adamerging import AdaMerging
+
+    base = base_model()
+    br = DictReader(base, "base")
+    rule = by_name_rules({k: br.meta(k) for k in br.keys()})
+    info = engine.new_state("adamerging", {}, BaseRef(uri="base", digest="b"), rule, F64)
+    rows = torch.ones(3, dtype=torch.float64)
+    rows[1] = float("inf")
+    bad = {"a:fc.weight": torch.ones(3), "b:fc.weight": rows}
+    monkeypatch.setattr(AdaMerging, "prepare", lambda self, params, whole: bad)
+    target = {k: v * 2 for k, v in base.items()}
+    _refuse(
+        base,
+        info,
+        None,
+        checkpoint(0, base),
+        None,
+        "whole-model step gave a non-finite 'b:fc.weight'; nothing was folded",
+        objective=Quadratic(target),
+    )
+
+
 def _write_checkpoints(tmp_path, n: int, kind: str = "gram"):
     """A base file and ``n`` checkpoint folders, each with its mergeflow_stats.safetensors."""
     from helpers.models import finetune, tiny_state

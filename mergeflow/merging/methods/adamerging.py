@@ -142,11 +142,11 @@ def learn_coefficients(
             raise LearningError(
                 f"the coefficients became non-finite at step {i + 1}; lower lr (now {params.lr:g})"
             )
-    return {g: (_value(a[g]), _value(b[g])) for g in rows}, losses
+    return {g: (learned(a[g]), learned(b[g])) for g in rows}, losses
 
 
-def _value(c: torch.Tensor) -> Coefficient:
-    """A learned coefficient as a float, or a detached vector of row coefficients."""
+def learned(c: torch.Tensor) -> Coefficient:
+    """A learned coefficient as a float, or a detached copy of its row coefficients."""
     return float(c.detach()) if c.ndim == 0 else c.detach().clone()
 
 

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 
 from mergeflow.errors import LearningError
-from mergeflow.merging.methods.adamerging import coefficient_rows, group_of, scaled
+from mergeflow.merging.methods.adamerging import coefficient_rows, group_of, learned, scaled
 from mergeflow.merging.methods.base import MethodParams, Objective, Pool, PoolMethod
 
 
@@ -104,17 +104,12 @@ def learn_layer_coefficients(
     with torch.no_grad():
         combined = {
             k: sum(
-                (scaled(vec[k], _entry(lam[gk[k]][i])) for i, vec in enumerate(vectors)),
+                (scaled(vec[k], learned(lam[gk[k]][i])) for i, vec in enumerate(vectors)),
                 torch.zeros_like(start[k]),
             )
             for k in keys
         }
     return combined, losses
-
-
-def _entry(c: torch.Tensor) -> float | torch.Tensor:
-    """A learned coefficient as a float (one per tensor) or a detached row vector."""
-    return float(c) if c.ndim == 0 else c.detach()
 
 
 class BatchAdaMerging(PoolMethod[BatchAdaMergingParams]):
