@@ -138,6 +138,7 @@ PAPER = {
 LEARNING = {"adamerging"}  # methods that take a calibration objective at every fold
 WITH_STATS = {"regmean", "fisher"}  # methods that read per-checkpoint statistics
 STATS_MAX_EXAMPLES = 256
+CALIBRATION = 64  # calibration examples per task, the suites' default (--calibration)
 
 
 @dataclass
@@ -437,7 +438,7 @@ def run_suite(
     out_dir: Path,
     methods: list[str] | None = None,
     candidates: list[str] | None = None,
-    calibration: int = 64,
+    calibration: int = CALIBRATION,
 ) -> dict:
     """Run ``methods`` (default all of METHODS) on the suite; merge into its existing JSON.
 
@@ -738,13 +739,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--calibration",
         type=int,
-        default=64,
+        default=CALIBRATION,
         help="calibration examples per task the suites write (the first train examples); "
-        "a size other than 64 builds its own suite folder (e.g. text8-cal320), recorded per row",
+        f"a size other than {CALIBRATION} builds its own suite folder (e.g. text8-cal320), "
+        "recorded per row",
     )
     args = ap.parse_args(argv)
     cal = args.calibration
-    folder = (lambda n: n) if cal == 64 else (lambda n: f"{n}-cal{cal}")
+    if cal < 1:
+        ap.error(f"--calibration: at least 1 example per task, got {cal}")
+    folder = (lambda n: n) if cal == CALIBRATION else (lambda n: f"{n}-cal{cal}")
     candidates = args.candidates.split(",") if args.candidates else None
     methods = None
     if args.methods is not None:

@@ -51,3 +51,14 @@ def test_a_candidate_without_validation_scores_is_refused_by_name(quality) -> No
         ValueError, match=r"no validation scores for b, c; run them first \(--methods b,c\)"
     ):
         quality.portfolio_row(results, [["t1"]], {"t1": 1.0}, ["a", "b", "c"])
+
+
+def test_a_calibration_size_below_one_is_refused_before_anything_is_built(
+    quality, tmp_path, capsys
+) -> None:
+    out, work = tmp_path / "out", tmp_path / "work"
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--calibration", "0", "--out", str(out), "--work", str(work)])
+    assert e.value.code == 2
+    assert "--calibration: at least 1 example per task, got 0" in capsys.readouterr().err
+    assert not out.exists() and not work.exists()

@@ -106,10 +106,8 @@ def learn_coefficients(
     if params.update == "projected":
         for k in whole.projected & merged.keys():
             taus[k] = _update(params, taus[k], merged[k])
-    rows = {
-        group_of(k, params.granularity): coefficient_rows(v, params.granularity)
-        for k, v in base.items()
-    }
+    gk = {k: group_of(k, params.granularity) for k in base}
+    rows = {gk[k]: coefficient_rows(v, params.granularity) for k, v in base.items()}
     t = whole.step
 
     def start(value: float, n: int | None) -> torch.Tensor:
@@ -122,10 +120,9 @@ def learn_coefficients(
     for i in range(params.steps):
         tensors = {}
         for k, b0 in base.items():
-            g = group_of(k, params.granularity)
-            x = b0 + scaled(taus[k], b[g])
+            x = b0 + scaled(taus[k], b[gk[k]])
             if k in merged:
-                x = x + scaled(merged[k], a[g])
+                x = x + scaled(merged[k], a[gk[k]])
             tensors[k] = x
         loss = objective(tensors, i)
         value = float(loss.detach())
